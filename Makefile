@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: `make serve`, `make test`. The virtual environment lives in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch this machine keeps on disk; any other spec downloads a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install serve test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# For now: generate in-process with the tiny model (the gRPC service replaces this, issue #4).
+serve: install
+	$(BIN)/clsa generate --model clsa-tiny --prompt "The pass key is 71432. Remember it." --max-tokens 24
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check services kernels tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

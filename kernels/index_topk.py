@@ -1,0 +1,74 @@
+"""index_topk: the CLSA indexer's scores over a paged cache of indexer keys, and the top-k positions.
+
+Computed once per decode step; every cross layer reuses the returned `indices`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import Backend, resolve_backend
+from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, check_same_device
+from kernels.paged import gather_tokens
+
+OP = "index_topk"
+
+
+def index_topk_reference(
+    q_idx: torch.Tensor,
+    k_idx_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """The spec. Scores `q_idx[b] . k_idx[b, s]` in fp32 over `s < seq_lens[b]`; returns the
+    positions of the `k` highest as `[B, k]` int32, `-1` where the sequence has fewer than k."""
+    batch = q_idx.shape[0]
+    out = torch.full((batch, k), -1, dtype=torch.int32, device=q_idx.device)
+    max_len = int(seq_lens.max()) if batch else 0
+    if max_len == 0:
+        return out
+    positions = torch.arange(max_len, device=q_idx.device).expand(batch, max_len)
+    keys = gather_tokens(k_idx_cache, block_table, positions)  # [B, N, d_idx]
+    scores = torch.einsum("bd,bnd->bn", q_idx.float(), keys.float())
+    valid = positions < seq_lens[:, None]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    top = scores.topk(min(k, max_len), dim=1)
+    chosen_valid = torch.gather(valid, 1, top.indices)
+    out[:, : top.indices.shape[1]] = torch.where(chosen_valid, top.indices, -1).int()
+    return out
+
+
+def _check(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
+           seq_lens: torch.Tensor, k: int) -> None:
+    check_rank(OP, "q_idx", q_idx, 2, "[B, d_idx]")
+    check_rank(OP, "k_idx_cache", k_idx_cache, 3, "[num_blocks, block_size, d_idx]")
+    check_dtype(OP, "q_idx", q_idx, FLOAT_DTYPES)
+    check_dtype(OP, "k_idx_cache", k_idx_cache, FLOAT_DTYPES)
+    check_paged(OP, block_table, seq_lens, q_idx.shape[0])
+    check_same_device(OP, q_idx=q_idx, k_idx_cache=k_idx_cache, block_table=block_table, seq_lens=seq_lens)
+    if q_idx.shape[1] != k_idx_cache.shape[2]:
+        raise ValueError(f"{OP}: d_idx mismatch: q_idx {q_idx.shape[1]}, k_idx_cache {k_idx_cache.shape[2]}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{OP}: k must be a positive int, got {k!r}")
+
+
+def index_topk(
+    q_idx: torch.Tensor,
+    k_idx_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k: int,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Top-k token positions of the single-head indexer for each sequence.
+
+    q_idx: [B, d_idx]; k_idx_cache: [num_blocks, block_size, d_idx]; block_table: [B, max_blocks]
+    int32; seq_lens: [B] int32. Returns indices [B, k] int32: positions (not physical rows) of the
+    k highest scores among positions < seq_lens[b], -1 where fewer exist. Order within a row is
+    unspecified. Raises ValueError/TypeError on bad shapes, dtypes or devices.
+    """
+    _check(q_idx, k_idx_cache, block_table, seq_lens, k)
+    resolve_backend(backend, q_idx.device, OP)
+    return index_topk_reference(q_idx, k_idx_cache, block_table, seq_lens, k)

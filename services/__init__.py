@@ -1,0 +1,1 @@
+"""CLSA serving: engine, workers, gateway and the CLI."""

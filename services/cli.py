@@ -1,0 +1,99 @@
+"""`clsa`: the command line. Subcommands: init, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from services.engine.config import PRESETS
+
+DEFAULT_MODEL = "clsa-tiny"
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from services.engine.checkpoint import random_model, save_checkpoint
+
+    model = random_model(args.preset, seed=args.seed)
+    fp = save_checkpoint(model, args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.preset} ({n_params / 1e6:.2f}M parameters, seed {args.seed}) to {args.out}; "
+          f"fingerprint {fp}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from services.engine import EngineConfig, LLMEngine, SamplingParams
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    config = EngineConfig(index_topk=args.index_topk, seed=args.seed)
+    engine = LLMEngine.from_model(args.model, config, device=args.device)
+    start = time.perf_counter()
+    [out] = engine.generate([args.prompt], params, attention=args.attention)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "fingerprint": engine.fingerprint,
+            "attention": args.attention or ("clsa" if engine.model_config.is_yoco else "dense"),
+            "index_topk": engine.index_topk, "prompt_tokens": out.prompt_tokens, "token_ids": out.token_ids,
+            "text": out.text, "finish_reason": out.finish_reason.value if out.finish_reason else None,
+            "completion_tokens": len(out.token_ids), "elapsed_s": round(elapsed, 4),
+        }))
+    else:
+        print(out.text)
+        reason = out.finish_reason.value if out.finish_reason else "?"
+        print(f"[{len(out.token_ids)} tokens, finish_reason={reason}, {elapsed:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clsa", description="Serve and run CLSA long-context models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a checkpoint of a preset with random weights")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("generate", help="generate text in-process (no service)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--attention", choices=["clsa", "dense"], default=None,
+                   help="cross-layer attention (default: clsa for YOCO models)")
+    p.add_argument("--index-topk", type=int, default=None, help="k of the CLSA indexer (default: the model's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from services.engine.errors import EngineError
+
+    try:
+        return int(args.func(args))
+    except (EngineError, ValueError) as e:
+        print(f"clsa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The engine loop: requests in, token outputs out. No network, no Ray.
+
+    engine = LLMEngine.from_model("clsa-tiny")
+    [out] = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0))
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence as Seq
+
+import torch
+
+from kernels._backend import BACKENDS, Backend
+from services.engine.block_manager import BlockManager
+from services.engine.cache import KVCache
+from services.engine.checkpoint import load_model
+from services.engine.errors import InvalidRequestError, OutOfBlocksError
+from services.engine.model import CLSAModel
+from services.engine.runner import ModelRunner
+from services.engine.sampling import Sampler, SamplingParams
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import FinishReason, Sequence
+from services.engine.tokenizer import Tokenizer, load_tokenizer
+
+AttentionName = Literal["clsa", "dense"]
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes and policies of one engine. `num_blocks=None` sizes the KV pool from
+    `kv_cache_bytes`; `index_topk=None` takes the model's k."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int = 256 * MiB
+    max_num_seqs: int = 16
+    prefill_chunk: int = 512
+    index_topk: int | None = None
+    attention_backend: Backend = "auto"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"EngineConfig: num_blocks must be >= 1, got {self.num_blocks}")
+        if self.index_topk is not None and self.index_topk < 1:
+            raise ValueError(f"EngineConfig: index_topk must be >= 1, got {self.index_topk}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"EngineConfig: attention_backend must be one of {BACKENDS}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; the last one has `finish_reason` set."""
+
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]  # every token generated so far
+    new_token_ids: list[int]
+    text: str  # the whole text so far (stop strings excluded)
+    text_delta: str
+    finish_reason: FinishReason | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLMEngine:
+    def __init__(self, model: CLSAModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.model_config = model.cfg
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        num_blocks = self.config.num_blocks or max(
+            1, self.config.kv_cache_bytes // (self.model_config.kv_bytes_per_token(param.element_size())
+                                              * self.config.block_size))
+        self.cache = KVCache(self.model_config, num_blocks, self.config.block_size,
+                             self.config.max_num_seqs, self.device, self.dtype)
+        self.block_manager = BlockManager(self.cache)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs)
+        self.index_topk = self.config.index_topk or self.model_config.index_topk
+        self.runner = ModelRunner(model, self.cache, self.index_topk, self.config.prefill_chunk,
+                                  self.config.attention_backend)
+        self.sampler = Sampler(self.device, self.config.seed)
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_model(cls, spec: str, config: EngineConfig | None = None, device: str = "cpu",
+                   dtype: torch.dtype | None = None) -> LLMEngine:
+        """A preset name (random weights, fixed seed) or a checkpoint directory."""
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        model, directory = load_model(spec, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(Path(directory) if directory else None, model.cfg.eos_token_id)
+        return cls(model, tokenizer, config)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    attention: AttentionName | None = None, request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError naming the bad parameter,
+        OutOfBlocksError when it could never fit in the KV pool."""
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        sparse = self._attention_is_sparse(attention)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        seq = Sequence.create(request_id, prompt_ids, params, sparse, self.model_config.max_seq_len,
+                              self.tokenizer, self.sampler.make_generator(params.seed))
+        need = self.block_manager.blocks_for(seq.max_total_tokens)
+        if need > self.cache.num_blocks:
+            raise OutOfBlocksError(
+                f"request {request_id} needs {need} KV blocks ({len(prompt_ids)} prompt + up to "
+                f"{seq.max_total_tokens - len(prompt_ids)} new tokens); the pool has {self.cache.num_blocks}"
+            )
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free everything it holds; unknown or finished ids are ignored."""
+        seq = self._requests.pop(request_id, None)
+        if seq is not None:
+            seq.abort()
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Prefill newly admitted requests, or decode one token for every running one."""
+        kind, seqs = self.scheduler.schedule()
+        if kind == "idle":
+            return []
+        if kind == "prefill":
+            for seq in seqs:
+                self.block_manager.grow(seq, len(seq.prompt_ids))
+            logits = self.runner.prefill(seqs)
+        else:
+            for seq in seqs:
+                self.block_manager.grow(seq, seq.num_tokens)
+            logits = self.runner.decode(seqs)
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        outputs = []
+        for seq, token in zip(seqs, tokens):
+            seq.append(token)
+            outputs.append(RequestOutput(
+                request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), token_ids=list(seq.output_ids),
+                new_token_ids=[token], text=seq.text, text_delta=seq.take_text_delta(),
+                finish_reason=seq.finish_reason,
+            ))
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self._requests[seq.request_id]
+        return outputs
+
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | None = None,
+                 attention: AttentionName | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; returns the final output of each, in order."""
+        ids = [self.add_request(p, params, attention) for p in prompts]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab, max_len = self.model_config.vocab_size, self.model_config.max_seq_len
+        if not ids:
+            raise InvalidRequestError("prompt", "is empty")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError("prompt", f"token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+        if len(ids) >= max_len:
+            raise InvalidRequestError(
+                "prompt", f"has {len(ids)} tokens; the model's max_seq_len is {max_len} and at least "
+                          "one token must be generated")
+        return ids
+
+    def _attention_is_sparse(self, attention: AttentionName | None) -> bool:
+        if attention not in (None, "clsa", "dense"):
+            raise InvalidRequestError("attention", f"must be 'clsa' or 'dense', got {attention!r}")
+        if not self.model_config.is_yoco:
+            if attention == "clsa":
+                raise InvalidRequestError("attention", "'clsa' needs a YOCO model; this one is a transformer")
+            return False
+        return attention != "dense"

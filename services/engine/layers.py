@@ -1,0 +1,134 @@
+"""Building blocks of the model: RMSNorm, RoPE, SwiGLU, masked GQA attention, and the layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w_up = nn.Linear(d_model, ffn_dim, bias=False)
+        self.w_down = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate `x [B, C, H, d]` by its token positions `[B, C]` (rotate-half convention).
+    Negative (padding) positions are rotated as position 0; callers mask them."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = positions.clamp(min=0).float()[..., None] * inv_freq  # [B, C, half]
+    cos = angles.cos()[:, :, None, :]
+    sin = angles.sin()[:, :, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     sm_scale: float) -> torch.Tensor:
+    """GQA attention with an explicit boolean mask.
+
+    q: [B, C, Hq, d]; k, v: [B, S, Hkv, d]; mask: [B, C, S] (True = attend). Query rows with no
+    True entry (padding) attend everywhere rather than produce NaN; callers ignore them.
+    Returns [B, C, Hq, d].
+    """
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask[:, None], scale=sm_scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block: attention (its inputs defined by the subclass), then SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + output projection of the attention result `[B, C, Hq, d]`, then the FFN."""
+        x = x + self.wo(attn.flatten(-2))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class AttentionLayer(_Block):
+    """A layer with its own K/V: the YOCO self layers (sliding window) and every layer of the
+    transformer baseline (global). Both use RoPE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, C, D], positions: [B, C] -> roped q [B, C, Hq, d], roped k and v [B, C, Hkv, d]."""
+        b, c, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.wq(h).view(b, c, self.cfg.n_heads, self.cfg.head_dim)
+        k = self.wk(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
+        v = self.wv(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
+        theta = self.cfg.rope_theta
+        return apply_rope(q, positions, theta), apply_rope(k, positions, theta), v
+
+
+class SharedKV(nn.Module):
+    """The YOCO boundary: from the self-decoder's output, the one K/V every cross layer reads and
+    the CLSA indexer's key and query (single head, no positional encoding)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.kv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wk_idx = nn.Linear(cfg.d_model, cfg.index_dim, bias=False)
+        self.wq_idx = nn.Linear(cfg.d_model, cfg.index_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: [B, C, D] -> k, v [B, C, Hkv, d], k_idx, q_idx [B, C, d_idx]."""
+        b, c, _ = x.shape
+        h = self.kv_norm(x)
+        k = self.wk(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
+        v = self.wv(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
+        if self.cfg.cross_rope:
+            k = apply_rope(k, positions, self.cfg.rope_theta)
+        return k, v, self.wk_idx(h), self.wq_idx(h)
+
+
+class CrossLayer(_Block):
+    """A cross-decoder layer: its own queries over the shared K/V, then the FFN."""
+
+    def query(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, D], positions [B, C] -> q [B, C, Hq, d]."""
+        b, c, _ = x.shape
+        q = self.wq(self.attn_norm(x)).view(b, c, self.cfg.n_heads, self.cfg.head_dim)
+        if self.cfg.cross_rope:
+            q = apply_rope(q, positions, self.cfg.rope_theta)
+        return q

@@ -1,0 +1,183 @@
+"""The YOCO decoder-decoder with the CLSA indexer, and the transformer baseline.
+
+Two ways to run it:
+- `forward_full(tokens)`: the whole sequence at once with explicit masks, no cache. This is the
+  spec the incremental path is tested against, and the path training uses.
+- `forward_chunk` + `forward_cross`: incremental, over the paged cache and ring buffers of
+  `KVCache`, as the engine's prefill (chunks of many tokens) and decode (chunks of one) run it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kernels import dense_decode_attention
+from kernels.paged import gather_tokens
+from services.engine.attention import CrossAttention
+from services.engine.cache import KVCache
+from services.engine.config import ModelConfig
+from services.engine.layers import AttentionLayer, CrossLayer, RMSNorm, SharedKV, masked_attention
+
+AttentionMode = Literal["clsa", "dense"]
+
+
+@dataclass
+class StepContext:
+    """Where the tokens of one chunk go. B sequences, C tokens each (padded with -1).
+
+    positions:   [B, C] int64 token positions, -1 for padding
+    rows:        [B, C] int64 flat row of each position in the paged cache, -1 for padding
+    block_table: [B, max_blocks] int32
+    seq_lens:    [B] int32 tokens each sequence holds once this chunk is written
+    slots:       [B] int64 ring-buffer slot of each sequence (YOCO)
+    ring_b, ring_c: [n] int64 the (sequence, chunk column) pairs whose K/V enter the ring buffers:
+                 the last `swa_window` valid tokens of each sequence in this chunk
+    """
+
+    positions: torch.Tensor
+    rows: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    slots: torch.Tensor
+    ring_b: torch.Tensor
+    ring_c: torch.Tensor
+
+
+class CLSAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Set by whoever made the weights (checkpoint.py): identifies config + weights.
+        self.fingerprint = ""
+        self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        n_own_kv = cfg.n_self_layers if cfg.is_yoco else cfg.n_layers
+        # YOCO: the sliding-window self layers; transformer: every layer.
+        self.layers = nn.ModuleList(AttentionLayer(cfg) for _ in range(n_own_kv))
+        self.shared = SharedKV(cfg) if cfg.is_yoco else None
+        self.cross_layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.n_cross_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic random weights: N(0, 0.02), output projections scaled by depth."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            std = out_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.lm_head is None:
+            return h @ self.embed.weight.t()
+        return self.lm_head(h)
+
+    # ---- whole-sequence path (spec, training) ----------------------------------------------
+
+    def forward_full(self, tokens: torch.Tensor, attention: AttentionMode = "dense",
+                     index_topk: int | None = None) -> torch.Tensor:
+        """tokens: [B, T] -> logits [B, T, V], every position attending as decode would."""
+        cfg = self.cfg
+        batch, length = tokens.shape
+        pos = torch.arange(length, device=tokens.device)
+        positions = pos.expand(batch, length)
+        causal = pos[None, :] <= pos[:, None]  # [T(query), T(key)]
+        window = causal & (pos[:, None] - pos[None, :] < cfg.swa_window) if cfg.is_yoco else causal
+        x = self.embed(tokens)
+        for layer in self.layers:
+            q, k, v = layer.qkv(x, positions)
+            x = layer.finish(x, masked_attention(q, k, v, window.expand(batch, -1, -1), self.sm_scale))
+        if self.shared is None:
+            return self.logits(x)
+        k, v, k_idx, q_idx = self.shared(x, positions)
+        mask = causal.expand(batch, -1, -1)
+        if attention == "clsa":
+            topk = index_topk or cfg.index_topk
+            scores = torch.einsum("btd,bsd->bts", q_idx.float(), k_idx.float()).masked_fill(~causal, float("-inf"))
+            chosen = scores.topk(min(topk, length), dim=-1).indices
+            selected = torch.zeros_like(mask).scatter_(-1, chosen, True)
+            mask = selected & causal
+        for cross in self.cross_layers:
+            q = cross.query(x, positions)
+            x = cross.finish(x, masked_attention(q, k, v, mask, self.sm_scale))
+        return self.logits(x)
+
+    # ---- incremental path (engine) ---------------------------------------------------------
+
+    def forward_chunk(self, tokens: torch.Tensor, ctx: StepContext,
+                      cache: KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the layers that keep their own K/V over a chunk and write every cache it feeds.
+
+        tokens: [B, C]. Returns the hidden states [B, C, D] (after the self-decoder for YOCO, after
+        every layer for the transformer) and the indexer queries [B, C, d_idx] (YOCO) or None.
+        """
+        x = self.embed(tokens.clamp(min=0))
+        valid = ctx.positions >= 0
+        rows = ctx.rows[valid]
+        if self.shared is None:
+            for i, layer in enumerate(self.layers):
+                q, k, v = layer.qkv(x, ctx.positions)
+                cache.k[i].view(-1, *k.shape[2:])[rows] = k[valid]
+                cache.v[i].view(-1, *v.shape[2:])[rows] = v[valid]
+                x = layer.finish(x, self._global_attention(q, cache.k[i], cache.v[i], ctx))
+            return x, None
+        x = self._self_decoder(x, ctx, cache)
+        k, v, k_idx, q_idx = self.shared(x, ctx.positions)
+        cache.k[0].view(-1, *k.shape[2:])[rows] = k[valid]
+        cache.v[0].view(-1, *v.shape[2:])[rows] = v[valid]
+        cache.k_idx.view(-1, k_idx.shape[-1])[rows] = k_idx[valid]
+        return x, q_idx
+
+    def forward_cross(self, x: torch.Tensor, positions: torch.Tensor, attention: CrossAttention,
+                      cache: KVCache) -> torch.Tensor:
+        """The cross-decoder for one token per sequence. x: [B, D], positions: [B]. The caller has
+        planned `attention` for this step; every layer runs it on the same plan."""
+        h = x[:, None]
+        pos = positions[:, None]
+        for layer in self.cross_layers:
+            q = layer.query(h, pos)[:, 0]
+            out = attention.run(q, cache.k[0], cache.v[0])
+            h = layer.finish(h, out[:, None])
+        return h[:, 0]
+
+    def _self_decoder(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+        """Sliding-window layers: keys are the ring buffer (tokens before the chunk) plus the chunk."""
+        window = self.cfg.swa_window
+        ring_pos = cache.swa_pos[ctx.slots]  # [B, W]
+        key_pos = torch.cat([ring_pos, ctx.positions], dim=1)[:, None, :]
+        q_pos = ctx.positions[:, :, None]
+        mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
+        ring_slots = ctx.slots[ctx.ring_b]
+        ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, ctx.positions)
+            keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
+            values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)
+            x = layer.finish(x, masked_attention(q, keys, values, mask, self.sm_scale))
+            cache.swa_k[i, ring_slots, ring_rows] = k[ctx.ring_b, ctx.ring_c]
+            cache.swa_v[i, ring_slots, ring_rows] = v[ctx.ring_b, ctx.ring_c]
+        cache.swa_pos[ring_slots, ring_rows] = ctx.positions[ctx.ring_b, ctx.ring_c]
+        return x
+
+    def _global_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          ctx: StepContext) -> torch.Tensor:
+        """Transformer layers: causal attention over the layer's paged cache (chunk already written)."""
+        if q.shape[1] == 1:
+            out = dense_decode_attention(q[:, 0], k_cache, v_cache, ctx.block_table, ctx.seq_lens, self.sm_scale)
+            return out[:, None]
+        max_len = int(ctx.seq_lens.max())
+        key_pos = torch.arange(max_len, device=q.device).expand(q.shape[0], max_len)
+        keys = gather_tokens(k_cache, ctx.block_table, key_pos)
+        values = gather_tokens(v_cache, ctx.block_table, key_pos)
+        mask = (key_pos[:, None, :] <= ctx.positions[:, :, None]) & (key_pos < ctx.seq_lens[:, None])[:, None, :]
+        return masked_attention(q, keys, values, mask, self.sm_scale)
