@@ -36,7 +36,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
     config = EngineConfig(index_topk=args.index_topk, seed=args.seed)
-    engine = LLMEngine.from_model(args.model, config, device=args.device)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    engine = LLMEngine.from_model(args.model, config, device=args.device, dtype=dtype)
     start = time.perf_counter()
     [out] = engine.generate([args.prompt], params, attention=args.attention)
     elapsed = time.perf_counter() - start
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-layer attention (default: clsa for YOCO models)")
     p.add_argument("--index-topk", type=int, default=None, help="k of the CLSA indexer (default: the model's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and cache (auto: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
     return parser

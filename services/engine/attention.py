@@ -51,6 +51,7 @@ class CrossAttention:
             if self._indices is not None:
                 return self._sparse(q, k_cache, v_cache, slice(None))
             return self._dense(q, k_cache, v_cache, slice(None))
+        assert self._dense_rows is not None
         out = torch.empty_like(q)
         out[self._sparse_rows] = self._sparse(q, k_cache, v_cache, self._sparse_rows)
         out[self._dense_rows] = self._dense(q, k_cache, v_cache, self._dense_rows)

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from services.engine.config import ModelConfig, preset, PRESETS
+from services.engine.config import PRESETS, ModelConfig, preset
 from services.engine.errors import CheckpointError
 from services.engine.model import CLSAModel
 
@@ -89,14 +89,18 @@ def _recorded_fingerprint(path: Path) -> str | None:
 
 def random_model(name: str, seed: int = PRESET_SEED, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> CLSAModel:
-    """A preset with deterministic random weights (initialised in fp32 on the CPU, then moved)."""
+    """A preset with deterministic random weights: the same values (drawn in fp32 on the CPU) on
+    every device, rounded to `dtype`."""
     cfg = preset(name)
-    model = CLSAModel(cfg)
+    # Built on the meta device and materialised in the target dtype: a 4B model never exists in fp32.
+    with torch.device("meta"):
+        model = CLSAModel(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
     model.init_weights(seed)
     # Hashing billions of random weights says no more than the recipe that made them.
     recipe = f"{cfg.to_json()}|preset={name}|seed={seed}"
     model.fingerprint = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()
 
 
 def load_model(spec: str, device: str | torch.device = "cpu",

@@ -102,8 +102,8 @@ PRESETS: dict[str, ModelConfig] = {
     # A few million parameters: tests and the CPU demo. Window and k small enough that a
     # few-hundred-token prompt already exercises both the ring buffer and the sparse path.
     "clsa-tiny": ModelConfig(
-        vocab_size=259, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
-        ffn_dim=384, swa_window=64, index_dim=32, index_topk=128, max_seq_len=8192,
+        vocab_size=259, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32,
+        ffn_dim=768, swa_window=64, index_dim=32, index_topk=128, max_seq_len=8192,
     ),
     # The paper's scale (16 SWA + 16 cross layers), for GPU benchmarks with random weights.
     "clsa-4b": ModelConfig(

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence as Seq
+from typing import Literal
 
 import torch
 

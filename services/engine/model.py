@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -74,7 +74,15 @@ class CLSAModel(nn.Module):
                 p.fill_(1.0)
                 continue
             std = out_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+
+    @property
+    def own_kv_layers(self) -> list[AttentionLayer]:
+        return cast(list[AttentionLayer], list(self.layers))
+
+    @property
+    def cross_decoder(self) -> list[CrossLayer]:
+        return cast(list[CrossLayer], list(self.cross_layers))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -94,7 +102,7 @@ class CLSAModel(nn.Module):
         causal = pos[None, :] <= pos[:, None]  # [T(query), T(key)]
         window = causal & (pos[:, None] - pos[None, :] < cfg.swa_window) if cfg.is_yoco else causal
         x = self.embed(tokens)
-        for layer in self.layers:
+        for layer in self.own_kv_layers:
             q, k, v = layer.qkv(x, positions)
             x = layer.finish(x, masked_attention(q, k, v, window.expand(batch, -1, -1), self.sm_scale))
         if self.shared is None:
@@ -107,7 +115,7 @@ class CLSAModel(nn.Module):
             chosen = scores.topk(min(topk, length), dim=-1).indices
             selected = torch.zeros_like(mask).scatter_(-1, chosen, True)
             mask = selected & causal
-        for cross in self.cross_layers:
+        for cross in self.cross_decoder:
             q = cross.query(x, positions)
             x = cross.finish(x, masked_attention(q, k, v, mask, self.sm_scale))
         return self.logits(x)
@@ -125,7 +133,7 @@ class CLSAModel(nn.Module):
         valid = ctx.positions >= 0
         rows = ctx.rows[valid]
         if self.shared is None:
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.own_kv_layers):
                 q, k, v = layer.qkv(x, ctx.positions)
                 cache.k[i].view(-1, *k.shape[2:])[rows] = k[valid]
                 cache.v[i].view(-1, *v.shape[2:])[rows] = v[valid]
@@ -144,7 +152,7 @@ class CLSAModel(nn.Module):
         planned `attention` for this step; every layer runs it on the same plan."""
         h = x[:, None]
         pos = positions[:, None]
-        for layer in self.cross_layers:
+        for layer in self.cross_decoder:
             q = layer.query(h, pos)[:, 0]
             out = attention.run(q, cache.k[0], cache.v[0])
             h = layer.finish(h, out[:, None])
@@ -159,7 +167,7 @@ class CLSAModel(nn.Module):
         mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
         ring_slots = ctx.slots[ctx.ring_b]
         ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.own_kv_layers):
             q, k, v = layer.qkv(x, ctx.positions)
             keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
             values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)
