@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._backend import Backend, resolve_backend
+from kernels._backend import Backend, interpreting, num_sms, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, check_same_device
 from kernels.paged import gather_tokens
 
@@ -69,6 +69,101 @@ def _check(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
 
 
+# Launch configurations: (BLOCK_N, num_warps, num_stages). One fixed config when interpreting.
+SPARSE_CONFIG = (64, 4, 2)
+DENSE_CONFIG = (64, 4, 3)
+INTERPRET_CONFIG = (16, 1, 1)
+SPARSE_WAVES = 2  # programs per SM that the split planner aims for
+DENSE_WAVES = 4
+
+
+class SparseDecodeWrapper:
+    """Sparse decode attention over one step's `indices`, shared by every cross layer.
+
+    `plan()` once per decode step translates token positions to physical cache rows and sizes the
+    split-K grid; `run()` once per layer only reads the selected K/V rows. Scratch buffers are
+    reused across layers (and across steps of the same shape).
+    """
+
+    op = "sparse_decode_attention"
+
+    def __init__(self, backend: Backend = "auto") -> None:
+        self.backend = backend
+        self._plan: dict | None = None
+        self._scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
+             block_size: int) -> None:
+        """block_table [B, max_blocks] int32, seq_lens [B] int32, indices [B, k] int32 (-1 ignored)."""
+        op = self.op
+        check_rank(op, "indices", indices, 2, "[B, k]")
+        check_dtype(op, "indices", indices, (torch.int32,))
+        check_paged(op, block_table, seq_lens, indices.shape[0])
+        check_same_device(op, block_table=block_table, seq_lens=seq_lens, indices=indices)
+        backend = resolve_backend(self.backend, indices.device, op)
+        plan: dict = {"backend": backend, "block_table": block_table, "seq_lens": seq_lens,
+                      "indices": indices, "block_size": block_size}
+        if backend == "triton":
+            from kernels.triton_attention import launch_positions_to_rows
+
+            rows = torch.empty_like(indices)
+            launch_positions_to_rows(indices, block_table, seq_lens, rows, block_size)
+            plan["rows"] = rows
+        self._plan = plan
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, Hq, d] of one layer -> out [B, Hq, d] over the planned rows."""
+        if self._plan is None:
+            raise RuntimeError(f"{self.op}: run() before plan()")
+        p = self._plan
+        _check(self.op, q, k_cache, v_cache, p["block_table"], p["seq_lens"])
+        if k_cache.shape[1] != p["block_size"]:
+            raise ValueError(f"{self.op}: planned for block_size {p['block_size']}, cache has {k_cache.shape[1]}")
+        out = _output(self.op, q, out)
+        if p["backend"] == "torch":
+            out.copy_(sparse_decode_attention_reference(q, k_cache, v_cache, p["block_table"], p["seq_lens"],
+                                                        p["indices"], sm_scale))
+            return out
+        from kernels.triton_attention import launch_decode, plan_splits
+
+        block_n, warps, stages = _config(SPARSE_CONFIG)
+        k = p["indices"].shape[1]
+        n_splits, split_size = plan_splits(k, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
+                                           SPARSE_WAVES)
+        o_part, lse_part = self._buffers(q, n_splits)
+        launch_decode(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, k, n_splits,
+                      split_size, o_part, lse_part, out, sparse=True, block_n=block_n, num_warps=warps,
+                      num_stages=stages)
+        return out
+
+    def _buffers(self, q: torch.Tensor, n_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (q.shape[0], q.shape[1], q.shape[2], n_splits, q.device)
+        if key not in self._scratch:
+            self._scratch.clear()
+            self._scratch[key] = _partials(q, n_splits)
+        return self._scratch[key]
+
+
+def _config(config: tuple[int, int, int]) -> tuple[int, int, int]:
+    return INTERPRET_CONFIG if interpreting() else config
+
+
+def _partials(q: torch.Tensor, n_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, n_q_heads, head_dim = q.shape
+    o_part = torch.empty((batch, n_q_heads, n_splits, head_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((batch, n_q_heads, n_splits), dtype=torch.float32, device=q.device)
+    return o_part, lse_part
+
+
+def _output(op: str, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+    return out
+
+
 def sparse_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -79,22 +174,21 @@ def sparse_decode_attention(
     sm_scale: float,
     *,
     backend: Backend = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over the selected positions of a paged cache.
 
     q: [B, Hq, d]; k_cache, v_cache: [num_blocks, block_size, Hkv, d]; block_table: [B, max_blocks]
     int32; seq_lens: [B] int32; indices: [B, k] int32 token positions, -1 ignored. Returns
-    out [B, Hq, d] in q's dtype.
+    out [B, Hq, d] in q's dtype (written into `out` when given). For many layers over the same
+    indices, use `SparseDecodeWrapper`: plan once, run per layer.
     """
-    op = "sparse_decode_attention"
-    _check(op, q, k_cache, v_cache, block_table, seq_lens)
-    check_rank(op, "indices", indices, 2, "[B, k]")
-    check_dtype(op, "indices", indices, (torch.int32,))
-    if indices.shape[0] != q.shape[0]:
-        raise ValueError(f"{op}: indices has B={indices.shape[0]}, q has B={q.shape[0]}")
-    check_same_device(op, q=q, indices=indices)
-    resolve_backend(backend, q.device, op)
-    return sparse_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, indices, sm_scale)
+    _check("sparse_decode_attention", q, k_cache, v_cache, block_table, seq_lens)
+    if indices.dim() == 2 and indices.shape[0] != q.shape[0]:
+        raise ValueError(f"sparse_decode_attention: indices has B={indices.shape[0]}, q has B={q.shape[0]}")
+    wrapper = SparseDecodeWrapper(backend)
+    wrapper.plan(block_table, seq_lens, indices, k_cache.shape[1])
+    return wrapper.run(q, k_cache, v_cache, sm_scale, out)
 
 
 def dense_decode_attention(
@@ -106,12 +200,26 @@ def dense_decode_attention(
     sm_scale: float,
     *,
     backend: Backend = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over all positions < seq_lens[b] of a paged cache.
 
-    Shapes as `sparse_decode_attention`, without `indices`.
+    Shapes as `sparse_decode_attention`, without `indices`. The split grid is sized from the block
+    table's width (an upper bound of every length), so no device-to-host sync is needed.
     """
     op = "dense_decode_attention"
     _check(op, q, k_cache, v_cache, block_table, seq_lens)
-    resolve_backend(backend, q.device, op)
-    return dense_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, sm_scale)
+    out = _output(op, q, out)
+    if resolve_backend(backend, q.device, op) == "torch":
+        out.copy_(dense_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, sm_scale))
+        return out
+    from kernels.triton_attention import launch_decode, plan_splits
+
+    block_n, warps, stages = _config(DENSE_CONFIG)
+    max_len = block_table.shape[1] * k_cache.shape[1]
+    n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
+                                       DENSE_WAVES)
+    o_part, lse_part = _partials(q, n_splits)
+    launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
+                  o_part, lse_part, out, sparse=False, block_n=block_n, num_warps=warps, num_stages=stages)
+    return out

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels._backend import Backend, resolve_backend
+from kernels._backend import Backend, interpreting, num_sms, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, check_same_device
 from kernels.paged import gather_tokens
 
 OP = "index_topk"
+TOPK_CONFIG = (256, 8)  # (BLOCK_N, num_warps)
+INTERPRET_CONFIG = (16, 1)
+TOPK_WAVES = 4
 
 
 def index_topk_reference(
@@ -39,6 +42,10 @@ def index_topk_reference(
     return out
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _check(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, k: int) -> None:
     check_rank(OP, "q_idx", q_idx, 2, "[B, d_idx]")
@@ -61,6 +68,7 @@ def index_topk(
     k: int,
     *,
     backend: Backend = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Top-k token positions of the single-head indexer for each sequence.
 
@@ -70,5 +78,19 @@ def index_topk(
     unspecified. Raises ValueError/TypeError on bad shapes, dtypes or devices.
     """
     _check(q_idx, k_idx_cache, block_table, seq_lens, k)
-    resolve_backend(backend, q_idx.device, OP)
-    return index_topk_reference(q_idx, k_idx_cache, block_table, seq_lens, k)
+    if out is not None and (out.shape != (q_idx.shape[0], k) or out.dtype != torch.int32
+                            or out.device != q_idx.device):
+        raise ValueError(f"{OP}: out must be [{q_idx.shape[0]}, {k}] int32 on {q_idx.device}")
+    if resolve_backend(backend, q_idx.device, OP) == "torch":
+        result = index_topk_reference(q_idx, k_idx_cache, block_table, seq_lens, k)
+        return result if out is None else out.copy_(result)
+    from kernels.triton_topk import launch_index_topk
+
+    out = out if out is not None else torch.empty((q_idx.shape[0], k), dtype=torch.int32, device=q_idx.device)
+    block_n, num_warps = INTERPRET_CONFIG if interpreting() else TOPK_CONFIG
+    max_len = block_table.shape[1] * k_idx_cache.shape[1]
+    # Enough programs to fill the card a few times over, each a whole number of BLOCK_N positions.
+    programs_per_row = _cdiv(TOPK_WAVES * num_sms(q_idx.device), max(1, q_idx.shape[0]))
+    chunk = _cdiv(_cdiv(max_len, programs_per_row), block_n) * block_n
+    launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, chunk, block_n, num_warps)
+    return out

@@ -1,0 +1,181 @@
+"""Triton split-K flash-decoding over a paged K/V cache: sparse (selected rows) and dense (all rows).
+
+One program handles one (sequence, KV head, split): the G = Hq / Hkv query heads of that KV head
+are packed into one [BLOCK_G, d] tile, so each K/V row is read once for all of them. A split walks
+BLOCK_N rows at a time with an online softmax in fp32 (base-2 exponentials) and writes its partial
+output and log-sum-exp; a merge kernel combines the splits. Sparse mode reads physical rows that
+`plan` translated once per step; dense mode walks positions and looks up the block table itself.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr, k_ptr, v_ptr, rows_ptr, block_table_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
+    sm_scale_log2, n_items, split_size,
+    stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_btb, stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < G
+    mask_d = offs_d < D
+    heads = h * G + offs_g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    if SPARSE:
+        total = n_items
+    else:
+        total = tl.load(seq_lens_ptr + b)
+    start = split * split_size
+    end = tl.minimum(start + split_size, total)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        if SPARSE:
+            rows = tl.load(rows_ptr + b * stride_rb + offs_n, mask=valid, other=-1)
+            valid = valid & (rows >= 0)
+        else:
+            blocks = tl.load(block_table_ptr + b * stride_btb + offs_n // PAGE, mask=valid, other=0)
+            rows = blocks * PAGE + offs_n % PAGE
+        rows = tl.where(valid, rows, 0).to(tl.int64)
+        kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
+        kv_mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Until a row has seen a valid key its max is -inf; shift by 0 then so exp2 stays finite.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_offs = b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_part_ptr + o_offs, out, mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(lse_part_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_part_ptr, lse_part_ptr, out_ptr, n_splits,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, h] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when no split saw a key."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    h = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < D
+    lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    total = tl.sum(w, axis=0)
+    o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _positions_to_rows_kernel(
+    indices_ptr, block_table_ptr, seq_lens_ptr, rows_ptr, k,
+    stride_ib, stride_btb, stride_rb,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """rows[b, j] = physical row of token position indices[b, j], -1 where it is not a valid position."""
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < k
+    pos = tl.load(indices_ptr + b * stride_ib + offs, mask=in_range, other=-1)
+    valid = (pos >= 0) & (pos < tl.load(seq_lens_ptr + b))
+    blocks = tl.load(block_table_ptr + b * stride_btb + pos // PAGE, mask=valid, other=0)
+    rows = tl.where(valid, blocks * PAGE + pos % PAGE, -1)
+    tl.store(rows_ptr + b * stride_rb + offs, rows, mask=in_range)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves: int) -> tuple[int, int]:
+    """Split `n_items` rows per (sequence, KV head) so that about `waves` x `num_sms` programs run.
+    Returns (n_splits, split_size), split_size a multiple of block_n."""
+    max_splits = max(1, _cdiv(n_items, block_n))
+    want = _cdiv(waves * num_sms, max(1, n_programs))
+    n_splits = max(1, min(max_splits, want, 256))
+    split_size = _cdiv(_cdiv(max(n_items, 1), n_splits), block_n) * block_n
+    return _cdiv(max(n_items, 1), split_size), split_size
+
+
+def launch_decode(
+    q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
+    split_size: int, o_part, lse_part, out, *, sparse: bool, block_n: int, num_warps: int, num_stages: int,
+) -> None:
+    """Partial attention per (sequence, KV head, split), then the merge into `out` [B, Hq, d]."""
+    batch, n_q_heads, head_dim = q.shape
+    _, page, n_kv_heads, _ = k_cache.shape
+    group = n_q_heads // n_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_g = max(16, triton.next_power_of_2(group))
+    ieee = q.dtype.itemsize == 4
+    rows_arg = rows if rows is not None else seq_lens
+    stride_rb = rows.stride(0) if rows is not None else 0
+    _decode_partial_kernel[(batch * n_kv_heads, n_splits)](
+        q, k_cache, v_cache, rows_arg, block_table, seq_lens, o_part, lse_part,
+        sm_scale * LOG2E, n_items, split_size,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), stride_rb, block_table.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        SPARSE=sparse, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+    )
+    _merge_splits_kernel[(batch * n_q_heads,)](
+        o_part, lse_part, out, n_splits,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1),
+        HQ=n_q_heads, D=head_dim, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def launch_positions_to_rows(indices, block_table, seq_lens, rows, page: int) -> None:
+    batch, k = indices.shape
+    block = 256
+    _positions_to_rows_kernel[(batch, _cdiv(k, block))](
+        indices, block_table, seq_lens, rows, k, indices.stride(0), block_table.stride(0), rows.stride(0),
+        PAGE=page, BLOCK=block,
+    )

@@ -1,0 +1,138 @@
+"""Triton kernels against the torch references, run by Triton's interpreter on the CPU.
+
+Grids with odd sizes: lengths that are not multiples of the block size, k larger than a sequence,
+ragged batches, GQA groups of 1, 4 and 8, head_dim 64 and 128, fp32 and fp16. Outputs are
+poisoned first (NaN, or an impossible position) so an element the kernel never writes fails.
+bf16 stays out: the interpreter computes bf16 arithmetic wrongly (it is measured on the GPU,
+bench/kernels.py). The interpreter also runs one fixed launch configuration (no autotuning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk, sparse_decode_attention
+from kernels.decode_attention import dense_decode_attention_reference, sparse_decode_attention_reference
+from kernels.index_topk import index_topk_reference
+
+BLOCK = 16
+POISON = 0x7FFF_FFF0
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _paged(lens: list[int], feat: tuple[int, ...], dtype: torch.dtype, seed: int):  # noqa: ANN202
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // BLOCK) for n in lens]
+    total = sum(per_seq) + 2
+    perm = torch.randperm(total, generator=gen).tolist()
+    cache = torch.randn((total, BLOCK, *feat), generator=gen).to(dtype)
+    table = torch.full((len(lens), max(per_seq) + 1), -1, dtype=torch.int32)  # a spare column of -1
+    for b, nb in enumerate(per_seq):
+        table[b, :nb] = torch.tensor([perm.pop() for _ in range(nb)], dtype=torch.int32)
+    return cache, table, torch.tensor(lens, dtype=torch.int32)
+
+
+LENGTH_CASES = {"one-63": [63], "ragged": [1, 111, 200, 17], "one-1": [1], "long-4231": [4231]}
+
+
+TOPK_GRID = [
+    (case, k, dtype)
+    for case in ("one-63", "ragged", "one-1")
+    for k in (1, 7, 64, 300)
+    for dtype in (torch.float32, torch.float16)
+] + [("long-4231", 64, torch.float32), ("long-4231", 300, torch.float32)]  # the interpreter is slow
+
+
+@pytest.mark.parametrize(("case", "k", "dtype"), TOPK_GRID,
+                         ids=[f"{c}-k{k}-{str(d)[6:]}" for c, k, d in TOPK_GRID])
+def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
+    lens = LENGTH_CASES[case]
+    cache, table, seq_lens = _paged(lens, (24,), dtype, seed=k)
+    q = torch.randn(len(lens), 24).to(dtype)
+    out = torch.full((len(lens), k), POISON, dtype=torch.int32)
+    index_topk(q, cache, table, seq_lens, k, backend="triton", out=out)
+    want = index_topk_reference(q, cache, table, seq_lens, k)
+    for b in range(len(lens)):
+        got_row, want_row = sorted(out[b].tolist()), sorted(want[b].tolist())
+        assert got_row == want_row, f"row {b} (len {lens[b]}): {len(set(got_row) ^ set(want_row))} positions differ"
+
+
+def test_index_topk_with_exact_ties_and_negative_scores() -> None:
+    cache = torch.ones(8, BLOCK, 32)
+    cache[2] = -3.0  # positions 32-47 score lower
+    table = torch.arange(8, dtype=torch.int32)[None]
+    seq_lens = torch.tensor([120], dtype=torch.int32)
+    out = index_topk(-torch.ones(1, 32), cache, table, seq_lens, 20, backend="triton")
+    # scores: -32 everywhere except +96 at positions 32-47: those 16 win, then 4 of the ties
+    got = out[0].tolist()
+    assert len(set(got)) == 20 and set(range(32, 48)) <= set(got) and all(0 <= p < 120 for p in got)
+
+
+def _attention_case(group: int, head_dim: int, dtype: torch.dtype, seed: int):  # noqa: ANN202
+    lens, n_kv_heads = [63, 5, 130], 2 if group < 8 else 1
+    k_cache, table, seq_lens = _paged(lens, (n_kv_heads, head_dim), dtype, seed)
+    v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    q = torch.randn(len(lens), group * n_kv_heads, head_dim).to(dtype)
+    return q, k_cache, v_cache, table, seq_lens
+
+
+def _indices(seq_lens: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.full((len(seq_lens), k), -1, dtype=torch.int32)
+    for b, n in enumerate(seq_lens.tolist()):
+        pick = torch.randperm(n, generator=gen)[:k].int()
+        slots = torch.randperm(k, generator=gen)[: len(pick)]  # -1 holes anywhere in the row
+        idx[b, slots] = pick
+    return idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype) -> None:
+    q, k_cache, v_cache, table, seq_lens = _attention_case(group, head_dim, dtype, seed=group + head_dim)
+    indices = _indices(seq_lens, 40, seed=group)  # 40 > 5: the short row is mostly -1
+    out = torch.full_like(q, float("nan"))
+    sm_scale = 1 / math.sqrt(head_dim)
+    sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, sm_scale, backend="triton", out=out)
+    want = sparse_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, indices, sm_scale)
+    torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype) -> None:
+    q, k_cache, v_cache, table, seq_lens = _attention_case(group, head_dim, dtype, seed=3 * group + head_dim)
+    out = torch.full_like(q, float("nan"))
+    sm_scale = 1 / math.sqrt(head_dim)
+    dense_decode_attention(q, k_cache, v_cache, table, seq_lens, sm_scale, backend="triton", out=out)
+    want = dense_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, sm_scale)
+    torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_wrapper_plans_once_and_runs_every_layer() -> None:
+    q, k_cache, v_cache, table, seq_lens = _attention_case(4, 64, torch.float32, seed=9)
+    indices = index_topk(torch.randn(3, 16), torch.randn(k_cache.shape[0], BLOCK, 16), table, seq_lens, 24,
+                         backend="triton")
+    wrapper = SparseDecodeWrapper("triton")
+    wrapper.plan(table, seq_lens, indices, BLOCK)
+    for layer in range(3):
+        q_layer = torch.randn_like(q)
+        got = wrapper.run(q_layer, k_cache, v_cache, 0.125)
+        want = sparse_decode_attention_reference(q_layer, k_cache, v_cache, table, seq_lens, indices, 0.125)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
+    with pytest.raises(ValueError, match="planned for block_size 16"):
+        wrapper.run(q, k_cache[:, :8], v_cache[:, :8], 0.125)
+    with pytest.raises(RuntimeError, match=r"run\(\) before plan\(\)"):
+        SparseDecodeWrapper("triton").run(q, k_cache, v_cache, 0.125)
+
+
+def test_row_with_no_valid_index_is_zero() -> None:
+    q, k_cache, v_cache, table, seq_lens = _attention_case(1, 64, torch.float32, seed=2)
+    indices = torch.full((3, 8), -1, dtype=torch.int32)
+    out = sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.125, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out))
