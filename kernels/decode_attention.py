@@ -69,12 +69,14 @@ def _check(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
 
 
-# Launch configurations: (BLOCK_N, num_warps, num_stages). One fixed config when interpreting.
-SPARSE_CONFIG = (64, 4, 2)
-DENSE_CONFIG = (64, 4, 3)
-INTERPRET_CONFIG = (16, 1, 1)
-SPARSE_WAVES = 2  # programs per SM that the split planner aims for
-DENSE_WAVES = 4
+# Launch configurations: (BLOCK_N, num_warps, num_stages, fused_merge), from the sweep on an H200
+# (bench/sweep_kernels.py; docs/kernels.md). One fixed configuration when interpreting (no
+# autotuning there); the tests run both merge paths.
+SPARSE_CONFIG = (64, 4, 2, False)
+DENSE_CONFIG = (128, 4, 3, False)
+INTERPRET_CONFIG = (16, 1, 1, True)
+SPARSE_WAVES = 8  # programs per SM that the split planner aims for
+DENSE_WAVES = 16
 
 
 class SparseDecodeWrapper:
@@ -90,7 +92,7 @@ class SparseDecodeWrapper:
     def __init__(self, backend: Backend = "auto") -> None:
         self.backend = backend
         self._plan: dict | None = None
-        self._scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
              block_size: int) -> None:
@@ -127,33 +129,35 @@ class SparseDecodeWrapper:
             return out
         from kernels.triton_attention import launch_decode, plan_splits
 
-        block_n, warps, stages = _config(SPARSE_CONFIG)
+        block_n, warps, stages, fused = _config(SPARSE_CONFIG)
         k = p["indices"].shape[1]
         n_splits, split_size = plan_splits(k, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
                                            SPARSE_WAVES)
-        o_part, lse_part = self._buffers(q, n_splits)
+        o_part, lse_part, counters = self._buffers(q, k_cache.shape[2], n_splits)
         launch_decode(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, k, n_splits,
-                      split_size, o_part, lse_part, out, sparse=True, block_n=block_n, num_warps=warps,
-                      num_stages=stages)
+                      split_size, o_part, lse_part, counters, out, sparse=True, block_n=block_n,
+                      num_warps=warps, num_stages=stages, fused_merge=fused)
         return out
 
-    def _buffers(self, q: torch.Tensor, n_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (q.shape[0], q.shape[1], q.shape[2], n_splits, q.device)
+    def _buffers(self, q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
+        key = (q.shape[0], q.shape[1], q.shape[2], n_kv_heads, n_splits, q.device)
         if key not in self._scratch:
             self._scratch.clear()
-            self._scratch[key] = _partials(q, n_splits)
+            self._scratch[key] = _partials(q, n_kv_heads, n_splits)
         return self._scratch[key]
 
 
-def _config(config: tuple[int, int, int]) -> tuple[int, int, int]:
+def _config(config: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
     return INTERPRET_CONFIG if interpreting() else config
 
 
-def _partials(q: torch.Tensor, n_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _partials(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
+    """Per-split outputs and log-sum-exps, and the zeroed split counters of the fused merge."""
     batch, n_q_heads, head_dim = q.shape
     o_part = torch.empty((batch, n_q_heads, n_splits, head_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((batch, n_q_heads, n_splits), dtype=torch.float32, device=q.device)
-    return o_part, lse_part
+    counters = torch.zeros(batch * n_kv_heads, dtype=torch.int32, device=q.device)
+    return o_part, lse_part, counters
 
 
 def _output(op: str, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -215,11 +219,12 @@ def dense_decode_attention(
         return out
     from kernels.triton_attention import launch_decode, plan_splits
 
-    block_n, warps, stages = _config(DENSE_CONFIG)
+    block_n, warps, stages, fused = _config(DENSE_CONFIG)
     max_len = block_table.shape[1] * k_cache.shape[1]
     n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
                                        DENSE_WAVES)
-    o_part, lse_part = _partials(q, n_splits)
+    o_part, lse_part, counters = _partials(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
-                  o_part, lse_part, out, sparse=False, block_n=block_n, num_warps=warps, num_stages=stages)
+                  o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
+                  num_stages=stages, fused_merge=fused)
     return out

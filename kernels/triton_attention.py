@@ -16,14 +16,33 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, head, n_splits,
+                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, head] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when no split saw a key."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < D
+    lse = tl.load(lse_part_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    total = tl.sum(w, axis=0)
+    o = tl.load(o_part_ptr + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, rows_ptr, block_table_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
-    sm_scale_log2, n_items, split_size,
+    counter_ptr, out_ptr, sm_scale_log2, n_items, split_size, n_splits,
     stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_btb, stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, stride_outb, stride_outh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -60,6 +79,7 @@ def _decode_partial_kernel(
         kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
         kv_mask = valid[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)  # issued with K: both in flight at once
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -71,7 +91,6 @@ def _decode_partial_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -84,6 +103,17 @@ def _decode_partial_kernel(
     o_offs = b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_part_ptr + o_offs, out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(lse_part_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+    if FUSED_MERGE:
+        # The last split of this (sequence, KV head) to finish merges all of them, so no second
+        # launch is needed; it resets the counter for the next launch (CUDA-graph replays too).
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            for g in range(G):
+                _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, h * G + g, n_splits,
+                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                            D, BLOCK_S, BLOCK_D)
+            tl.store(counter_ptr + pid_bh, 0)
 
 
 @triton.jit
@@ -92,23 +122,10 @@ def _merge_splits_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, h] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when no split saw a key."""
     pid = tl.program_id(0)
-    b = pid // HQ
-    h = pid % HQ
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_splits
-    mask_d = offs_d < D
-    lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)
-    total = tl.sum(w, axis=0)
-    o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    _merge_head(o_part_ptr, lse_part_ptr, out_ptr, pid // HQ, pid % HQ, n_splits,
+                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                D, BLOCK_S, BLOCK_D)
 
 
 @triton.jit
@@ -144,32 +161,35 @@ def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves
 
 def launch_decode(
     q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
-    split_size: int, o_part, lse_part, out, *, sparse: bool, block_n: int, num_warps: int, num_stages: int,
+    split_size: int, o_part, lse_part, counters, out, *, sparse: bool, block_n: int, num_warps: int,
+    num_stages: int, fused_merge: bool,
 ) -> None:
-    """Partial attention per (sequence, KV head, split), then the merge into `out` [B, Hq, d]."""
+    """Partial attention per (sequence, KV head, split) and the merge of the splits into `out`:
+    by the last split of each (sequence, KV head) when `fused_merge` (then `counters`, int32
+    [B * Hkv], must be zero and is left zero), else by a second kernel."""
     batch, n_q_heads, head_dim = q.shape
     _, page, n_kv_heads, _ = k_cache.shape
     group = n_q_heads // n_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    block_g = max(16, triton.next_power_of_2(group))
-    ieee = q.dtype.itemsize == 4
+    block_s = max(2, triton.next_power_of_2(n_splits))
     rows_arg = rows if rows is not None else seq_lens
     stride_rb = rows.stride(0) if rows is not None else 0
+    part_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+                    out.stride(0), out.stride(1))
     _decode_partial_kernel[(batch * n_kv_heads, n_splits)](
         q, k_cache, v_cache, rows_arg, block_table, seq_lens, o_part, lse_part,
-        sm_scale * LOG2E, n_items, split_size,
+        counters if fused_merge else seq_lens, out, sm_scale * LOG2E, n_items, split_size, n_splits,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), stride_rb, block_table.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        SPARSE=sparse, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        *part_strides,
+        HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse, IEEE=q.dtype.itemsize == 4,
+        FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages,
     )
-    _merge_splits_kernel[(batch * n_q_heads,)](
-        o_part, lse_part, out, n_splits,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        out.stride(0), out.stride(1),
-        HQ=n_q_heads, D=head_dim, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d,
-        num_warps=4,
-    )
+    if not fused_merge:
+        _merge_splits_kernel[(batch * n_q_heads,)](
+            o_part, lse_part, out, n_splits, *part_strides,
+            HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        )
 
 
 def launch_positions_to_rows(indices, block_table, seq_lens, rows, page: int) -> None:

@@ -1,22 +1,22 @@
-"""Triton top-k of the CLSA indexer: scores over paged keys, then a 3-level radix select.
+"""Triton top-k of the CLSA indexer: scores over paged keys, then a radix select. No sort.
 
-No sort anywhere. Scores become order-preserving 32-bit keys (`key = bits ^ ((bits >> 31) &
-0x7FFFFFFF)` on the float's bits: a larger float gives a larger signed key), split into three
-digits of 11, 11 and 10 bits.
+Scores become order-preserving 32-bit keys (`key = bits ^ ((bits >> 31) & 0x7FFFFFFF)` on the
+float's bits: a larger float gives a larger signed key), read as a 16-bit high digit and two 8-bit
+low digits.
 
-1. `_score_hist_kernel`, grid (B, chunks): scores of a chunk of positions (each indexer key read
-   once), stored in fp32, and a histogram of the top digit added into the row's `hist1`.
-2. `_select_kernel`, grid (B, chunks): every program finds the threshold digit T1 of its row from
-   `hist1` (the digit where the count of larger scores reaches k); scores above it are selected
-   outright, scores in it become candidates (positions compacted into a buffer) and feed `hist2`
-   with their middle digit.
-3. `_finish_kernel`, grid (B,): one program per row resolves the candidates with `hist2` and then
-   the low digit, writes the remaining winners (exact ties at the very end fill in any order) and
-   pads with -1 when the row has fewer than k positions.
+1. `_score_hist_kernel`, grid (B, chunks): the scores of a chunk of positions (each indexer key is
+   read once), stored in fp32; one atomic increment per score into the row's 65,536-bin histogram
+   of high digits (so many bins keep same-address atomics rare: a bin is 1/128 of an octave of
+   score values) and one atomic max of the row's largest digit per program.
+2. `_select_kernel`, grid (B, chunks): each program finds the row's threshold digit T (where the
+   count of larger scores reaches k) by scanning the histogram down from the largest digit (one or
+   two blocks of 4096 bins), then writes its scores above T to the output and compacts the few at
+   T into a candidate list, reserving slots with one atomic per block of positions.
+3. `_finish_kernel`, grid (B,): resolves the candidates with the two low digits (histograms of
+   256 bins); exact ties at the very end fill in any order. A row of at most k positions has every
+   position copied in step 2 and is padded with -1 here.
 
-Rows with at most k positions skip the select and copy every position. Output order is
-unspecified. Each score is written once and read once or twice; candidates are few (a thin slice
-of the score distribution) unless many scores are equal.
+Output order is unspecified.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-BINS_HI = 2048  # top 11 bits
-BINS_MID = 2048  # next 11 bits
-BINS_LO = 1024  # last 10 bits
+HIST_BINS = 65536  # high 16 bits of the key
+SCAN_BLOCK = 4096  # histogram bins scanned per step
+LOW_BINS = 256  # each of the two low 8-bit digits
 
 
 @triton.jit
@@ -39,18 +39,37 @@ def _order_key(scores):
 @triton.jit
 def _threshold(hist, offs, need):
     """The largest digit T with count(digit >= T) >= need, and count(digit > T)."""
-    total = tl.sum(hist, axis=0)
-    at_or_above = total - tl.cumsum(hist, axis=0) + hist
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
     t = tl.max(tl.where(at_or_above >= need, offs, -1), axis=0)
     above = tl.sum(tl.where(offs > t, hist, 0), axis=0)
     return t, above
 
 
 @triton.jit
+def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
+    """Scan the high-digit histogram down from the block holding the row's largest digit until
+    the count of scores reaches k: returns (T, count of scores with digit > T). Usually one or
+    two blocks: a block of 4096 bins spans 32 octaves of score values."""
+    offs = tl.arange(0, SCAN)
+    blk = max_digit // SCAN
+    higher = 0
+    t_hi = -1
+    above_hi = 0
+    while t_hi < 0:
+        hist = tl.load(hist_row_ptr + blk * SCAN + offs)
+        t, above = _threshold(hist, blk * SCAN + offs, k - higher)
+        above_hi = tl.where(t >= 0, higher + above, above_hi)
+        t_hi = t
+        higher += tl.sum(hist, axis=0)
+        blk -= 1
+    return t_hi, above_hi
+
+
+@triton.jit
 def _score_hist_kernel(
-    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, hist1_ptr,
+    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, hist_ptr, meta_ptr,
     k, chunk_size, stride_qb, stride_kr, stride_btb, stride_sb, stride_hb,
-    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BINS: tl.constexpr,
+    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * chunk_size
@@ -58,8 +77,8 @@ def _score_hist_kernel(
     if (seq_len > k) & (start < seq_len):
         offs_d = tl.arange(0, BLOCK_D)
         q = tl.load(q_ptr + b * stride_qb + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-        hist = tl.zeros([BINS], tl.int32)
         end = tl.minimum(start + chunk_size, seq_len)
+        top = 0
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
@@ -69,135 +88,131 @@ def _score_hist_kernel(
                            mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
             scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
             tl.store(scores_ptr + b * stride_sb + pos, scores, mask=valid)
-            digit = (_order_key(scores) >> 21) + 1024
-            hist += tl.histogram(digit, BINS, mask=valid)
-        offs_bins = tl.arange(0, BINS)
-        tl.atomic_add(hist1_ptr + b * stride_hb + offs_bins, hist, mask=hist > 0)
+            digit = (_order_key(scores) >> 16) + 32768
+            tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, mask=valid, sem="relaxed")
+            top = tl.maximum(top, tl.max(tl.where(valid, digit, 0), axis=0))
+        tl.atomic_max(meta_ptr + b * stride_hb, top, sem="relaxed")
 
 
 @triton.jit
 def _select_kernel(
-    scores_ptr, hist1_ptr, hist2_ptr, counts_ptr, cand_ptr, out_ptr, seq_lens_ptr,
+    scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
     k, chunk_size, stride_sb, stride_hb, stride_cb, stride_ob,
-    BLOCK_N: tl.constexpr, BINS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
     end = tl.minimum(start + chunk_size, seq_len)
+    out_row = out_ptr + b * stride_ob
     if seq_len <= k:
-        # Every position is selected: it goes to its own slot.
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in range(start, end, BLOCK_N):  # every position is selected: it takes its own slot
             pos = n0 + tl.arange(0, BLOCK_N)
-            tl.store(out_ptr + b * stride_ob + pos, pos, mask=pos < end)
+            tl.store(out_row + pos, pos, mask=pos < end)
     elif start < seq_len:
-        offs_bins = tl.arange(0, BINS)
-        t1, above1 = _threshold(tl.load(hist1_ptr + b * stride_hb + offs_bins), offs_bins, k)
-        hist = tl.zeros([BINS], tl.int32)
+        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_hb), k, SCAN)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
-            key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
-            digit = (key >> 21) + 1024
-            win = valid & (digit > t1)
+            digit = (_order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0)) >> 16) + 32768
+            win = valid & (digit > t_hi)
             n_win = tl.sum(win.to(tl.int32), axis=0)
             if n_win > 0:
-                base = tl.atomic_add(counts_ptr + b * 2, n_win)
-                slot = base + tl.cumsum(win.to(tl.int32), axis=0) - 1
-                tl.store(out_ptr + b * stride_ob + slot, pos, mask=win)
-            cand = valid & (digit == t1)
+                base = tl.atomic_add(meta_ptr + b * stride_hb + 1, n_win, sem="relaxed")
+                tl.store(out_row + base + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
+            cand = valid & (digit == t_hi)
             n_cand = tl.sum(cand.to(tl.int32), axis=0)
             if n_cand > 0:
-                base = tl.atomic_add(counts_ptr + b * 2 + 1, n_cand)
-                slot = base + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-                tl.store(cand_ptr + b * stride_cb + slot, pos, mask=cand)
-                hist += tl.histogram((key >> 10) & 0x7FF, BINS, mask=cand)
-        tl.atomic_add(hist2_ptr + b * stride_hb + offs_bins, hist, mask=hist > 0)
+                base = tl.atomic_add(meta_ptr + b * stride_hb + 2, n_cand, sem="relaxed")
+                tl.store(cand_ptr + b * stride_cb + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos,
+                         mask=cand)
 
 
 @triton.jit
 def _finish_kernel(
-    scores_ptr, hist1_ptr, hist2_ptr, counts_ptr, cand_ptr, out_ptr, seq_lens_ptr,
+    scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
     k, stride_sb, stride_hb, stride_cb, stride_ob,
-    BLOCK_N: tl.constexpr, BINS: tl.constexpr, BINS_LO: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, BINS: tl.constexpr,
 ):
     b = tl.program_id(0)
     seq_len = tl.load(seq_lens_ptr + b)
+    out_row = out_ptr + b * stride_ob
     if seq_len <= k:
         for n0 in range(seq_len, k, BLOCK_N):
             slot = n0 + tl.arange(0, BLOCK_N)
-            tl.store(out_ptr + b * stride_ob + slot, tl.full([BLOCK_N], -1, tl.int32), mask=slot < k)
+            tl.store(out_row + slot, tl.full([BLOCK_N], -1, tl.int32), mask=slot < k)
     else:
+        # The scores above T already hold slots [0, above_hi); resolve the candidates (digit == T)
+        # on the two low digits.
+        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_hb), k, SCAN)
+        n_cand = tl.load(meta_ptr + b * stride_hb + 2)
+        written = above_hi
+        need = k - above_hi
         offs_bins = tl.arange(0, BINS)
-        t1, above1 = _threshold(tl.load(hist1_ptr + b * stride_hb + offs_bins), offs_bins, k)
-        need = k - above1
-        t2, above2 = _threshold(tl.load(hist2_ptr + b * stride_hb + offs_bins), offs_bins, need)
-        n_cand = tl.load(counts_ptr + b * 2 + 1)
-        # Pass 1: candidates above T2 win; those at T2 feed the low-digit histogram.
-        written = above1
-        offs_lo = tl.arange(0, BINS_LO)
-        hist3 = tl.zeros([BINS_LO], tl.int32)
+        hist_mid = tl.zeros([BINS], tl.int32)
         for n0 in range(0, n_cand, BLOCK_N):
             j = n0 + tl.arange(0, BLOCK_N)
             valid = j < n_cand
             pos = tl.load(cand_ptr + b * stride_cb + j, mask=valid, other=0)
             key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
-            mid = (key >> 10) & 0x7FF
-            win = valid & (mid > t2)
-            slot = written + tl.cumsum(win.to(tl.int32), axis=0) - 1
-            tl.store(out_ptr + b * stride_ob + slot, pos, mask=win)
+            hist_mid += tl.histogram((key >> 8) & 0xFF, BINS, mask=valid)
+        t_mid, above_mid = _threshold(hist_mid, offs_bins, need)
+        hist_lo = tl.zeros([BINS], tl.int32)
+        for n0 in range(0, n_cand, BLOCK_N):
+            j = n0 + tl.arange(0, BLOCK_N)
+            valid = j < n_cand
+            pos = tl.load(cand_ptr + b * stride_cb + j, mask=valid, other=0)
+            key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
+            mid = (key >> 8) & 0xFF
+            win = valid & (mid > t_mid)
+            tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
             written += tl.sum(win.to(tl.int32), axis=0)
-            hist3 += tl.histogram(key & 0x3FF, BINS_LO, mask=valid & (mid == t2))
-        t3, above3 = _threshold(hist3, offs_lo, need - above2)
-        ties_left = need - above2 - above3  # exact ties at the last digit: take any of them
-        # Pass 2: among candidates at T2, low digits above T3 win, then ties up to the count.
+            hist_lo += tl.histogram(key & 0xFF, BINS, mask=valid & (mid == t_mid))
+        t_lo, above_lo = _threshold(hist_lo, offs_bins, need - above_mid)
+        ties_left = need - above_mid - above_lo  # equal keys at the very end: take any of them
         for n0 in range(0, n_cand, BLOCK_N):
             j = n0 + tl.arange(0, BLOCK_N)
             valid = j < n_cand
             pos = tl.load(cand_ptr + b * stride_cb + j, mask=valid, other=0)
             key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
-            at_t2 = valid & (((key >> 10) & 0x7FF) == t2)
-            lo = key & 0x3FF
-            win = at_t2 & (lo > t3)
-            tie = at_t2 & (lo == t3)
-            tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
-            tie = tie & (tie_rank <= ties_left)
+            at_mid = valid & (((key >> 8) & 0xFF) == t_mid)
+            win = at_mid & ((key & 0xFF) > t_lo)
+            tie = at_mid & ((key & 0xFF) == t_lo)
+            tie = tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_left)
             take = win | tie
-            slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(out_ptr + b * stride_ob + slot, pos, mask=take)
+            tl.store(out_row + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, pos, mask=take)
             written += tl.sum(take.to(tl.int32), axis=0)
             ties_left -= tl.sum(tie.to(tl.int32), axis=0)
 
 
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, chunk_size: int, block_n: int,
-                      num_warps: int) -> None:
+                      num_warps: int, finish_block: int, finish_warps: int) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32. `chunk_size` positions per
-    program of the two chunked kernels (a multiple of block_n)."""
+    program of the scoring and selecting kernels (a multiple of block_n)."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
     max_len = block_table.shape[1] * page
-    n_chunks = -(-max_len // chunk_size)
-    scores = torch.empty((batch, max_len), dtype=torch.float32, device=q_idx.device)
-    candidates = torch.empty((batch, max_len), dtype=torch.int32, device=q_idx.device)
-    counters = torch.zeros((batch, BINS_HI + BINS_MID + 2), dtype=torch.int32, device=q_idx.device)
-    hist1 = counters[:, :BINS_HI]
-    hist2 = counters[:, BINS_HI : BINS_HI + BINS_MID]
-    counts = counters[:, BINS_HI + BINS_MID :]
-    _score_hist_kernel[(batch, n_chunks)](
-        q_idx, k_idx_cache, block_table, seq_lens, scores, hist1,
+    device = q_idx.device
+    scores = torch.empty((batch, max_len), dtype=torch.float32, device=device)
+    candidates = torch.empty((batch, max_len), dtype=torch.int32, device=device)
+    # One zeroed buffer (one memset): the histogram, then per row [max digit, winners, candidates, -].
+    counters = torch.zeros((batch, HIST_BINS + 4), dtype=torch.int32, device=device)
+    hist, meta = counters[:, :HIST_BINS], counters[:, HIST_BINS:]
+    grid = (batch, -(-max_len // chunk_size))
+    _score_hist_kernel[grid](
+        q_idx, k_idx_cache, block_table, seq_lens, scores, hist, meta,
         k, chunk_size, q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0),
         counters.stride(0),
-        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), BINS=BINS_HI,
-        num_warps=num_warps,
+        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), num_warps=num_warps,
     )
-    _select_kernel[(batch, n_chunks)](
-        scores, hist1, hist2, counts, candidates, out, seq_lens,
+    _select_kernel[grid](
+        scores, hist, meta, candidates, out, seq_lens,
         k, chunk_size, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
-        BLOCK_N=block_n, BINS=BINS_HI, num_warps=num_warps,
+        BLOCK_N=finish_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
     )
     _finish_kernel[(batch,)](
-        scores, hist1, hist2, counts, candidates, out, seq_lens,
+        scores, hist, meta, candidates, out, seq_lens,
         k, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
-        BLOCK_N=block_n, BINS=BINS_MID, BINS_LO=BINS_LO, num_warps=num_warps,
+        BLOCK_N=finish_block, SCAN=SCAN_BLOCK, BINS=LOW_BINS, num_warps=finish_warps,
     )

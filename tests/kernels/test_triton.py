@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+import kernels.decode_attention as decode_attention
 from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk, sparse_decode_attention
 from kernels.decode_attention import dense_decode_attention_reference, sparse_decode_attention_reference
 from kernels.index_topk import index_topk_reference
@@ -71,6 +72,26 @@ def test_index_topk_with_exact_ties_and_negative_scores() -> None:
     assert len(set(got)) == 20 and set(range(32, 48)) <= set(got) and all(0 <= p < 120 for p in got)
 
 
+def test_index_topk_resolves_scores_that_share_their_high_bits() -> None:
+    # 1 + j * 2^-20: equal in sign, exponent and top 7 mantissa bits, apart only in the low 16 bits
+    n = 700
+    values = 1.0 + torch.randperm(n, generator=torch.Generator().manual_seed(0)).float() * 2.0**-20
+    cache = torch.zeros(-(-n // BLOCK), BLOCK, 8)
+    cache.view(-1, 8)[:n, 0] = values
+    table = torch.arange(cache.shape[0], dtype=torch.int32)[None]
+    q = torch.zeros(1, 8)
+    q[0, 0] = 1.0
+    out = index_topk(q, cache, table, torch.tensor([n], dtype=torch.int32), 77, backend="triton")
+    assert sorted(out[0].tolist()) == sorted(values.topk(77).indices.tolist())
+
+
+@pytest.fixture(params=[True, False], ids=["fused-merge", "merge-kernel"])
+def merge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test with the splits merged by their last program, and with the separate merge kernel."""
+    block_n, warps, stages, _ = decode_attention.INTERPRET_CONFIG
+    monkeypatch.setattr(decode_attention, "INTERPRET_CONFIG", (block_n, warps, stages, request.param))
+
+
 def _attention_case(group: int, head_dim: int, dtype: torch.dtype, seed: int):  # noqa: ANN202
     lens, n_kv_heads = [63, 5, 130], 2 if group < 8 else 1
     k_cache, table, seq_lens = _paged(lens, (n_kv_heads, head_dim), dtype, seed)
@@ -92,7 +113,7 @@ def _indices(seq_lens: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype, merge_path: None) -> None:
     q, k_cache, v_cache, table, seq_lens = _attention_case(group, head_dim, dtype, seed=group + head_dim)
     indices = _indices(seq_lens, 40, seed=group)  # 40 > 5: the short row is mostly -1
     out = torch.full_like(q, float("nan"))
@@ -105,7 +126,7 @@ def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype) 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype, merge_path: None) -> None:
     q, k_cache, v_cache, table, seq_lens = _attention_case(group, head_dim, dtype, seed=3 * group + head_dim)
     out = torch.full_like(q, float("nan"))
     sm_scale = 1 / math.sqrt(head_dim)
