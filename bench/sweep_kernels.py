@@ -11,6 +11,7 @@ op with the best variant per batch size marked; the winners go into kernels/deco
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import math
@@ -23,7 +24,8 @@ sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolv
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.decode_attention as da  # noqa: E402
-import kernels.index_topk as it  # noqa: E402
+
+it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
 from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk  # noqa: E402
 from kernels.decode_attention import sparse_decode_attention_reference  # noqa: E402
 
@@ -200,16 +202,90 @@ def main() -> None:
             print("sdpa", r)
 
 
+def k1_variants(case: dict, batch: int, n: int, results: list) -> None:
+    """The scoring kernel's cost without its histogram atomics, with tl.atomic_add (atom, returns the
+    old value) and with a fire-and-forget `red` through inline PTX, at a few block shapes."""
+    import triton
+    import triton.language as tl
+
+    # ruff: noqa: B023 -- graph_us calls each lambda at once, inside its loop iteration
+
+    @triton.jit
+    def _score(q_ptr, kidx_ptr, bt_ptr, scores_ptr, hist_ptr, chunk_size, n_pos, stride_btb, stride_sb, stride_hb,
+               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+        b = tl.program_id(0)
+        start = tl.program_id(1) * chunk_size
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * D + offs_d).to(tl.float32)
+        for n0 in range(start, tl.minimum(start + chunk_size, n_pos), BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            blocks = tl.load(bt_ptr + b * stride_btb + pos // PAGE)
+            rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
+            keys = tl.load(kidx_ptr + rows[:, None] * D + offs_d[None, :])
+            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
+            tl.store(scores_ptr + b * stride_sb + pos, scores)
+            bits = scores.to(tl.int32, bitcast=True)
+            digit = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16) + 32768
+            if ATOMIC == 1:
+                tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, sem="relaxed")
+            if ATOMIC == 2:
+                tl.inline_asm_elementwise(
+                    "red.global.relaxed.gpu.add.u32 [$1], 1; mov.u32 $0, 0;", "=r,l",
+                    [hist_ptr + b * stride_hb + digit], dtype=tl.int32, is_pure=False, pack=1)
+
+    scores = torch.empty((batch, n), dtype=torch.float32, device="cuda")
+    hist = torch.zeros((batch, 65536), dtype=torch.int32, device="cuda")
+    for block_n, warps, waves, stages in ((128, 4, 4, 3), (128, 4, 2, 3), (256, 8, 2, 3), (64, 2, 8, 3),
+                                          (128, 4, 4, 1)):
+        chunk = it._cdiv(it._cdiv(n, it._cdiv(waves * 132, batch)), block_n) * block_n
+        grid = (batch, it._cdiv(n, chunk))
+        for atomic in (0, 1, 2):
+            hist.zero_()
+            try:
+                us = graph_us(lambda: _score[grid](
+                    case["qidx"], case["kidx"], case["table"], scores, hist, chunk, n, case["table"].stride(0),
+                    scores.stride(0), hist.stride(0), D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, ATOMIC=atomic,
+                    num_warps=warps, num_stages=stages))
+            except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
+                print("k1 variant failed:", block_n, warps, atomic, repr(e)[:300], flush=True)
+                continue
+            results.append({"op": "k1", "B": batch, "N": n, "cfg": [block_n, warps, waves, stages],
+                            "atomic": atomic, "us": round(us, 1),
+                            "GB/s": round(batch * n * D_IDX * 2 / us / 1e3)})
+            print(results[-1], flush=True)
+
+
+def sparse_variants(case: dict, batch: int, results: list) -> None:
+    scale = 1 / math.sqrt(D)
+    saved = da.SPARSE_CONFIG, da.SPARSE_WAVES
+    for block_n, warps, stages, waves in ((64, 4, 2, 8), (128, 4, 2, 8), (128, 8, 2, 8), (64, 8, 2, 8),
+                                          (32, 2, 2, 16), (64, 4, 3, 4), (128, 8, 3, 4)):
+        da.SPARSE_CONFIG, da.SPARSE_WAVES = (block_n, warps, stages, False), waves
+        w = SparseDecodeWrapper("triton")
+        w.plan(case["table"], case["lens"], case["idx"], PAGE)
+        try:
+            one = graph_us(lambda: w.run(case["q"], case["k"], case["v"], scale))
+            ten = graph_us(lambda: [w.run(case["q"], case["k"], case["v"], scale) for _ in range(10)])
+        except Exception as e:  # noqa: BLE001
+            print("sparse variant failed:", block_n, warps, repr(e)[:300], flush=True)
+            continue
+        results.append({"op": "sparse-var", "B": batch, "cfg": [block_n, warps, stages, waves], "us_1": round(one, 1),
+                        "us_per_call_of_10": round(ten / 10, 1)})
+        print(results[-1], flush=True)
+    da.SPARSE_CONFIG, da.SPARSE_WAVES = saved
+
+
 def quick(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     results: list[dict] = []
-    for n, batch in ((8192, 1), (131072, 1), (131072, 8), (131072, 32)):
+    for n, batch in ((131072, 1), (131072, 8), (131072, 32)):
         case = paged_case(batch, n, gen)
         time_topk(case, batch, n, results)
         results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(4)]
+        k1_variants(case, batch, n, results)
         if n == 131072 and batch in (1, 8):
-            overheads(case, results)
-        print(results[-2:] if n == 131072 and batch in (1, 8) else results[-1], flush=True)
+            sparse_variants(case, batch, results)
+        print([r for r in results if r["op"] == "topk"][-1], flush=True)
         del case
         torch.cuda.empty_cache()
     out = Path(args.out)

@@ -78,7 +78,7 @@ def _score_hist_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         q = tl.load(q_ptr + b * stride_qb + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
         end = tl.minimum(start + chunk_size, seq_len)
-        top = 0
+        top = tl.zeros([BLOCK_N], tl.int32)  # reduced once at the end, not per block
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
@@ -90,8 +90,8 @@ def _score_hist_kernel(
             tl.store(scores_ptr + b * stride_sb + pos, scores, mask=valid)
             digit = (_order_key(scores) >> 16) + 32768
             tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, mask=valid, sem="relaxed")
-            top = tl.maximum(top, tl.max(tl.where(valid, digit, 0), axis=0))
-        tl.atomic_max(meta_ptr + b * stride_hb, top, sem="relaxed")
+            top = tl.maximum(top, tl.where(valid, digit, 0))
+        tl.atomic_max(meta_ptr + b * stride_hb, tl.max(top, axis=0), sem="relaxed")
 
 
 @triton.jit
