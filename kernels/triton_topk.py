@@ -66,6 +66,38 @@ def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
 
 
 @triton.jit
+def _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row, pos, end, top, stride_kr,
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """Scores of positions `pos`, stored, counted into the histogram; returns the running max digit.
+    Full blocks go unmasked (wide loads, no predicates); only a chunk's last block is masked."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if MASKED:
+        valid = pos < end
+        blocks = tl.load(block_table_row + pos // PAGE, mask=valid, other=0)
+        rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
+        keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
+                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        blocks = tl.load(block_table_row + pos // PAGE)
+        rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
+        if D == BLOCK_D:
+            keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :])
+        else:
+            keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
+                           mask=offs_d[None, :] < D, other=0.0)
+    scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
+    digit = (_order_key(scores) >> 16) + 32768
+    if MASKED:
+        tl.store(scores_row + pos, scores, mask=valid)
+        tl.atomic_add(hist_row + digit, 1, mask=valid, sem="relaxed")
+        return tl.maximum(top, tl.where(valid, digit, 0))
+    else:
+        tl.store(scores_row + pos, scores)
+        tl.atomic_add(hist_row + digit, 1, sem="relaxed")
+        return tl.maximum(top, digit)
+
+
+@triton.jit
 def _score_hist_kernel(
     q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, hist_ptr, meta_ptr,
     k, chunk_size, stride_qb, stride_kr, stride_btb, stride_sb, stride_hb,
@@ -78,19 +110,17 @@ def _score_hist_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         q = tl.load(q_ptr + b * stride_qb + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
         end = tl.minimum(start + chunk_size, seq_len)
+        full_end = start + (end - start) // BLOCK_N * BLOCK_N
+        block_table_row = block_table_ptr + b * stride_btb
+        scores_row = scores_ptr + b * stride_sb
+        hist_row = hist_ptr + b * stride_hb
         top = tl.zeros([BLOCK_N], tl.int32)  # reduced once at the end, not per block
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            blocks = tl.load(block_table_ptr + b * stride_btb + pos // PAGE, mask=valid, other=0)
-            rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
-            keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
-                           mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
-            tl.store(scores_ptr + b * stride_sb + pos, scores, mask=valid)
-            digit = (_order_key(scores) >> 16) + 32768
-            tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, mask=valid, sem="relaxed")
-            top = tl.maximum(top, tl.where(valid, digit, 0))
+        for n0 in range(start, full_end, BLOCK_N):
+            top = _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row, n0 + tl.arange(0, BLOCK_N), end,
+                               top, stride_kr, D, PAGE, BLOCK_D, False)
+        if full_end < end:
+            top = _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row,
+                               full_end + tl.arange(0, BLOCK_N), end, top, stride_kr, D, PAGE, BLOCK_D, True)
         tl.atomic_max(meta_ptr + b * stride_hb, tl.max(top, axis=0), sem="relaxed")
 
 
