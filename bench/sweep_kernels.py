@@ -111,33 +111,36 @@ def time_topk(case: dict, batch: int, n: int, results: list) -> None:
 
 
 def topk_stages(case: dict, batch: int, n: int, upto: int) -> float:
-    """index_topk's launches up to and including `upto` (0 memset, 1 scoring, 2 select, 3 finish)."""
-    import kernels.triton_topk as tt
-
+    """index_topk's launches up to and including `upto` (0 memset, 1 score, 2 hist, 3 select, 4 finish)."""
+    tt = importlib.import_module("kernels.triton_topk")
     block_n, warps, fblock, fwarps = it.TOPK_CONFIG
-    per_row = it._cdiv(it.TOPK_WAVES * 132, batch)
-    chunk = it._cdiv(it._cdiv(n, per_row), block_n) * block_n
+    chunk = it._cdiv(it._cdiv(n, it._cdiv(it.TOPK_WAVES * 132, batch)), block_n) * block_n
+    sub = min(block_n, 1 << max(0, (n // K).bit_length() - 1))
     scores = torch.empty((batch, n), dtype=torch.float32, device="cuda")
     cand = torch.empty((batch, n), dtype=torch.int32, device="cuda")
     out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
+    lens, table = case["lens"], case["table"]
 
     def run() -> None:
-        counters = torch.zeros((batch, tt.HIST_BINS + 4), dtype=torch.int32, device="cuda")
+        counters = torch.zeros((batch, tt.HIST_BINS + tt.META), dtype=torch.int32, device="cuda")
         hist, meta = counters[:, : tt.HIST_BINS], counters[:, tt.HIST_BINS :]
-        grid = (batch, -(-n // chunk))
+        grid, cs = (batch, it._cdiv(n, chunk)), counters.stride(0)
         if upto >= 1:
-            tt._score_hist_kernel[grid](case["qidx"], case["kidx"], case["table"], case["lens"], scores, hist, meta,
-                                        K, chunk, case["qidx"].stride(0), case["kidx"].stride(1),
-                                        case["table"].stride(0), scores.stride(0), counters.stride(0),
-                                        D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX, num_warps=warps)
+            tt._score_kernel[grid](case["qidx"], case["kidx"], table, lens, scores, meta, K, chunk,
+                                   case["qidx"].stride(0), case["kidx"].stride(1), table.stride(0),
+                                   scores.stride(0), cs, D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX,
+                                   SUB=sub, num_warps=warps)
         if upto >= 2:
-            tt._select_kernel[grid](scores, hist, meta, cand, out, case["lens"], K, chunk, scores.stride(0),
-                                    counters.stride(0), cand.stride(0), out.stride(0), BLOCK_N=fblock,
-                                    SCAN=tt.SCAN_BLOCK, num_warps=warps)
+            tt._hist_kernel[grid](scores, hist, meta, lens, K, chunk, scores.stride(0), cs, cs, BLOCK_N=fblock,
+                                  num_warps=warps)
         if upto >= 3:
-            tt._finish_kernel[(batch,)](scores, hist, meta, cand, out, case["lens"], K, scores.stride(0),
-                                        counters.stride(0), cand.stride(0), out.stride(0), BLOCK_N=fblock,
-                                        SCAN=tt.SCAN_BLOCK, BINS=tt.LOW_BINS, num_warps=fwarps)
+            tt._select_kernel[grid](scores, hist, meta, cand, out, lens, K, chunk, scores.stride(0), cs, cs,
+                                    cand.stride(0), out.stride(0), BLOCK_N=fblock, SCAN=tt.SCAN_BLOCK,
+                                    num_warps=warps)
+        if upto >= 4:
+            tt._finish_kernel[(batch,)](scores, hist, meta, cand, out, lens, K, scores.stride(0), cs, cs,
+                                        cand.stride(0), out.stride(0), BLOCK_N=fblock, SCAN=tt.SCAN_BLOCK,
+                                        BINS=tt.LOW_BINS, num_warps=fwarps)
 
     return graph_us(run)
 
@@ -169,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--skip-dense", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="top-k stages and launch overheads only")
+    parser.add_argument("--quick", action="store_true", help="index_topk by stage (and --variants) only")
+    parser.add_argument("--variants", action="store_true", help="with --quick: scoring and sparse variants")
     args = parser.parse_args()
     if args.quick:
         quick(args)
@@ -278,13 +282,14 @@ def sparse_variants(case: dict, batch: int, results: list) -> None:
 def quick(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     results: list[dict] = []
-    for n, batch in ((131072, 1), (131072, 8), (131072, 32)):
+    for n, batch in ((8192, 1), (131072, 1), (131072, 8), (131072, 32)):
         case = paged_case(batch, n, gen)
         time_topk(case, batch, n, results)
-        results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(4)]
-        k1_variants(case, batch, n, results)
-        if n == 131072 and batch in (1, 8):
-            sparse_variants(case, batch, results)
+        results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(5)]
+        if args.variants:
+            k1_variants(case, batch, n, results)
+            if batch in (1, 8):
+                sparse_variants(case, batch, results)
         print([r for r in results if r["op"] == "topk"][-1], flush=True)
         del case
         torch.cuda.empty_cache()

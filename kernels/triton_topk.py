@@ -4,17 +4,20 @@ Scores become order-preserving 32-bit keys (`key = bits ^ ((bits >> 31) & 0x7FFF
 float's bits: a larger float gives a larger signed key), read as a 16-bit high digit and two 8-bit
 low digits.
 
-1. `_score_hist_kernel`, grid (B, chunks): the scores of a chunk of positions (each indexer key is
-   read once), stored in fp32; one atomic increment per score into the row's 65,536-bin histogram
-   of high digits (so many bins keep same-address atomics rare: a bin is 1/128 of an octave of
-   score values) and one atomic max of the row's largest digit per program.
-2. `_select_kernel`, grid (B, chunks): each program finds the row's threshold digit T (where the
-   count of larger scores reaches k) by scanning the histogram down from the largest digit (one or
-   two blocks of 4096 bins), then writes its scores above T to the output and compacts the few at
-   T into a candidate list, reserving slots with one atomic per block of positions.
-3. `_finish_kernel`, grid (B,): resolves the candidates with the two low digits (histograms of
+1. `_score_kernel`, grid (B, chunks): the scores of a chunk of positions (each indexer key is read
+   once), stored in fp32, and two per-row facts by one atomic each per program: the largest digit,
+   and a lower bound L of the threshold: positions are cut into sub-blocks of S (at least k of
+   them in the row), and the smallest sub-block maximum has at least k scores at or above it.
+2. `_hist_kernel`, grid (B, chunks): one atomic increment into the row's 65,536-bin histogram of
+   high digits for each score at or above L (typically a sixth of them; so many bins keep
+   same-address atomics rare: a bin is 1/128 of an octave of score values).
+3. `_select_kernel`, grid (B, chunks): each program finds the threshold digit T (where the count
+   of larger scores reaches k) by scanning the histogram down from the largest digit (usually one
+   window of 512 bins), then writes its scores above T to the output and compacts the few at T
+   into a candidate list, reserving slots with one atomic per block of positions.
+4. `_finish_kernel`, grid (B,): resolves the candidates with the two low digits (histograms of
    256 bins); exact ties at the very end fill in any order. A row of at most k positions has every
-   position copied in step 2 and is padded with -1 here.
+   position copied in step 3 and is padded with -1 here.
 
 Output order is unspecified.
 """
@@ -26,8 +29,9 @@ import triton
 import triton.language as tl
 
 HIST_BINS = 65536  # high 16 bits of the key
-SCAN_BLOCK = 4096  # histogram bins scanned per step
+SCAN_BLOCK = 512  # histogram bins scanned per step (4 octaves of score values)
 LOW_BINS = 256  # each of the two low 8-bit digits
+META = 4  # per row: largest digit, winners, candidates, 65535 - lower-bound digit
 
 
 @triton.jit
@@ -47,29 +51,31 @@ def _threshold(hist, offs, need):
 
 @triton.jit
 def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
-    """Scan the high-digit histogram down from the block holding the row's largest digit until
-    the count of scores reaches k: returns (T, count of scores with digit > T). Usually one or
-    two blocks: a block of 4096 bins spans 32 octaves of score values."""
+    """Scan the high-digit histogram down from the row's largest digit, a window of SCAN bins at a
+    time, until the count of scores reaches k: returns (T, count of scores with digit > T)."""
     offs = tl.arange(0, SCAN)
-    blk = max_digit // SCAN
+    base = max_digit - SCAN + 1
     higher = 0
     t_hi = -1
     above_hi = 0
     while t_hi < 0:
-        hist = tl.load(hist_row_ptr + blk * SCAN + offs)
-        t, above = _threshold(hist, blk * SCAN + offs, k - higher)
+        bins = base + offs
+        hist = tl.load(hist_row_ptr + bins, mask=bins >= 0, other=0)
+        t, above = _threshold(hist, bins, k - higher)
         above_hi = tl.where(t >= 0, higher + above, above_hi)
         t_hi = t
         higher += tl.sum(hist, axis=0)
-        blk -= 1
+        base -= SCAN
     return t_hi, above_hi
 
 
 @triton.jit
-def _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row, pos, end, top, stride_kr,
-                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
-    """Scores of positions `pos`, stored, counted into the histogram; returns the running max digit.
-    Full blocks go unmasked (wide loads, no predicates); only a chunk's last block is masked."""
+def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, top, floor, stride_kr,
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SUB: tl.constexpr, MASKED: tl.constexpr):
+    """Scores of positions `pos`, stored; returns the running largest digit and the running
+    smallest maximum over whole sub-blocks of SUB positions. Full blocks go unmasked (wide loads,
+    no predicates); only a row's last block is masked."""
     offs_d = tl.arange(0, BLOCK_D)
     if MASKED:
         valid = pos < end
@@ -87,21 +93,22 @@ def _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row, pos, end, t
                            mask=offs_d[None, :] < D, other=0.0)
     scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
     digit = (_order_key(scores) >> 16) + 32768
+    sub_max = tl.max(tl.reshape(digit, (BLOCK_N // SUB, SUB)), axis=1)
     if MASKED:
         tl.store(scores_row + pos, scores, mask=valid)
-        tl.atomic_add(hist_row + digit, 1, mask=valid, sem="relaxed")
-        return tl.maximum(top, tl.where(valid, digit, 0))
+        sub_last = tl.max(tl.reshape(pos, (BLOCK_N // SUB, SUB)), axis=1)
+        floor = tl.minimum(floor, tl.where(sub_last < end, sub_max, 65535))
+        return tl.maximum(top, tl.where(valid, digit, 0)), floor
     else:
         tl.store(scores_row + pos, scores)
-        tl.atomic_add(hist_row + digit, 1, sem="relaxed")
-        return tl.maximum(top, digit)
+        return tl.maximum(top, digit), tl.minimum(floor, sub_max)
 
 
 @triton.jit
-def _score_hist_kernel(
-    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, hist_ptr, meta_ptr,
-    k, chunk_size, stride_qb, stride_kr, stride_btb, stride_sb, stride_hb,
-    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _score_kernel(
+    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, meta_ptr,
+    k, chunk_size, stride_qb, stride_kr, stride_btb, stride_sb, stride_mb,
+    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * chunk_size
@@ -113,21 +120,45 @@ def _score_hist_kernel(
         full_end = start + (end - start) // BLOCK_N * BLOCK_N
         block_table_row = block_table_ptr + b * stride_btb
         scores_row = scores_ptr + b * stride_sb
-        hist_row = hist_ptr + b * stride_hb
-        top = tl.zeros([BLOCK_N], tl.int32)  # reduced once at the end, not per block
+        # Reduced once at the end of the chunk, not per block.
+        top = tl.zeros([BLOCK_N], tl.int32)
+        floor = tl.full([BLOCK_N // SUB], 65535, tl.int32)
         for n0 in range(start, full_end, BLOCK_N):
-            top = _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row, n0 + tl.arange(0, BLOCK_N), end,
-                               top, stride_kr, D, PAGE, BLOCK_D, False)
+            top, floor = _score_block(q, kidx_ptr, block_table_row, scores_row, n0 + tl.arange(0, BLOCK_N), end,
+                                      top, floor, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, SUB, False)
         if full_end < end:
-            top = _score_block(q, kidx_ptr, block_table_row, scores_row, hist_row,
-                               full_end + tl.arange(0, BLOCK_N), end, top, stride_kr, D, PAGE, BLOCK_D, True)
-        tl.atomic_max(meta_ptr + b * stride_hb, tl.max(top, axis=0), sem="relaxed")
+            top, floor = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N),
+                                      end, top, floor, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, SUB, True)
+        meta_row = meta_ptr + b * stride_mb
+        tl.atomic_max(meta_row, tl.max(top, axis=0), sem="relaxed")
+        # With at least k whole sub-blocks, their smallest maximum bounds the threshold from below;
+        # otherwise no bound (0). Stored as 65535 - bound so that zeroed memory means "none yet".
+        bound = tl.where(seq_len // SUB >= k, tl.min(floor, axis=0), 0)
+        tl.atomic_max(meta_row + 3, 65535 - bound, sem="relaxed")
+
+
+@triton.jit
+def _hist_kernel(
+    scores_ptr, hist_ptr, meta_ptr, seq_lens_ptr, k, chunk_size, stride_sb, stride_hb, stride_mb,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    start = tl.program_id(1) * chunk_size
+    seq_len = tl.load(seq_lens_ptr + b)
+    if (seq_len > k) & (start < seq_len):
+        bound = 65535 - tl.load(meta_ptr + b * stride_mb + 3)
+        end = tl.minimum(start + chunk_size, seq_len)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            digit = (_order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0)) >> 16) + 32768
+            tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, mask=valid & (digit >= bound), sem="relaxed")
 
 
 @triton.jit
 def _select_kernel(
     scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
-    k, chunk_size, stride_sb, stride_hb, stride_cb, stride_ob,
+    k, chunk_size, stride_sb, stride_hb, stride_mb, stride_cb, stride_ob,
     BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -140,7 +171,7 @@ def _select_kernel(
             pos = n0 + tl.arange(0, BLOCK_N)
             tl.store(out_row + pos, pos, mask=pos < end)
     elif start < seq_len:
-        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_hb), k, SCAN)
+        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_mb), k, SCAN)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
@@ -148,12 +179,12 @@ def _select_kernel(
             win = valid & (digit > t_hi)
             n_win = tl.sum(win.to(tl.int32), axis=0)
             if n_win > 0:
-                base = tl.atomic_add(meta_ptr + b * stride_hb + 1, n_win, sem="relaxed")
+                base = tl.atomic_add(meta_ptr + b * stride_mb + 1, n_win, sem="relaxed")
                 tl.store(out_row + base + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
             cand = valid & (digit == t_hi)
             n_cand = tl.sum(cand.to(tl.int32), axis=0)
             if n_cand > 0:
-                base = tl.atomic_add(meta_ptr + b * stride_hb + 2, n_cand, sem="relaxed")
+                base = tl.atomic_add(meta_ptr + b * stride_mb + 2, n_cand, sem="relaxed")
                 tl.store(cand_ptr + b * stride_cb + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos,
                          mask=cand)
 
@@ -161,7 +192,7 @@ def _select_kernel(
 @triton.jit
 def _finish_kernel(
     scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
-    k, stride_sb, stride_hb, stride_cb, stride_ob,
+    k, stride_sb, stride_hb, stride_mb, stride_cb, stride_ob,
     BLOCK_N: tl.constexpr, SCAN: tl.constexpr, BINS: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -174,8 +205,8 @@ def _finish_kernel(
     else:
         # The scores above T already hold slots [0, above_hi); resolve the candidates (digit == T)
         # on the two low digits.
-        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_hb), k, SCAN)
-        n_cand = tl.load(meta_ptr + b * stride_hb + 2)
+        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_mb), k, SCAN)
+        n_cand = tl.load(meta_ptr + b * stride_mb + 2)
         written = above_hi
         need = k - above_hi
         offs_bins = tl.arange(0, BINS)
@@ -219,30 +250,37 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, chunk_size: int, block_n: int,
                       num_warps: int, finish_block: int, finish_warps: int) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32. `chunk_size` positions per
-    program of the scoring and selecting kernels (a multiple of block_n)."""
+    program of the three chunked kernels (a multiple of block_n)."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
     max_len = block_table.shape[1] * page
     device = q_idx.device
     scores = torch.empty((batch, max_len), dtype=torch.float32, device=device)
     candidates = torch.empty((batch, max_len), dtype=torch.int32, device=device)
-    # One zeroed buffer (one memset): the histogram, then per row [max digit, winners, candidates, -].
-    counters = torch.zeros((batch, HIST_BINS + 4), dtype=torch.int32, device=device)
+    # One zeroed buffer (one memset): the histogram, then the row's META counters.
+    counters = torch.zeros((batch, HIST_BINS + META), dtype=torch.int32, device=device)
     hist, meta = counters[:, :HIST_BINS], counters[:, HIST_BINS:]
+    # Sub-blocks small enough that the longest row has at least k of them.
+    sub = min(block_n, 1 << max(0, (max_len // k).bit_length() - 1))
     grid = (batch, -(-max_len // chunk_size))
-    _score_hist_kernel[grid](
-        q_idx, k_idx_cache, block_table, seq_lens, scores, hist, meta,
+    _score_kernel[grid](
+        q_idx, k_idx_cache, block_table, seq_lens, scores, meta,
         k, chunk_size, q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0),
         counters.stride(0),
-        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), num_warps=num_warps,
+        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), SUB=sub,
+        num_warps=num_warps,
+    )
+    _hist_kernel[grid](
+        scores, hist, meta, seq_lens, k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0),
+        BLOCK_N=finish_block, num_warps=num_warps,
     )
     _select_kernel[grid](
         scores, hist, meta, candidates, out, seq_lens,
-        k, chunk_size, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
-        BLOCK_N=finish_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
+        k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0),
+        out.stride(0), BLOCK_N=finish_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
     )
     _finish_kernel[(batch,)](
         scores, hist, meta, candidates, out, seq_lens,
-        k, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
+        k, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
         BLOCK_N=finish_block, SCAN=SCAN_BLOCK, BINS=LOW_BINS, num_warps=finish_warps,
     )

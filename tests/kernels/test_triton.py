@@ -85,6 +85,20 @@ def test_index_topk_resolves_scores_that_share_their_high_bits() -> None:
     assert sorted(out[0].tolist()) == sorted(values.topk(77).indices.tolist())
 
 
+@pytest.mark.parametrize("shift", [-50.0, 0.0, 50.0])
+def test_index_topk_lower_bound_filter_keeps_the_exact_set(shift: float) -> None:
+    # 2,000 positions, k 50: the row has enough sub-blocks for a lower bound, so only scores at or
+    # above it reach the histogram; all-negative, mixed and all-positive scores
+    n, k = 2000, 50
+    cache, table, seq_lens = _paged([n], (16,), torch.float32, seed=11)
+    q = torch.randn(1, 16)
+    q[0, 0] = 1.0
+    cache[..., 0] = shift  # adds `shift` to every score
+    out = index_topk(q, cache, table, seq_lens, k, backend="triton")
+    want = index_topk_reference(q, cache, table, seq_lens, k)
+    assert sorted(out[0].tolist()) == sorted(want[0].tolist())
+
+
 @pytest.fixture(params=[True, False], ids=["fused-merge", "merge-kernel"])
 def merge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a test with the splits merged by their last program, and with the separate merge kernel."""
