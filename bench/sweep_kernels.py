@@ -115,7 +115,9 @@ def topk_stages(case: dict, batch: int, n: int, upto: int) -> float:
     tt = importlib.import_module("kernels.triton_topk")
     block_n, warps, fblock, fwarps = it.TOPK_CONFIG
     chunk = it._cdiv(it._cdiv(n, it._cdiv(it.TOPK_WAVES * 132, batch)), block_n) * block_n
-    sub = min(block_n, 1 << max(0, (n // K).bit_length() - 1))
+    n_chunks = it._cdiv(n, chunk)
+    group = min(block_n, 1 << max(0, (n_chunks * block_n // K).bit_length() - 1))
+    sweep_block = min(fblock, 1 << (chunk - 1).bit_length())
     scores = torch.empty((batch, n), dtype=torch.float32, device="cuda")
     cand = torch.empty((batch, n), dtype=torch.int32, device="cuda")
     out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
@@ -129,18 +131,17 @@ def topk_stages(case: dict, batch: int, n: int, upto: int) -> float:
             tt._score_kernel[grid](case["qidx"], case["kidx"], table, lens, scores, meta, K, chunk,
                                    case["qidx"].stride(0), case["kidx"].stride(1), table.stride(0),
                                    scores.stride(0), cs, D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX,
-                                   SUB=sub, num_warps=warps)
+                                   GROUP=group, num_warps=warps)
         if upto >= 2:
-            tt._hist_kernel[grid](scores, hist, meta, lens, K, chunk, scores.stride(0), cs, cs, BLOCK_N=fblock,
-                                  num_warps=warps)
+            tt._hist_kernel[grid](scores, hist, meta, lens, K, chunk, scores.stride(0), cs, cs,
+                                  BLOCK_N=sweep_block, num_warps=warps)
         if upto >= 3:
             tt._select_kernel[grid](scores, hist, meta, cand, out, lens, K, chunk, scores.stride(0), cs, cs,
-                                    cand.stride(0), out.stride(0), BLOCK_N=fblock, SCAN=tt.SCAN_BLOCK,
+                                    cand.stride(0), out.stride(0), BLOCK_N=sweep_block, SCAN=tt.SCAN_BLOCK,
                                     num_warps=warps)
         if upto >= 4:
-            tt._finish_kernel[(batch,)](scores, hist, meta, cand, out, lens, K, scores.stride(0), cs, cs,
-                                        cand.stride(0), out.stride(0), BLOCK_N=fblock, SCAN=tt.SCAN_BLOCK,
-                                        BINS=tt.LOW_BINS, num_warps=fwarps)
+            tt._finish_kernel[(batch,)](scores, meta, cand, out, lens, K, scores.stride(0), cs, cand.stride(0),
+                                        out.stride(0), BLOCK_N=fblock, BINS=tt.LOW_BINS, num_warps=fwarps)
 
     return graph_us(run)
 

@@ -31,7 +31,9 @@ import triton.language as tl
 HIST_BINS = 65536  # high 16 bits of the key
 SCAN_BLOCK = 512  # histogram bins scanned per step (4 octaves of score values)
 LOW_BINS = 256  # each of the two low 8-bit digits
-META = 4  # per row: largest digit, winners, candidates, 65535 - lower-bound digit
+# Per row: largest digit, winners, candidates, 65535 - lower-bound digit, lane groups seen,
+# threshold digit, count above it.
+META = 8
 
 
 @triton.jit
@@ -70,12 +72,11 @@ def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, top, floor, stride_kr,
-                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 SUB: tl.constexpr, MASKED: tl.constexpr):
-    """Scores of positions `pos`, stored; returns the running largest digit and the running
-    smallest maximum over whole sub-blocks of SUB positions. Full blocks go unmasked (wide loads,
-    no predicates); only a row's last block is masked."""
+def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, lane_max, stride_kr,
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """Scores of positions `pos`, stored; returns the lane-wise running maximum digit (-1 where a
+    lane has seen no position). Full blocks go unmasked (wide loads, no predicates); only a row's
+    last block is masked."""
     offs_d = tl.arange(0, BLOCK_D)
     if MASKED:
         valid = pos < end
@@ -93,22 +94,19 @@ def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, top, floor,
                            mask=offs_d[None, :] < D, other=0.0)
     scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
     digit = (_order_key(scores) >> 16) + 32768
-    sub_max = tl.max(tl.reshape(digit, (BLOCK_N // SUB, SUB)), axis=1)
     if MASKED:
         tl.store(scores_row + pos, scores, mask=valid)
-        sub_last = tl.max(tl.reshape(pos, (BLOCK_N // SUB, SUB)), axis=1)
-        floor = tl.minimum(floor, tl.where(sub_last < end, sub_max, 65535))
-        return tl.maximum(top, tl.where(valid, digit, 0)), floor
+        return tl.maximum(lane_max, tl.where(valid, digit, -1))
     else:
         tl.store(scores_row + pos, scores)
-        return tl.maximum(top, digit), tl.minimum(floor, sub_max)
+        return tl.maximum(lane_max, digit)
 
 
 @triton.jit
 def _score_kernel(
     q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, meta_ptr,
     k, chunk_size, stride_qb, stride_kr, stride_btb, stride_sb, stride_mb,
-    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
+    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * chunk_size
@@ -120,21 +118,24 @@ def _score_kernel(
         full_end = start + (end - start) // BLOCK_N * BLOCK_N
         block_table_row = block_table_ptr + b * stride_btb
         scores_row = scores_ptr + b * stride_sb
-        # Reduced once at the end of the chunk, not per block.
-        top = tl.zeros([BLOCK_N], tl.int32)
-        floor = tl.full([BLOCK_N // SUB], 65535, tl.int32)
+        # Lane j of the block sees positions start + j, start + j + BLOCK_N, ...: its running max
+        # is elementwise (no reduction inside the loop).
+        lane_max = tl.full([BLOCK_N], -1, tl.int32)
         for n0 in range(start, full_end, BLOCK_N):
-            top, floor = _score_block(q, kidx_ptr, block_table_row, scores_row, n0 + tl.arange(0, BLOCK_N), end,
-                                      top, floor, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, SUB, False)
+            lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, n0 + tl.arange(0, BLOCK_N), end,
+                                    lane_max, stride_kr, D, PAGE, BLOCK_D, False)
         if full_end < end:
-            top, floor = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N),
-                                      end, top, floor, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, SUB, True)
+            lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N),
+                                    end, lane_max, stride_kr, D, PAGE, BLOCK_D, True)
         meta_row = meta_ptr + b * stride_mb
-        tl.atomic_max(meta_row, tl.max(top, axis=0), sem="relaxed")
-        # With at least k whole sub-blocks, their smallest maximum bounds the threshold from below;
-        # otherwise no bound (0). Stored as 65535 - bound so that zeroed memory means "none yet".
-        bound = tl.where(seq_len // SUB >= k, tl.min(floor, axis=0), 0)
-        tl.atomic_max(meta_row + 3, 65535 - bound, sem="relaxed")
+        tl.atomic_max(meta_row, tl.max(lane_max, axis=0), sem="relaxed")
+        # Groups of GROUP lanes are disjoint sets of positions; the maxima of k non-empty groups
+        # are k distinct scores, so the smallest group maximum bounds the threshold from below.
+        group_max = tl.max(tl.reshape(lane_max, (BLOCK_N // GROUP, GROUP)), axis=1)
+        filled = group_max >= 0
+        tl.atomic_add(meta_row + 4, tl.sum(filled.to(tl.int32), axis=0), sem="relaxed")
+        # Stored as 65535 - bound so that zeroed memory means "no bound yet".
+        tl.atomic_max(meta_row + 3, 65535 - tl.min(tl.where(filled, group_max, 65535), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -146,7 +147,8 @@ def _hist_kernel(
     start = tl.program_id(1) * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
     if (seq_len > k) & (start < seq_len):
-        bound = 65535 - tl.load(meta_ptr + b * stride_mb + 3)
+        meta_row = meta_ptr + b * stride_mb
+        bound = tl.where(tl.load(meta_row + 4) >= k, 65535 - tl.load(meta_row + 3), 0)
         end = tl.minimum(start + chunk_size, seq_len)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
@@ -172,6 +174,9 @@ def _select_kernel(
             tl.store(out_row + pos, pos, mask=pos < end)
     elif start < seq_len:
         t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_mb), k, SCAN)
+        if tl.program_id(1) == 0:  # for the finishing kernel
+            tl.store(meta_ptr + b * stride_mb + 5, t_hi)
+            tl.store(meta_ptr + b * stride_mb + 6, above_hi)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
@@ -191,9 +196,9 @@ def _select_kernel(
 
 @triton.jit
 def _finish_kernel(
-    scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
-    k, stride_sb, stride_hb, stride_mb, stride_cb, stride_ob,
-    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, BINS: tl.constexpr,
+    scores_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
+    k, stride_sb, stride_mb, stride_cb, stride_ob,
+    BLOCK_N: tl.constexpr, BINS: tl.constexpr,
 ):
     b = tl.program_id(0)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -205,7 +210,7 @@ def _finish_kernel(
     else:
         # The scores above T already hold slots [0, above_hi); resolve the candidates (digit == T)
         # on the two low digits.
-        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_mb), k, SCAN)
+        above_hi = tl.load(meta_ptr + b * stride_mb + 6)
         n_cand = tl.load(meta_ptr + b * stride_mb + 2)
         written = above_hi
         need = k - above_hi
@@ -260,27 +265,28 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     # One zeroed buffer (one memset): the histogram, then the row's META counters.
     counters = torch.zeros((batch, HIST_BINS + META), dtype=torch.int32, device=device)
     hist, meta = counters[:, :HIST_BINS], counters[:, HIST_BINS:]
-    # Sub-blocks small enough that the longest row has at least k of them.
-    sub = min(block_n, 1 << max(0, (max_len // k).bit_length() - 1))
     grid = (batch, -(-max_len // chunk_size))
+    # Lane groups small enough that a full row has at least k of them (a bound needs k).
+    group = min(block_n, 1 << max(0, (grid[1] * block_n // k).bit_length() - 1))
+    sweep_block = min(finish_block, triton.next_power_of_2(chunk_size))
     _score_kernel[grid](
         q_idx, k_idx_cache, block_table, seq_lens, scores, meta,
         k, chunk_size, q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0),
         counters.stride(0),
-        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), SUB=sub,
+        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), GROUP=group,
         num_warps=num_warps,
     )
     _hist_kernel[grid](
         scores, hist, meta, seq_lens, k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0),
-        BLOCK_N=finish_block, num_warps=num_warps,
+        BLOCK_N=sweep_block, num_warps=num_warps,
     )
     _select_kernel[grid](
         scores, hist, meta, candidates, out, seq_lens,
         k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0),
-        out.stride(0), BLOCK_N=finish_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
+        out.stride(0), BLOCK_N=sweep_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
     )
     _finish_kernel[(batch,)](
-        scores, hist, meta, candidates, out, seq_lens,
-        k, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
-        BLOCK_N=finish_block, SCAN=SCAN_BLOCK, BINS=LOW_BINS, num_warps=finish_warps,
+        scores, meta, candidates, out, seq_lens,
+        k, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
+        BLOCK_N=finish_block, BINS=LOW_BINS, num_warps=finish_warps,
     )
