@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--quick", action="store_true", help="index_topk by stage (and --variants) only")
     parser.add_argument("--variants", action="store_true", help="with --quick: scoring and sparse variants")
+    parser.add_argument("--configs", action="store_true", help="with --quick: index_topk launch configurations")
     args = parser.parse_args()
     if args.quick:
         quick(args)
@@ -280,6 +281,19 @@ def sparse_variants(case: dict, batch: int, results: list) -> None:
     da.SPARSE_CONFIG, da.SPARSE_WAVES = saved
 
 
+def topk_configs(case: dict, batch: int, n: int, results: list) -> None:
+    """index_topk (whole, and its scoring kernel alone) under other scoring-block shapes and waves."""
+    saved = it.TOPK_CONFIG, it.TOPK_WAVES
+    for block_n, warps, waves in ((128, 4, 4), (64, 4, 4), (64, 4, 8), (64, 8, 4), (32, 4, 8), (128, 8, 4)):
+        it.TOPK_CONFIG, it.TOPK_WAVES = (block_n, warps, saved[0][2], saved[0][3]), waves
+        whole = graph_us(lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K))
+        score = topk_stages(case, batch, n, 1)
+        results.append({"op": "topk-config", "B": batch, "N": n, "cfg": [block_n, warps, waves],
+                        "us": round(whole, 1), "score_us": round(score, 1)})
+        print(results[-1], flush=True)
+    it.TOPK_CONFIG, it.TOPK_WAVES = saved
+
+
 def quick(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     results: list[dict] = []
@@ -287,6 +301,8 @@ def quick(args: argparse.Namespace) -> None:
         case = paged_case(batch, n, gen)
         time_topk(case, batch, n, results)
         results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(5)]
+        if args.configs:
+            topk_configs(case, batch, n, results)
         if args.variants:
             k1_variants(case, batch, n, results)
             if batch in (1, 8):
