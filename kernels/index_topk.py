@@ -13,9 +13,9 @@ from kernels.paged import gather_tokens
 
 OP = "index_topk"
 # (scoring BLOCK_N, scoring num_warps, finishing BLOCK_N, finishing num_warps)
-TOPK_CONFIG = (128, 4, 1024, 8)
+TOPK_CONFIG = (64, 4, 1024, 8)
 INTERPRET_CONFIG = (16, 1, 64, 1)
-TOPK_WAVES = 4  # scoring programs per SM that the chunking aims for
+TOPK_WAVES = 8  # scoring programs per SM that the chunking aims for (bench/sweep_kernels.py --configs)
 
 
 def index_topk_reference(
