@@ -111,14 +111,13 @@ def time_topk(case: dict, batch: int, n: int, results: list) -> None:
 
 
 def topk_stages(case: dict, batch: int, n: int, upto: int) -> float:
-    """index_topk's launches up to and including `upto` (0 memset, 1 score, 2 hist, 3 select + finish)."""
+    """index_topk's launches up to and including `upto` (0 memset, 1 score, 2 hist, 3 select, 4 finish)."""
     tt = importlib.import_module("kernels.triton_topk")
-    block_n, warps, fblock = it.TOPK_CONFIG
+    block_n, warps, fblock, fwarps = it.TOPK_CONFIG
     chunk = it._cdiv(it._cdiv(n, it._cdiv(it.TOPK_WAVES * 132, batch)), block_n) * block_n
     n_chunks = it._cdiv(n, chunk)
     group = min(block_n, 1 << max(0, (n_chunks * block_n // K).bit_length() - 1))
-    sweep_chunk = max(chunk, fblock)
-    sweep_block = min(fblock, 1 << (sweep_chunk - 1).bit_length())
+    sweep_block = min(fblock, 1 << (chunk - 1).bit_length())
     scores = torch.empty((batch, n), dtype=torch.float32, device="cuda")
     cand = torch.empty((batch, n), dtype=torch.int32, device="cuda")
     out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
@@ -127,21 +126,22 @@ def topk_stages(case: dict, batch: int, n: int, upto: int) -> float:
     def run() -> None:
         counters = torch.zeros((batch, tt.HIST_BINS + tt.META), dtype=torch.int32, device="cuda")
         hist, meta = counters[:, : tt.HIST_BINS], counters[:, tt.HIST_BINS :]
-        grid, cs = (batch, n_chunks), counters.stride(0)
-        sweep_grid = (batch, it._cdiv(n, sweep_chunk))
+        grid, cs = (batch, it._cdiv(n, chunk)), counters.stride(0)
         if upto >= 1:
             tt._score_kernel[grid](case["qidx"], case["kidx"], table, lens, scores, meta, K, chunk,
                                    case["qidx"].stride(0), case["kidx"].stride(1), table.stride(0),
                                    scores.stride(0), cs, D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX,
                                    GROUP=group, num_warps=warps)
         if upto >= 2:
-            tt._hist_kernel[sweep_grid](scores, hist, meta, lens, K, sweep_chunk, scores.stride(0), cs, cs,
-                                        BLOCK_N=sweep_block, num_warps=warps)
+            tt._hist_kernel[grid](scores, hist, meta, lens, K, chunk, scores.stride(0), cs, cs,
+                                  BLOCK_N=sweep_block, num_warps=warps)
         if upto >= 3:
-            tt._select_kernel[sweep_grid](scores, hist, meta, cand, out, lens, K, sweep_chunk, scores.stride(0),
-                                          cs, cs, cand.stride(0), out.stride(0), BLOCK_N=sweep_block,
-                                          SCAN=tt.SCAN_BLOCK, FINISH_BLOCK=fblock, BINS=tt.LOW_BINS,
-                                          num_warps=warps)
+            tt._select_kernel[grid](scores, hist, meta, cand, out, lens, K, chunk, scores.stride(0), cs, cs,
+                                    cand.stride(0), out.stride(0), BLOCK_N=sweep_block, SCAN=tt.SCAN_BLOCK,
+                                    num_warps=warps)
+        if upto >= 4:
+            tt._finish_kernel[(batch,)](scores, meta, cand, out, lens, K, scores.stride(0), cs, cand.stride(0),
+                                        out.stride(0), BLOCK_N=fblock, BINS=tt.LOW_BINS, num_warps=fwarps)
 
     return graph_us(run)
 
@@ -285,7 +285,7 @@ def topk_configs(case: dict, batch: int, n: int, results: list) -> None:
     """index_topk (whole, and its scoring kernel alone) under other scoring-block shapes and waves."""
     saved = it.TOPK_CONFIG, it.TOPK_WAVES
     for block_n, warps, waves in ((128, 4, 4), (64, 4, 4), (64, 4, 8), (64, 8, 4), (32, 4, 8), (128, 8, 4)):
-        it.TOPK_CONFIG, it.TOPK_WAVES = (block_n, warps, saved[0][2]), waves
+        it.TOPK_CONFIG, it.TOPK_WAVES = (block_n, warps, saved[0][2], saved[0][3]), waves
         whole = graph_us(lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K))
         score = topk_stages(case, batch, n, 1)
         results.append({"op": "topk-config", "B": batch, "N": n, "cfg": [block_n, warps, waves],
@@ -300,7 +300,7 @@ def quick(args: argparse.Namespace) -> None:
     for n, batch in ((8192, 1), (131072, 1), (131072, 8), (131072, 32)):
         case = paged_case(batch, n, gen)
         time_topk(case, batch, n, results)
-        results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(4)]
+        results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(5)]
         if args.configs:
             topk_configs(case, batch, n, results)
         if args.variants:

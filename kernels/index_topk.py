@@ -12,9 +12,9 @@ from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, 
 from kernels.paged import gather_tokens
 
 OP = "index_topk"
-# (scoring BLOCK_N, num_warps, BLOCK_N of the passes over stored scores)
-TOPK_CONFIG = (64, 4, 1024)
-INTERPRET_CONFIG = (16, 1, 64)
+# (scoring BLOCK_N, scoring num_warps, finishing BLOCK_N, finishing num_warps)
+TOPK_CONFIG = (64, 4, 1024, 8)
+INTERPRET_CONFIG = (16, 1, 64, 1)
 TOPK_WAVES = 8  # scoring programs per SM that the chunking aims for (bench/sweep_kernels.py --configs)
 
 
@@ -88,10 +88,11 @@ def index_topk(
     from kernels.triton_topk import launch_index_topk
 
     out = out if out is not None else torch.empty((q_idx.shape[0], k), dtype=torch.int32, device=q_idx.device)
-    block_n, num_warps, finish_block = INTERPRET_CONFIG if interpreting() else TOPK_CONFIG
+    block_n, num_warps, finish_block, finish_warps = INTERPRET_CONFIG if interpreting() else TOPK_CONFIG
     max_len = block_table.shape[1] * k_idx_cache.shape[1]
     # Enough programs to fill the card a few times over, each a whole number of BLOCK_N positions.
     programs_per_row = _cdiv(TOPK_WAVES * num_sms(q_idx.device), max(1, q_idx.shape[0]))
     chunk = _cdiv(_cdiv(max_len, programs_per_row), block_n) * block_n
-    launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, chunk, block_n, num_warps, finish_block)
+    launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, chunk, block_n, num_warps,
+                      finish_block, finish_warps)
     return out

@@ -5,20 +5,19 @@ float's bits: a larger float gives a larger signed key), read as a 16-bit high d
 low digits.
 
 1. `_score_kernel`, grid (B, chunks): the scores of a chunk of positions (each indexer key is read
-   once), stored in fp32, and per row, by one atomic each per program: the largest digit, and a
-   lower bound L of the k-th largest score - lane j of a block sees positions j, j + BLOCK_N, ...,
-   groups of lanes are disjoint sets of positions, and with at least k non-empty groups in the
-   row the smallest group maximum has at least k scores at or above it.
+   once), stored in fp32, and two per-row facts by one atomic each per program: the largest digit,
+   and a lower bound L of the threshold: positions are cut into sub-blocks of S (at least k of
+   them in the row), and the smallest sub-block maximum has at least k scores at or above it.
 2. `_hist_kernel`, grid (B, chunks): one atomic increment into the row's 65,536-bin histogram of
    high digits for each score at or above L (typically a sixth of them; so many bins keep
    same-address atomics rare: a bin is 1/128 of an octave of score values).
 3. `_select_kernel`, grid (B, chunks): each program finds the threshold digit T (where the count
    of larger scores reaches k) by scanning the histogram down from the largest digit (usually one
    window of 512 bins), then writes its scores above T to the output and compacts the few at T
-   into a candidate list, reserving slots with one atomic per block of positions. The row's last
-   program to finish (an acquire-release counter) then resolves the candidates with the two low
-   digits (histograms of 256 bins); exact ties at the very end fill in any order. A row of at most
-   k positions has every position copied and is padded with -1.
+   into a candidate list, reserving slots with one atomic per block of positions.
+4. `_finish_kernel`, grid (B,): resolves the candidates with the two low digits (histograms of
+   256 bins); exact ties at the very end fill in any order. A row of at most k positions has every
+   position copied in step 3 and is padded with -1 here.
 
 Output order is unspecified.
 """
@@ -162,7 +161,7 @@ def _hist_kernel(
 def _select_kernel(
     scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
     k, chunk_size, stride_sb, stride_hb, stride_mb, stride_cb, stride_ob,
-    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, FINISH_BLOCK: tl.constexpr, BINS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
 ):
     b = tl.program_id(0)
     start = tl.program_id(1) * chunk_size
@@ -175,7 +174,7 @@ def _select_kernel(
             tl.store(out_row + pos, pos, mask=pos < end)
     elif start < seq_len:
         t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_mb), k, SCAN)
-        if tl.program_id(1) == 0:  # for the finishing program
+        if tl.program_id(1) == 0:  # for the finishing kernel
             tl.store(meta_ptr + b * stride_mb + 5, t_hi)
             tl.store(meta_ptr + b * stride_mb + 6, above_hi)
         for n0 in range(start, end, BLOCK_N):
@@ -193,19 +192,17 @@ def _select_kernel(
                 base = tl.atomic_add(meta_ptr + b * stride_mb + 2, n_cand, sem="relaxed")
                 tl.store(cand_ptr + b * stride_cb + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos,
                          mask=cand)
-    # The row's last program to get here finishes it (no extra launch): the barrier and the
-    # acquire-release count make every program's candidates and counts visible to it.
-    tl.debug_barrier()
-    done = tl.atomic_add(meta_ptr + b * stride_mb + 7, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(1) - 1:
-        _finish_row(scores_ptr, meta_ptr, cand_ptr, out_row, b, seq_len, k, stride_sb, stride_mb, stride_cb,
-                    FINISH_BLOCK, BINS)
 
 
 @triton.jit
-def _finish_row(scores_ptr, meta_ptr, cand_ptr, out_row, b, seq_len, k, stride_sb, stride_mb, stride_cb,
-                BLOCK_N: tl.constexpr, BINS: tl.constexpr):
-    """Run by the last select program of a row to finish: resolve the candidates, or pad with -1."""
+def _finish_kernel(
+    scores_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
+    k, stride_sb, stride_mb, stride_cb, stride_ob,
+    BLOCK_N: tl.constexpr, BINS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    seq_len = tl.load(seq_lens_ptr + b)
+    out_row = out_ptr + b * stride_ob
     if seq_len <= k:
         for n0 in range(seq_len, k, BLOCK_N):
             slot = n0 + tl.arange(0, BLOCK_N)
@@ -256,7 +253,7 @@ def _finish_row(scores_ptr, meta_ptr, cand_ptr, out_row, b, seq_len, k, stride_s
 
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, chunk_size: int, block_n: int,
-                      num_warps: int, finish_block: int) -> None:
+                      num_warps: int, finish_block: int, finish_warps: int) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32. `chunk_size` positions per
     program of the three chunked kernels (a multiple of block_n)."""
     batch, index_dim = q_idx.shape
@@ -271,10 +268,7 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     grid = (batch, -(-max_len // chunk_size))
     # Lane groups small enough that a full row has at least k of them (a bound needs k).
     group = min(block_n, 1 << max(0, (grid[1] * block_n // k).bit_length() - 1))
-    # The passes over stored scores are cheap per position: fewer, longer programs.
-    sweep_chunk = max(chunk_size, finish_block)
-    sweep_grid = (batch, -(-max_len // sweep_chunk))
-    sweep_block = min(finish_block, triton.next_power_of_2(sweep_chunk))
+    sweep_block = min(finish_block, triton.next_power_of_2(chunk_size))
     _score_kernel[grid](
         q_idx, k_idx_cache, block_table, seq_lens, scores, meta,
         k, chunk_size, q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0),
@@ -282,13 +276,17 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
         D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), GROUP=group,
         num_warps=num_warps,
     )
-    _hist_kernel[sweep_grid](
-        scores, hist, meta, seq_lens, k, sweep_chunk, scores.stride(0), counters.stride(0), counters.stride(0),
+    _hist_kernel[grid](
+        scores, hist, meta, seq_lens, k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0),
         BLOCK_N=sweep_block, num_warps=num_warps,
     )
-    _select_kernel[sweep_grid](
+    _select_kernel[grid](
         scores, hist, meta, candidates, out, seq_lens,
-        k, sweep_chunk, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0),
-        out.stride(0), BLOCK_N=sweep_block, SCAN=SCAN_BLOCK, FINISH_BLOCK=finish_block, BINS=LOW_BINS,
-        num_warps=num_warps,
+        k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0),
+        out.stride(0), BLOCK_N=sweep_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
+    )
+    _finish_kernel[(batch,)](
+        scores, meta, candidates, out, seq_lens,
+        k, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
+        BLOCK_N=finish_block, BINS=LOW_BINS, num_warps=finish_warps,
     )
