@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import inspect
 import json
 import math
 import platform
@@ -262,13 +261,11 @@ def free_device_memory() -> None:
 
 @dataclass
 class Api:
-    """The ops under test; `wrapper_cls` is None while `kernels` has no SparseDecodeWrapper."""
+    """The ops under test."""
 
     index_topk: Callable[..., torch.Tensor]
-    sparse: Callable[..., torch.Tensor]
     dense: Callable[..., torch.Tensor]
-    wrapper_cls: type | None
-    wrapper_error: str
+    wrapper_cls: type
 
 
 def import_kernels() -> ModuleType:
@@ -281,9 +278,7 @@ def import_kernels() -> ModuleType:
 
 def load_api() -> Api:
     mod = import_kernels()
-    wrapper_cls = getattr(mod, "SparseDecodeWrapper", None)
-    error = "" if wrapper_cls is not None else "ImportError: kernels has no SparseDecodeWrapper"
-    return Api(mod.index_topk, mod.sparse_decode_attention, mod.dense_decode_attention, wrapper_cls, error)
+    return Api(mod.index_topk, mod.dense_decode_attention, mod.SparseDecodeWrapper)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,54 +496,24 @@ class Ctx:
 
 @dataclass
 class SparseRunner:
-    """One sparse layer: `run(q, k_cache, v_cache)` with the plan (if any) already made."""
+    """One sparse layer: `run(q, k_cache, v_cache)` with the plan already made."""
 
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    via: str
-
-
-def accepts_kwarg(cls: type, name: str) -> bool:
-    try:
-        return name in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def new_wrapper(api: Api, backend: str, device: torch.device) -> tuple[Any, str]:
-    """A SparseDecodeWrapper running `backend`, or (None, why). Without a `backend=` argument the
-    wrapper is taken to run Triton on CUDA and the torch reference on CPU (the "auto" rule)."""
-    if api.wrapper_cls is None:
-        return None, api.wrapper_error
-    if accepts_kwarg(api.wrapper_cls, "backend"):
-        return api.wrapper_cls(backend=backend), ""
-    if backend == ("triton" if device.type == "cuda" else "torch"):
-        return api.wrapper_cls(), ""
-    return None, f"SparseDecodeWrapper() takes no backend=, cannot force {backend!r} on {device.type}"
 
 
 def _wrapper_run(wrapper: Any, scale: float, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
     return wrapper.run(q, kc, vc, scale)
 
 
-def _direct_run(api: Api, case: Case, indices: torch.Tensor, backend: str,
-                q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-    return api.sparse(q, kc, vc, case.block_table, case.seq_lens, indices, case.shape.sm_scale, backend=backend)
-
-
 def make_sparse_runner(api: Api, case: Case, backend: str) -> SparseRunner:
-    """The wrapper path (plan once, here) when it exists, else `sparse_decode_attention` per call."""
-    try:
-        wrapper, why = new_wrapper(api, backend, case.device)
-        if wrapper is not None:
-            wrapper.plan(case.block_table, case.seq_lens, case.indices, case.shape.block_size)
-            return SparseRunner(partial(_wrapper_run, wrapper, case.shape.sm_scale), "wrapper")
-    except Exception as exc:
-        why = f"wrapper failed: {short_error(exc)}"
-    return SparseRunner(partial(_direct_run, api, case, case.indices, backend), f"direct ({why})")
+    """SparseDecodeWrapper planned once (here) for the case's indices; `run` per layer."""
+    wrapper = api.wrapper_cls(backend=backend)
+    wrapper.plan(case.block_table, case.seq_lens, case.indices, case.shape.block_size)
+    return SparseRunner(partial(_wrapper_run, wrapper, case.shape.sm_scale))
 
 
 def probe_backend(api: Api, shape: Shape, device: torch.device, backend: str) -> dict[str, str]:
-    """Run every op once on a tiny case: op -> "ok" or the error (NotImplementedError until Triton lands)."""
+    """Run every op once on a tiny case: op -> "ok" or the error."""
     n = max(2 * shape.k, 4 * shape.block_size)
     case = build_case(shape, math.ceil(n / shape.block_size) * shape.block_size, 2, device)
     calls: dict[str, Callable[[], Any]] = {
@@ -565,7 +530,6 @@ def probe_backend(api: Api, shape: Shape, device: torch.device, backend: str) ->
             status[op] = "ok"
         except Exception as exc:
             status[op] = short_error(exc)
-    status["sparse_via"] = make_sparse_runner(api, case, backend).via if status["sparse"] == "ok" else "-"
     if device.type == "cuda":
         torch.cuda.synchronize()
     return status
@@ -577,7 +541,7 @@ def report_availability(ctx: Ctx) -> None:
         ctx.available[backend] = probe_backend(ctx.api, ctx.shape, ctx.device, backend)
     for backend, status in ctx.available.items():
         ops = "; ".join(f"{op}: {status[op]}" for op in ("topk", "sparse", "dense"))
-        ctx.report.line(f"backend {backend}: {ops}; sparse path: {status['sparse_via']}")
+        ctx.report.line(f"backend {backend}: {ops}")
     triton_status = ctx.available.get("triton", {})
     missing = [op for op in ("topk", "sparse", "dense") if triton_status.get(op) != "ok"]
     ctx.report.line(f"triton: {'available' if not missing else 'unavailable (' + ', '.join(missing) + ')'}")
@@ -585,9 +549,6 @@ def report_availability(ctx: Ctx) -> None:
         return
     if missing:
         ctx.report.alert(f"TRITON PATH UNAVAILABLE ON THE GPU for {missing}: 'ours' columns will be n/a")
-    if triton_status.get("sparse") == "ok" and not triton_status.get("sparse_via", "").startswith("wrapper"):
-        ctx.report.alert(f"SparseDecodeWrapper NOT USED on the GPU: {triton_status.get('sparse_via')}; "
-                         "sparse/layers time sparse_decode_attention per call (planning inside every layer)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,7 +638,6 @@ def bench_sparse(ctx: Ctx, case: Case) -> list[Row]:
         row.notes["sdpa_only_us"] = sdpa_only_us
         if row.backend != "-":
             runner = make_sparse_runner(ctx.api, case, row.backend)
-            row.notes["via"] = runner.via
             measure_ours(ctx, row, partial(runner.run, case.q, case.k_cache, case.v_cache),
                          partial(attention_check, ref=ref))
     return rows
@@ -718,7 +678,6 @@ def bench_layers(ctx: Ctx, case: Case) -> list[Row]:
 def measure_layers(ctx: Ctx, row: Row, runner: SparseRunner, qs: torch.Tensor,
                    caches: list[tuple[torch.Tensor, torch.Tensor]], ref0: torch.Tensor) -> None:
     """Plan once (in `runner`), 16 runs: eager time, then one CUDA graph of the 16 runs and its time."""
-    row.notes["via"] = runner.via
     step = partial(run_layers, runner, qs, caches)
     try:
         eager = step()

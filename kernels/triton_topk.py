@@ -5,9 +5,10 @@ float's bits: a larger float gives a larger signed key), read as a 16-bit high d
 low digits.
 
 1. `_score_kernel`, grid (B, chunks): the scores of a chunk of positions (each indexer key is read
-   once), stored in fp32, and two per-row facts by one atomic each per program: the largest digit,
-   and a lower bound L of the threshold: positions are cut into sub-blocks of S (at least k of
-   them in the row), and the smallest sub-block maximum has at least k scores at or above it.
+   once), stored in fp32, and per row, by one atomic each per program: the largest digit, and a
+   lower bound L of the k-th largest score - lane j of a block sees positions j, j + BLOCK_N, ...,
+   groups of lanes are disjoint sets of positions, and with at least k non-empty groups in the
+   row the smallest group maximum has at least k scores at or above it.
 2. `_hist_kernel`, grid (B, chunks): one atomic increment into the row's 65,536-bin histogram of
    high digits for each score at or above L (typically a sixth of them; so many bins keep
    same-address atomics rare: a bin is 1/128 of an octave of score values).
