@@ -196,6 +196,15 @@ def _select_kernel(
 
 
 @triton.jit
+def _candidates(cand_row, scores_row, n0, n_cand, BLOCK_N: tl.constexpr):
+    """Candidates n0 .. n0 + BLOCK_N of a row: (positions, order keys, valid mask)."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    valid = j < n_cand
+    pos = tl.load(cand_row + j, mask=valid, other=0)
+    return pos, _order_key(tl.load(scores_row + pos, mask=valid, other=0.0)), valid
+
+
+@triton.jit
 def _finish_kernel(
     scores_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
     k, stride_sb, stride_mb, stride_cb, stride_ob,
@@ -218,18 +227,12 @@ def _finish_kernel(
         offs_bins = tl.arange(0, BINS)
         hist_mid = tl.zeros([BINS], tl.int32)
         for n0 in range(0, n_cand, BLOCK_N):
-            j = n0 + tl.arange(0, BLOCK_N)
-            valid = j < n_cand
-            pos = tl.load(cand_ptr + b * stride_cb + j, mask=valid, other=0)
-            key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
+            pos, key, valid = _candidates(cand_ptr + b * stride_cb, scores_ptr + b * stride_sb, n0, n_cand, BLOCK_N)
             hist_mid += tl.histogram((key >> 8) & 0xFF, BINS, mask=valid)
         t_mid, above_mid = _threshold(hist_mid, offs_bins, need)
         hist_lo = tl.zeros([BINS], tl.int32)
         for n0 in range(0, n_cand, BLOCK_N):
-            j = n0 + tl.arange(0, BLOCK_N)
-            valid = j < n_cand
-            pos = tl.load(cand_ptr + b * stride_cb + j, mask=valid, other=0)
-            key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
+            pos, key, valid = _candidates(cand_ptr + b * stride_cb, scores_ptr + b * stride_sb, n0, n_cand, BLOCK_N)
             mid = (key >> 8) & 0xFF
             win = valid & (mid > t_mid)
             tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
@@ -238,10 +241,7 @@ def _finish_kernel(
         t_lo, above_lo = _threshold(hist_lo, offs_bins, need - above_mid)
         ties_left = need - above_mid - above_lo  # equal keys at the very end: take any of them
         for n0 in range(0, n_cand, BLOCK_N):
-            j = n0 + tl.arange(0, BLOCK_N)
-            valid = j < n_cand
-            pos = tl.load(cand_ptr + b * stride_cb + j, mask=valid, other=0)
-            key = _order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0))
+            pos, key, valid = _candidates(cand_ptr + b * stride_cb, scores_ptr + b * stride_sb, n0, n_cand, BLOCK_N)
             at_mid = valid & (((key >> 8) & 0xFF) == t_mid)
             win = at_mid & ((key & 0xFF) > t_lo)
             tie = at_mid & ((key & 0xFF) == t_lo)
