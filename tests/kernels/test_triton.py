@@ -1,10 +1,11 @@
-"""Triton kernels against the torch references, run by Triton's interpreter on the CPU.
+"""Triton kernels against the torch references: through Triton's interpreter on the CPU (CI), or
+compiled on a CUDA device when run with TRITON_INTERPRET=0 on a machine that has one.
 
 Grids with odd sizes: lengths that are not multiples of the block size, k larger than a sequence,
-ragged batches, GQA groups of 1, 4 and 8, head_dim 64 and 128, fp32 and fp16. Outputs are
-poisoned first (NaN, or an impossible position) so an element the kernel never writes fails.
-bf16 stays out: the interpreter computes bf16 arithmetic wrongly (it is measured on the GPU,
-bench/kernels.py). The interpreter also runs one fixed launch configuration (no autotuning).
+ragged batches, GQA groups of 1, 4 and 8, head_dim 64 and 128, fp32 and fp16 (and bf16 on CUDA).
+Outputs are poisoned first (NaN, or an impossible position) so an element the kernel never writes
+fails. bf16 stays out of the interpreter, which computes bf16 arithmetic wrongly; it also runs one
+fixed launch configuration (no autotuning).
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ import torch
 
 import kernels.decode_attention as decode_attention
 from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk, sparse_decode_attention
+from kernels._backend import interpreting
 from kernels.decode_attention import dense_decode_attention_reference, sparse_decode_attention_reference
 from kernels.index_topk import index_topk_reference
 
+if interpreting():
+    DEVICE, DTYPES = "cpu", (torch.float32, torch.float16)
+elif torch.cuda.is_available():
+    DEVICE, DTYPES = "cuda", (torch.float32, torch.float16, torch.bfloat16)
+else:
+    pytest.skip("Triton needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
 BLOCK = 16
 POISON = 0x7FFF_FFF0
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _paged(lens: list[int], feat: tuple[int, ...], dtype: torch.dtype, seed: int):  # noqa: ANN202
@@ -33,7 +43,7 @@ def _paged(lens: list[int], feat: tuple[int, ...], dtype: torch.dtype, seed: int
     table = torch.full((len(lens), max(per_seq) + 1), -1, dtype=torch.int32)  # a spare column of -1
     for b, nb in enumerate(per_seq):
         table[b, :nb] = torch.tensor([perm.pop() for _ in range(nb)], dtype=torch.int32)
-    return cache, table, torch.tensor(lens, dtype=torch.int32)
+    return cache.to(DEVICE), table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
 
 
 LENGTH_CASES = {"one-63": [63], "ragged": [1, 111, 200, 17], "one-1": [1], "long-4231": [4231]}
@@ -43,17 +53,17 @@ TOPK_GRID = [
     (case, k, dtype)
     for case in ("one-63", "ragged", "one-1")
     for k in (1, 7, 64, 300)
-    for dtype in (torch.float32, torch.float16)
+    for dtype in DTYPES
 ] + [("long-4231", 64, torch.float32), ("long-4231", 300, torch.float32)]  # the interpreter is slow
 
 
 @pytest.mark.parametrize(("case", "k", "dtype"), TOPK_GRID,
-                         ids=[f"{c}-k{k}-{str(d)[6:]}" for c, k, d in TOPK_GRID])
+                         ids=[f"{c}-k{k}-{DTYPE_IDS[d]}" for c, k, d in TOPK_GRID])
 def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
     lens = LENGTH_CASES[case]
     cache, table, seq_lens = _paged(lens, (24,), dtype, seed=k)
-    q = torch.randn(len(lens), 24).to(dtype)
-    out = torch.full((len(lens), k), POISON, dtype=torch.int32)
+    q = torch.randn(len(lens), 24).to(dtype).to(DEVICE)
+    out = torch.full((len(lens), k), POISON, dtype=torch.int32, device=DEVICE)
     index_topk(q, cache, table, seq_lens, k, backend="triton", out=out)
     want = index_topk_reference(q, cache, table, seq_lens, k)
     for b in range(len(lens)):
@@ -62,11 +72,11 @@ def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
 
 
 def test_index_topk_with_exact_ties_and_negative_scores() -> None:
-    cache = torch.ones(8, BLOCK, 32)
+    cache = torch.ones(8, BLOCK, 32, device=DEVICE)
     cache[2] = -3.0  # positions 32-47 score lower
-    table = torch.arange(8, dtype=torch.int32)[None]
-    seq_lens = torch.tensor([120], dtype=torch.int32)
-    out = index_topk(-torch.ones(1, 32), cache, table, seq_lens, 20, backend="triton")
+    table = torch.arange(8, dtype=torch.int32, device=DEVICE)[None]
+    seq_lens = torch.tensor([120], dtype=torch.int32, device=DEVICE)
+    out = index_topk(-torch.ones(1, 32, device=DEVICE), cache, table, seq_lens, 20, backend="triton")
     # scores: -32 everywhere except +96 at positions 32-47: those 16 win, then 4 of the ties
     got = out[0].tolist()
     assert len(set(got)) == 20 and set(range(32, 48)) <= set(got) and all(0 <= p < 120 for p in got)
@@ -81,7 +91,8 @@ def test_index_topk_resolves_scores_that_share_their_high_bits() -> None:
     table = torch.arange(cache.shape[0], dtype=torch.int32)[None]
     q = torch.zeros(1, 8)
     q[0, 0] = 1.0
-    out = index_topk(q, cache, table, torch.tensor([n], dtype=torch.int32), 77, backend="triton")
+    out = index_topk(q.to(DEVICE), cache.to(DEVICE), table.to(DEVICE),
+                     torch.tensor([n], dtype=torch.int32, device=DEVICE), 77, backend="triton")
     assert sorted(out[0].tolist()) == sorted(values.topk(77).indices.tolist())
 
 
@@ -91,7 +102,7 @@ def test_index_topk_lower_bound_filter_keeps_the_exact_set(shift: float) -> None
     # above it reach the histogram; all-negative, mixed and all-positive scores
     n, k = 2000, 50
     cache, table, seq_lens = _paged([n], (16,), torch.float32, seed=11)
-    q = torch.randn(1, 16)
+    q = torch.randn(1, 16, device=DEVICE)
     q[0, 0] = 1.0
     cache[..., 0] = shift  # adds `shift` to every score
     out = index_topk(q, cache, table, seq_lens, k, backend="triton")
@@ -102,8 +113,10 @@ def test_index_topk_lower_bound_filter_keeps_the_exact_set(shift: float) -> None
 @pytest.fixture(params=[True, False], ids=["fused-merge", "merge-kernel"])
 def merge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a test with the splits merged by their last program, and with the separate merge kernel."""
-    block_n, warps, stages, _ = decode_attention.INTERPRET_CONFIG
-    monkeypatch.setattr(decode_attention, "INTERPRET_CONFIG", (block_n, warps, stages, request.param))
+    names = ("INTERPRET_CONFIG",) if interpreting() else ("SPARSE_CONFIG", "DENSE_CONFIG")
+    for name in names:
+        block_n, warps, stages, _ = getattr(decode_attention, name)
+        monkeypatch.setattr(decode_attention, name, (block_n, warps, stages, request.param))
 
 
 def _attention_case(group: int, head_dim: int, dtype: torch.dtype, seed: int):  # noqa: ANN202
@@ -111,7 +124,7 @@ def _attention_case(group: int, head_dim: int, dtype: torch.dtype, seed: int):  
     k_cache, table, seq_lens = _paged(lens, (n_kv_heads, head_dim), dtype, seed)
     v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     q = torch.randn(len(lens), group * n_kv_heads, head_dim).to(dtype)
-    return q, k_cache, v_cache, table, seq_lens
+    return q.to(DEVICE), k_cache, v_cache.to(DEVICE), table, seq_lens
 
 
 def _indices(seq_lens: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -121,10 +134,10 @@ def _indices(seq_lens: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         pick = torch.randperm(n, generator=gen)[:k].int()
         slots = torch.randperm(k, generator=gen)[: len(pick)]  # -1 holes anywhere in the row
         idx[b, slots] = pick
-    return idx
+    return idx.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype, merge_path: None) -> None:
@@ -137,7 +150,7 @@ def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype, 
     torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype, merge_path: None) -> None:
@@ -151,8 +164,8 @@ def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype, m
 
 def test_wrapper_plans_once_and_runs_every_layer() -> None:
     q, k_cache, v_cache, table, seq_lens = _attention_case(4, 64, torch.float32, seed=9)
-    indices = index_topk(torch.randn(3, 16), torch.randn(k_cache.shape[0], BLOCK, 16), table, seq_lens, 24,
-                         backend="triton")
+    indices = index_topk(torch.randn(3, 16, device=DEVICE), torch.randn(k_cache.shape[0], BLOCK, 16, device=DEVICE),
+                         table, seq_lens, 24, backend="triton")
     wrapper = SparseDecodeWrapper("triton")
     wrapper.plan(table, seq_lens, indices, BLOCK)
     for layer in range(3):
@@ -168,6 +181,6 @@ def test_wrapper_plans_once_and_runs_every_layer() -> None:
 
 def test_row_with_no_valid_index_is_zero() -> None:
     q, k_cache, v_cache, table, seq_lens = _attention_case(1, 64, torch.float32, seed=2)
-    indices = torch.full((3, 8), -1, dtype=torch.int32)
+    indices = torch.full((3, 8), -1, dtype=torch.int32, device=DEVICE)
     out = sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.125, backend="triton")
     assert torch.equal(out, torch.zeros_like(out))
