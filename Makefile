@@ -6,9 +6,15 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch this machine keeps on disk; any other spec downloads a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test lint clean
+.PHONY: install system-deps serve test lint clean
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# redis-server (Debian's package) for the transfer ledger and its tests; needs root, as CI has.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server"; \
+	  apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +30,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check services kernels tests
+	$(BIN)/ruff check services kernels tests bench
 	$(BIN)/mypy
 
 clean:

@@ -1,4 +1,4 @@
-"""`clsa`: the command line. Subcommands: init, generate."""
+"""`clsa`: the command line. Subcommands: init, generate, transfers."""
 
 from __future__ import annotations
 
@@ -56,6 +56,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transfers(args: argparse.Namespace) -> int:
+    import redis
+
+    from services.transfer import TransferLedger, TransferState
+
+    ledger = TransferLedger.from_url(args.redis_url, prefix=args.prefix)
+    states = [TransferState(s) for s in args.state] if args.state else None
+    try:
+        records = ledger.records(states)
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {args.redis_url}: {e}") from None
+    if args.json:
+        print(json.dumps([{**r.__dict__, "state": r.state.value} for r in records]))
+        return 0
+    print(f"{'transfer_id':<34} {'state':<8} {'request_id':<16} {'producer':<16} {'consumer':<16} "
+          f"{'tokens':>7} {'MiB':>8}  error")
+    for r in records:
+        print(f"{r.transfer_id:<34} {r.state.value:<8} {r.request_id[:16]:<16} {r.producer[:16]:<16} "
+              f"{r.consumer[:16]:<16} {r.n_tokens:>7} {r.nbytes / 2**20:>8.2f}  {r.error}")
+    counts = {s.value: sum(r.state is s for r in records) for s in TransferState}
+    print(f"{len(records)} transfers: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clsa", description="Serve and run CLSA long-context models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and cache (auto: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("transfers", help="list the KV-transfer ledger in Redis")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--prefix", default="clsa:", help="key prefix of the deployment")
+    p.add_argument("--state", action="append", default=[],
+                   choices=["PENDING", "READY", "CLAIMED", "DONE", "FAILED", "EXPIRED"], help="only these (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_transfers)
     return parser
 
 
