@@ -16,10 +16,11 @@ system-deps:
 	  apt-get install -y -q redis-server >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml proto/clsa/v1/generation.proto
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m services.api.stubs
 	touch $(STAMP)
 
 # For now: generate in-process with the tiny model (the gRPC service replaces this, issue #4).

@@ -1,0 +1,1 @@
+"""The gRPC gateway: validates requests, converts proto <-> engine dataclasses, routes to workers."""
