@@ -1,0 +1,131 @@
+"""The gRPC gateway: a thin async adapter from `clsa.v1.Generation` to a GenerationBackend.
+
+Validates every request at the edge (INVALID_ARGUMENT naming the field; nothing invalid reaches a
+worker), streams outputs, and ends a request when its client cancels or its deadline passes (the
+backend frees its KV). Also serves `grpc.health.v1` and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.api.stubs import load
+from services.engine import RequestOutput
+from services.engine.errors import InvalidRequestError, OutOfBlocksError
+from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, GenerationBackend
+from services.gateway.convert import finish_reason_to_proto, request_from_proto
+
+pb2, pb2_grpc = load()
+SERVICE_NAME = "clsa.v1.Generation"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, name-defined]
+    def __init__(self, backend: GenerationBackend) -> None:
+        self.backend = backend
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+        async for message in self._run(request, context):
+            yield message
+
+    async def Complete(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        token_ids: list[int] = []
+        text: list[str] = []
+        last = None
+        async for message in self._run(request, context):
+            token_ids.extend(message.token_ids)
+            text.append(message.text)
+            last = message
+        assert last is not None
+        last.ClearField("token_ids")
+        last.token_ids.extend(token_ids)
+        last.text = "".join(text)
+        return last
+
+    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb2.TokenizeResponse(token_ids=self.backend.tokenize(request.text))
+
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        m = self.backend.model_summary()
+        modes = [pb2.ATTENTION_MODE_CLSA, pb2.ATTENTION_MODE_DENSE] if m.arch == "yoco" else [pb2.ATTENTION_MODE_DENSE]
+        return pb2.ModelInfo(model=m.model, fingerprint=m.fingerprint, arch=m.arch, vocab_size=m.vocab_size,
+                             max_seq_len=m.max_seq_len, n_layers=m.n_layers, index_topk=m.index_topk,
+                             swa_window=m.swa_window, attention_modes=modes)
+
+    async def _run(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Validate, generate, convert; every failure becomes a status code with a message."""
+        start = time.perf_counter()
+        try:
+            req = request_from_proto(pb2, request, self.backend.model_summary().vocab_size)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        first_token_s: float | None = None
+        try:
+            async for out in self.backend.generate(req):
+                first_token_s = first_token_s or time.perf_counter() - start
+                yield self._message(out, first_token_s, start)
+        except InvalidRequestError as e:
+            code = grpc.StatusCode.ALREADY_EXISTS if e.param == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(e))
+        except (AdmissionQueueFull, OutOfBlocksError) as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except BackendUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the client hears which stage failed, not a traceback
+            await context.abort(grpc.StatusCode.INTERNAL, f"decode: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _message(out: RequestOutput, first_token_s: float, start: float) -> Any:
+        message = pb2.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text_delta)
+        if out.finished:
+            message.finish_reason = finish_reason_to_proto(pb2, out.finish_reason)
+            message.usage.prompt_tokens = out.prompt_tokens
+            message.usage.completion_tokens = len(out.token_ids)
+            ttft_ms = first_token_s * 1e3
+            message.timings.ttft_ms = ttft_ms
+            message.timings.prefill_ms = ttft_ms  # in-process: prefill is the whole wait for the first token
+            message.timings.decode_ms = (time.perf_counter() - start) * 1e3 - ttft_ms
+        return message
+
+
+async def start_server(backend: GenerationBackend, port: int = 0, host: str = "127.0.0.1") -> tuple[Any, int]:
+    """A started grpc.aio server with the Generation service, health and reflection; returns it and
+    its bound port (a free one when `port` is 0)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(backend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await _set_health(health_servicer, backend)
+    task = asyncio.create_task(_watch_health(health_servicer, backend))
+    _BACKGROUND.add(task)  # a task needs a strong reference to keep running
+    task.add_done_callback(_BACKGROUND.discard)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound
+
+
+async def _set_health(servicer: Any, backend: GenerationBackend) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if backend.is_serving() else \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def _watch_health(servicer: Any, backend: GenerationBackend, period_s: float = 0.5) -> None:
+    """SERVING only while the backend can take requests."""
+    while True:
+        await _set_health(servicer, backend)
+        await asyncio.sleep(period_s)
