@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml proto/clsa/v1/generation.proto
 	$(BIN)/python -m services.api.stubs
 	touch $(STAMP)
 
-# For now: generate in-process with the tiny model (the gRPC service replaces this, issue #4).
+# The gRPC service on the tiny model (in-process engine; Ray workers are issue #4's next step).
+PORT ?= 50051
 serve: install
-	$(BIN)/clsa generate --model clsa-tiny --prompt "The pass key is 71432. Remember it." --max-tokens 24
+	$(BIN)/clsa serve --model clsa-tiny --port $(PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""`clsa`: the command line. Subcommands: init, generate, transfers."""
+"""`clsa`: the command line. Subcommands: init, generate, serve, client, transfers."""
 
 from __future__ import annotations
 
@@ -56,6 +56,49 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.gateway.main import serve
+
+    asyncio.run(serve(args.model, args.host, args.port, args.device, args.max_in_flight, args.max_num_seqs))
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.gateway.server import pb2, pb2_grpc
+
+    sampling = pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    attention = {None: pb2.ATTENTION_MODE_UNSPECIFIED, "clsa": pb2.ATTENTION_MODE_CLSA,
+                 "dense": pb2.ATTENTION_MODE_DENSE}[args.attention]
+    request = pb2.GenerateRequest(text=args.prompt, sampling=sampling, attention=attention)
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb2_grpc.GenerationStub(channel)
+        try:
+            if args.stream:
+                last = None
+                for message in stub.Generate(request, timeout=args.timeout):
+                    print(message.text, end="", flush=True)
+                    last = message
+                print()
+            else:
+                last = stub.Complete(request, timeout=args.timeout)
+                print(last.text)
+        except grpc.RpcError as e:
+            print(f"clsa client: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if last is not None:
+        reason = pb2.FinishReason.Name(last.finish_reason)
+        print(f"[{last.usage.completion_tokens} tokens, {reason}, ttft {last.timings.ttft_ms:.1f} ms]",
+              file=sys.stderr)
+    return 0
+
+
 def _cmd_transfers(args: argparse.Namespace) -> int:
     import redis
 
@@ -108,6 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and cache (auto: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="run the gRPC service (clsa.v1.Generation)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--max-in-flight", type=int, default=256, help="admission limit (RESOURCE_EXHAUSTED past it)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("client", help="call a running service")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--attention", choices=["clsa", "dense"], default=None)
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("transfers", help="list the KV-transfer ledger in Redis")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

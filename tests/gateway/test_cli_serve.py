@@ -1,0 +1,57 @@
+"""`clsa serve` and `clsa client` as a user runs them: separate processes over a socket."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.transfer.local_redis import free_port
+
+CLSA = str(Path(sys.executable).parent / "clsa")
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "clsa serve exited"
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise AssertionError("clsa serve did not become SERVING")
+
+
+def test_serve_then_client_matches_generate_and_stops_on_sigterm() -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([CLSA, "serve", "--model", "clsa-tiny", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_serving(address, proc)
+        args = ["--prompt", "hello", "--max-tokens", "10", "--temperature", "0.7", "--seed", "5", "--ignore-eos"]
+        want = json.loads(subprocess.run([CLSA, "generate", "--model", "clsa-tiny", "--json", *args],
+                                         capture_output=True, text=True, timeout=120).stdout)["text"]
+        for extra in ([], ["--stream"]):
+            got = subprocess.run([CLSA, "client", "--address", address, *args, *extra], capture_output=True,
+                                 text=True, timeout=120)
+            assert got.returncode == 0, got.stderr
+            assert got.stdout == want + "\n" and "10 tokens, FINISH_REASON_LENGTH" in got.stderr
+        bad = subprocess.run([CLSA, "client", "--address", address, "--prompt", "x", "--top-p", "3"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    assert "shutting down" in proc.stderr.read()
