@@ -61,7 +61,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from services.gateway.main import serve
 
-    asyncio.run(serve(args.model, args.host, args.port, args.device, args.max_in_flight, args.max_num_seqs))
+    asyncio.run(serve(args.model, args.host, args.port, args.metrics_port, args.device, args.max_in_flight,
+                      args.max_num_seqs))
     return 0
 
 
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics over HTTP")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-in-flight", type=int, default=256, help="admission limit (RESOURCE_EXHAUSTED past it)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")

@@ -10,15 +10,20 @@ import sys
 
 from services.engine import EngineConfig, LLMEngine
 from services.gateway.backend import LocalEngineBackend
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import start_server
 
 
-async def serve(model: str, host: str, port: int, device: str, max_in_flight: int, max_num_seqs: int) -> None:
+async def serve(model: str, host: str, port: int, metrics_port: int, device: str, max_in_flight: int,
+                max_num_seqs: int) -> None:
     engine = LLMEngine.from_model(model, EngineConfig(max_num_seqs=max_num_seqs), device=device)
     backend = LocalEngineBackend(engine, model, max_in_flight=max_in_flight)
-    server, bound = await start_server(backend, port=port, host=host)
+    metrics = GatewayMetrics(backend)
+    metrics.serve_http(metrics_port, host=host)
+    server, bound = await start_server(backend, port=port, host=host, metrics=metrics)
     address = f"{host}:{bound}"
-    print(f"clsa serving {model} (fingerprint {engine.fingerprint}) on {address}\n"
+    print(f"clsa serving {model} (fingerprint {engine.fingerprint}) on {address}; "
+          f"metrics on http://{host}:{metrics_port}/metrics\n"
           f"  .venv/bin/clsa client --address {address} --prompt 'hello' --stream\n"
           f"  grpcurl -plaintext -d '{{\"text\": \"hello\", \"sampling\": {{\"max_tokens\": 8}}}}' "
           f"{address} clsa.v1.Generation/Complete\n"

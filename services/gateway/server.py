@@ -21,6 +21,7 @@ from services.engine import RequestOutput
 from services.engine.errors import InvalidRequestError, OutOfBlocksError
 from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, GenerationBackend
 from services.gateway.convert import finish_reason_to_proto, request_from_proto
+from services.gateway.metrics import GatewayMetrics
 
 pb2, pb2_grpc = load()
 SERVICE_NAME = "clsa.v1.Generation"
@@ -29,8 +30,9 @@ _BACKGROUND: set[asyncio.Task] = set()
 
 
 class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, name-defined]
-    def __init__(self, backend: GenerationBackend) -> None:
+    def __init__(self, backend: GenerationBackend, metrics: GatewayMetrics) -> None:
         self.backend = backend
+        self.metrics = metrics
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
         async for message in self._run(request, context):
@@ -61,6 +63,22 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
                              swa_window=m.swa_window, attention_modes=modes)
 
     async def _run(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Count the request under its final status around the generation itself."""
+        status = "OK"
+        try:
+            async for message in self._generate(request, context):
+                yield message
+        except grpc.aio.AbortError:
+            status = context.code().name if context.code() is not None else "UNKNOWN"
+            raise
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels(status=status).inc()
+
+    async def _generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Validate, generate, convert; every failure becomes a status code with a message."""
         start = time.perf_counter()
         try:
@@ -68,9 +86,20 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first_token_s: float | None = None
+        last_s = start
         try:
             async for out in self.backend.generate(req):
-                first_token_s = first_token_s or time.perf_counter() - start
+                now = time.perf_counter()
+                if first_token_s is None:
+                    first_token_s = now - start
+                    self.metrics.ttft.observe(first_token_s)
+                    self.metrics.prefill.observe(first_token_s)
+                else:
+                    self.metrics.itl.observe(now - last_s)
+                last_s = now
+                self.metrics.tokens.inc(len(out.new_token_ids))
+                if out.finished:
+                    self.metrics.decode.observe(now - start - first_token_s)
                 yield self._message(out, first_token_s, start)
         except InvalidRequestError as e:
             code = grpc.StatusCode.ALREADY_EXISTS if e.param == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
@@ -98,12 +127,14 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
         return message
 
 
-async def start_server(backend: GenerationBackend, port: int = 0, host: str = "127.0.0.1") -> tuple[Any, int]:
+async def start_server(backend: GenerationBackend, port: int = 0, host: str = "127.0.0.1",
+                       metrics: GatewayMetrics | None = None) -> tuple[Any, int]:
     """A started grpc.aio server with the Generation service, health and reflection; returns it and
     its bound port (a free one when `port` is 0)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(backend), server)
+    servicer = GenerationServicer(backend, metrics or GatewayMetrics(backend))
+    pb2_grpc.add_GenerationServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, backend)

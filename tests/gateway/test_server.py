@@ -130,3 +130,28 @@ def test_health_and_reflection(gateway: Gateway) -> None:
                                               timeout=10))
     names = {s.name for s in answer.list_services_response.service}
     assert {"clsa.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint_counts_requests_latencies_and_kv(gateway: Gateway) -> None:
+    import urllib.request
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    before = scrape()
+    gateway.stub.Complete(_request(0), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        gateway.stub.Complete(pb2.GenerateRequest(), timeout=10)
+    after = scrape()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('clsa_requests_total{status="OK"}') == 1
+    assert delta('clsa_requests_total{status="INVALID_ARGUMENT"}') == 1
+    assert delta("clsa_ttft_seconds_count") == 1 and delta("clsa_ttft_seconds_sum") > 0
+    assert delta("clsa_inter_token_latency_seconds_count") == 11  # 12 tokens, 11 gaps
+    assert delta("clsa_generated_tokens_total") == 12
+    assert after["clsa_kv_blocks_in_use"] == 0 and after["clsa_kv_blocks_total"] > 0
