@@ -16,6 +16,7 @@ import torch
 
 from kernels._backend import BACKENDS, Backend
 from services.engine.block_manager import BlockManager
+from services.engine.bundle import KVBundle, export_bundle, import_bundle
 from services.engine.cache import KVCache
 from services.engine.checkpoint import load_model
 from services.engine.errors import InvalidRequestError, OutOfBlocksError
@@ -23,7 +24,7 @@ from services.engine.model import CLSAModel
 from services.engine.runner import ModelRunner
 from services.engine.sampling import Sampler, SamplingParams
 from services.engine.scheduler import Scheduler
-from services.engine.sequence import FinishReason, Sequence
+from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.engine.tokenizer import Tokenizer, load_tokenizer
 
 AttentionName = Literal["clsa", "dense"]
@@ -114,6 +115,61 @@ class LLMEngine:
                     attention: AttentionName | None = None, request_id: str | None = None) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError naming the bad parameter,
         OutOfBlocksError when it could never fit in the KV pool."""
+        seq = self._new_sequence(prompt, params, attention, request_id)
+        self._requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def prefill_to_bundle(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                          attention: AttentionName | None = None,
+                          request_id: str | None = None) -> tuple[RequestOutput, KVBundle | None]:
+        """Prefill one request outside the decode loop (a prefill worker's job): its first token,
+        and the bundle a decode engine continues from (None when the first token finished it).
+        Its blocks are free again when this returns."""
+        seq = self._new_sequence(prompt, params, attention, request_id)
+        self._admit_now(seq)
+        try:
+            self.block_manager.grow(seq, len(seq.prompt_ids))
+            logits = self.runner.prefill([seq])
+            [token] = self.sampler.sample(logits, [seq.params], [seq.generator])
+            seq.append(token)
+            output = self._output(seq, token)
+            bundle = None
+            if seq.finish_reason is None:
+                bundle = export_bundle(self.cache, seq.block_ids, seq.slot, seq.prompt_ids, token, self.fingerprint)
+                bundle.rng_state = seq.generator.get_state() if seq.generator is not None else None
+        finally:
+            self.block_manager.release(seq)
+            seq.status = SequenceStatus.FINISHED
+        return output, bundle
+
+    def add_bundle(self, bundle: KVBundle, params: SamplingParams | None = None,
+                   attention: AttentionName | None = None, request_id: str | None = None) -> str:
+        """Continue a request another engine prefilled (a decode worker's job); its next tokens
+        come from `step()`. Refuses a bundle of another model; raises OutOfBlocksError when the
+        pool cannot take it now."""
+        if bundle.fingerprint != self.fingerprint:
+            raise InvalidRequestError(
+                "bundle", f"made by model {bundle.fingerprint}, this engine serves {self.fingerprint}: refused")
+        seq = self._new_sequence(bundle.prompt_ids, params, attention, request_id)
+        self._admit_now(seq)
+        try:
+            self.block_manager.grow(seq, bundle.n_tokens)
+            import_bundle(self.cache, bundle, seq.block_ids, seq.slot)
+        except Exception:
+            self.block_manager.release(seq)
+            raise
+        if seq.generator is not None and bundle.rng_state is not None:
+            seq.generator.set_state(bundle.rng_state)  # continue the prefill side's random stream
+        seq.append(bundle.first_token)
+        seq.take_text_delta()  # the prefill side already streamed the first token's text
+        self._requests[seq.request_id] = seq
+        self.scheduler.running.append(seq)
+        return seq.request_id
+
+    def _new_sequence(self, prompt: str | Seq[int], params: SamplingParams | None, attention: AttentionName | None,
+                      request_id: str | None) -> Sequence:
+        """A validated sequence; raises InvalidRequestError or OutOfBlocksError (never fits)."""
         params = params or SamplingParams()
         prompt_ids = self._prompt_ids(prompt)
         sparse = self._attention_is_sparse(attention)
@@ -128,9 +184,16 @@ class LLMEngine:
                 f"request {request_id} needs {need} KV blocks ({len(prompt_ids)} prompt + up to "
                 f"{seq.max_total_tokens - len(prompt_ids)} new tokens); the pool has {self.cache.num_blocks}"
             )
-        self._requests[request_id] = seq
-        self.scheduler.add(seq)
-        return request_id
+        return seq
+
+    def _admit_now(self, seq: Sequence) -> None:
+        """Take blocks and a ring slot for `seq` at once, outside the scheduler's queue."""
+        if not self.block_manager.can_admit(seq):
+            raise OutOfBlocksError(
+                f"request {seq.request_id}: no room now ({self.block_manager.num_available_blocks} KV blocks "
+                f"available, {self.cache.slots.num_free} sequence slots free); retry when requests finish")
+        self.block_manager.admit(seq)
+        seq.status = SequenceStatus.RUNNING
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free everything it holds; unknown or finished ids are ignored."""
@@ -161,15 +224,18 @@ class LLMEngine:
         outputs = []
         for seq, token in zip(seqs, tokens):
             seq.append(token)
-            outputs.append(RequestOutput(
-                request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), token_ids=list(seq.output_ids),
-                new_token_ids=[token], text=seq.text, text_delta=seq.take_text_delta(),
-                finish_reason=seq.finish_reason,
-            ))
+            outputs.append(self._output(seq, token))
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]
         return outputs
+
+    @staticmethod
+    def _output(seq: Sequence, token: int) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), token_ids=list(seq.output_ids),
+            new_token_ids=[token], text=seq.text, text_delta=seq.take_text_delta(), finish_reason=seq.finish_reason,
+        )
 
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | None = None,
                  attention: AttentionName | None = None) -> list[RequestOutput]:
