@@ -23,10 +23,12 @@ $(STAMP): pyproject.toml proto/clsa/v1/generation.proto
 	$(BIN)/python -m services.api.stubs
 	touch $(STAMP)
 
-# The gRPC service on the tiny model (in-process engine; Ray workers are issue #4's next step).
+# The whole service on the tiny model: a private redis-server, a local Ray with one prefill and one
+# decode worker, the gateway on $(PORT) and metrics on $(METRICS_PORT).
 PORT ?= 50051
+METRICS_PORT ?= 9090
 serve: install
-	$(BIN)/clsa serve --model clsa-tiny --port $(PORT)
+	$(BIN)/clsa serve --model clsa-tiny --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

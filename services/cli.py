@@ -59,10 +59,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from services.gateway.main import serve
+    from services.gateway.main import ServeConfig, serve
 
-    asyncio.run(serve(args.model, args.host, args.port, args.metrics_port, args.device, args.max_in_flight,
-                      args.max_num_seqs))
+    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                      device=args.device, backend=args.backend, prefill_workers=args.prefill_workers,
+                      decode_workers=args.decode_workers, redis_url=args.redis_url, ray_address=args.ray_address,
+                      max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs)
+    asyncio.run(serve(cfg))
     return 0
 
 
@@ -159,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics over HTTP")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: prefill and decode workers on Ray, transfers in Redis; local: one in-process engine")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--redis-url", default=None, help="default: start a private redis-server")
+    p.add_argument("--ray-address", default=None, help="default: start a local Ray")
     p.add_argument("--max-in-flight", type=int, default=256, help="admission limit (RESOURCE_EXHAUSTED past it)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     p.set_defaults(func=_cmd_serve)

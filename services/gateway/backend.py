@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from services.engine import LLMEngine, RequestOutput
+from services.engine.bundle import KVBundle
 from services.gateway.convert import GenerationRequest
 
 
@@ -70,13 +71,31 @@ class LocalEngineBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine makes them; closing the iterator early (client
         cancel, deadline) aborts the request and frees its KV blocks."""
+        request_id = request.request_id or uuid.uuid4().hex
+
+        def add() -> None:
+            self.engine.add_request(request.prompt, request.params, request.attention, request_id=request_id)
+
+        async for out in self._stream(request_id, add):
+            yield out
+
+    async def continue_bundle(self, bundle: KVBundle, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Decode a request another engine prefilled (its first token is not repeated)."""
+        request_id = request.request_id or uuid.uuid4().hex
+
+        def add() -> None:
+            self.engine.add_bundle(bundle, request.params, request.attention, request_id=request_id)
+
+        async for out in self._stream(request_id, add):
+            yield out
+
+    async def _stream(self, request_id: str, add: Callable[[], None]) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        request_id = request.request_id or uuid.uuid4().hex
         with self._lock:
             if len(self._streams) >= self.max_in_flight:
                 raise AdmissionQueueFull(f"{len(self._streams)} requests in flight (max {self.max_in_flight})")
-            self.engine.add_request(request.prompt, request.params, request.attention, request_id=request_id)
+            add()
             self._streams[request_id] = (loop, queue)
         self._wakeup.set()
         finished = False

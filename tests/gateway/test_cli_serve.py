@@ -35,7 +35,8 @@ def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 60) -
 def test_serve_then_client_matches_generate_and_stops_on_sigterm() -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
-    proc = subprocess.Popen([CLSA, "serve", "--model", "clsa-tiny", "--port", str(port)],
+    proc = subprocess.Popen([CLSA, "serve", "--model", "clsa-tiny", "--port", str(port), "--metrics-port",
+                             str(free_port()), "--backend", "local"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_serving(address, proc)

@@ -1,0 +1,1 @@
+"""Decode workers: claim bundles, continuous-batch decode, stream tokens back."""

@@ -1,0 +1,101 @@
+"""The disaggregated backend: Ray prefill and decode workers, transfers tracked in Redis.
+
+    gateway --prefill.remote--> clsa-prefill-<i>   (first token, bundle handle, ledger READY)
+            --generate.remote-> clsa-decode-<j>    (claims, pulls, DONE; streams tokens back)
+
+Workers are picked least-loaded first from the registry's heartbeats. A stream the client drops is
+cancelled on the decode worker, which aborts the request and frees its KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import ray
+
+from services.decode.worker import DecodeWorker
+from services.engine import RequestOutput
+from services.gateway.backend import BackendUnavailable, ModelSummary
+from services.gateway.convert import GenerationRequest
+from services.prefill.worker import PrefillWorker
+from services.transfer import WorkerRegistry
+from services.transfer.registry import Role
+
+NAMESPACE = "clsa"
+
+
+def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_decode: int, device: str = "cpu",
+                  max_restarts: int = 2) -> tuple[list[Any], list[Any]]:
+    """Named actors `clsa-prefill-<i>` and `clsa-decode-<i>` in namespace `clsa` (ray.init first).
+    A crashed worker is restarted by Ray up to `max_restarts` times; calls in flight fail."""
+    gpus = 1 if device == "cuda" else 0
+    prefill_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=max_restarts)(PrefillWorker)
+    # DecodeWorker is an async actor: Ray runs up to 1,000 of its calls concurrently on one event loop.
+    decode_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=max_restarts)(DecodeWorker)
+    prefill = [prefill_cls.options(name=f"clsa-prefill-{i}", namespace=NAMESPACE).remote(
+        f"clsa-prefill-{i}", model, redis_url, prefix, device) for i in range(n_prefill)]
+    decode = [decode_cls.options(name=f"clsa-decode-{i}", namespace=NAMESPACE).remote(
+        f"clsa-decode-{i}", model, redis_url, prefix, device) for i in range(n_decode)]
+    summaries = ray.get([w.model_summary.remote() for w in prefill])
+    fingerprints = {s.fingerprint for s in summaries} | set(ray.get([w.fingerprint.remote() for w in decode]))
+    if len(fingerprints) != 1:
+        raise RuntimeError(f"workers disagree on the model: fingerprints {sorted(fingerprints)}")
+    return prefill, decode
+
+
+class RayBackend:
+    def __init__(self, prefill: list[Any], decode: list[Any], registry: WorkerRegistry) -> None:
+        if not prefill or not decode:
+            raise ValueError("need at least one prefill and one decode worker")
+        self.prefill = {f"clsa-prefill-{i}": w for i, w in enumerate(prefill)}
+        self.decode = {f"clsa-decode-{i}": w for i, w in enumerate(decode)}
+        self.registry = registry
+        self._summary: ModelSummary = ray.get(prefill[0].model_summary.remote())
+        self._round_robin = itertools.count()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        prefill = self._pick("prefill", self.prefill)
+        result = await prefill.prefill.remote(request)
+        yield result["first"]
+        if result["bundle"] is None:
+            return
+        decode = self._pick("decode", self.decode)
+        stream = decode.generate.remote(request, result["transfer_id"], result["bundle"])
+        finished = False
+        try:
+            async for ref in stream:
+                out = await ref
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                ray.cancel(stream)
+
+    def _pick(self, role: Role, workers: dict[str, Any]) -> Any:
+        """The least-loaded live worker (by its last heartbeat); ties take turns."""
+        live = [w for w in self.registry.live_workers(role) if w.worker_id in workers]
+        if not live:
+            raise BackendUnavailable(f"no {role} worker is alive")
+        least = [w.worker_id for w in live if w.load == live[0].load]
+        return workers[least[next(self._round_robin) % len(least)]]
+
+    def tokenize(self, text: str) -> list[int]:
+        return ray.get(next(iter(self.prefill.values())).tokenize.remote(text))
+
+    def model_summary(self) -> ModelSummary:
+        return self._summary
+
+    def is_serving(self) -> bool:
+        return bool(self.registry.live_workers("prefill")) and bool(self.registry.live_workers("decode"))
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {"requests_in_flight": 0, "kv_blocks_used": 0, "kv_blocks_total": 0}
+        for worker in self.registry.live_workers("decode"):
+            for key in total:
+                total[key] += int(worker.stats.get(key, 0))
+        return total

@@ -1,0 +1,1 @@
+"""Prefill workers: run prompts, publish each KV bundle by Ray object handle."""
