@@ -122,5 +122,6 @@ def _start_backend(cfg: ServeConfig, stack: ExitStack) -> tuple[GenerationBacken
     _log(f"clsa: starting {cfg.prefill_workers} prefill and {cfg.decode_workers} decode workers on Ray")
     prefill, decode = start_workers(cfg.model, redis_url, cfg.prefix, cfg.prefill_workers, cfg.decode_workers,
                                     cfg.device)
-    registry = WorkerRegistry(TransferLedger.from_url(redis_url, prefix=cfg.prefix).client, prefix=cfg.prefix)
-    return RayBackend(prefill, decode, registry), Reaper(redis_url, cfg.prefix)
+    ledger = TransferLedger.from_url(redis_url, prefix=cfg.prefix)
+    registry = WorkerRegistry(ledger.client, prefix=cfg.prefix)
+    return RayBackend(prefill, decode, registry, ledger, cfg.max_in_flight), Reaper(redis_url, cfg.prefix)

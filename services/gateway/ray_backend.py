@@ -19,10 +19,10 @@ import ray
 
 from services.decode.worker import DecodeWorker
 from services.engine import RequestOutput
-from services.gateway.backend import BackendUnavailable, ModelSummary
+from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, ModelSummary
 from services.gateway.convert import GenerationRequest
 from services.prefill.worker import PrefillWorker
-from services.transfer import WorkerRegistry
+from services.transfer import LedgerError, TransferLedger, WorkerRegistry
 from services.transfer.registry import Role
 
 NAMESPACE = "clsa"
@@ -48,33 +48,59 @@ def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_dec
 
 
 class RayBackend:
-    def __init__(self, prefill: list[Any], decode: list[Any], registry: WorkerRegistry) -> None:
+    def __init__(self, prefill: list[Any], decode: list[Any], registry: WorkerRegistry, ledger: TransferLedger,
+                 max_in_flight: int = 256) -> None:
         if not prefill or not decode:
             raise ValueError("need at least one prefill and one decode worker")
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
         self.prefill = {f"clsa-prefill-{i}": w for i, w in enumerate(prefill)}
         self.decode = {f"clsa-decode-{i}": w for i, w in enumerate(decode)}
         self.registry = registry
+        self.ledger = ledger
         self._summary: ModelSummary = ray.get(prefill[0].model_summary.remote())
         self._round_robin = itertools.count()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
-        prefill = self._pick("prefill", self.prefill)
-        result = await prefill.prefill.remote(request)
-        yield result["first"]
-        if result["bundle"] is None:
-            return
-        decode = self._pick("decode", self.decode)
-        stream = decode.generate.remote(request, result["transfer_id"], result["bundle"])
-        finished = False
+        if self._in_flight >= self.max_in_flight:
+            raise AdmissionQueueFull(f"{self._in_flight} requests in flight (max {self.max_in_flight})")
+        self._in_flight += 1
         try:
+            async for out in self._generate(replace(request, request_id=request.request_id or uuid.uuid4().hex)):
+                yield out
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        producer = self._pick("prefill", self.prefill)
+        transfer_id = self.ledger.create(request.request_id, self._name(producer), self._summary.fingerprint)
+        stream, finished = None, False
+        try:
+            result = await producer.prefill.remote(request, transfer_id)
+            finished = result["first"].finished
+            yield result["first"]
+            if result["bundle"] is None:
+                return
+            decode = self._pick("decode", self.decode)
+            stream = decode.generate.remote(request, transfer_id, result["bundle"])
             async for ref in stream:
                 out = await ref
                 finished = out.finished
                 yield out
         finally:
             if not finished:
-                ray.cancel(stream)
+                # Ended early (cancel, deadline, a failed prefill, no decode worker): stop the decode
+                # side and settle the record now, not when the reaper finds it. A record a worker has
+                # already settled refuses the transition, which is fine.
+                if stream is not None:
+                    ray.cancel(stream)
+                try:
+                    self.ledger.fail(transfer_id, "gateway: the request ended before it finished")
+                except LedgerError:
+                    pass
+
+    def _name(self, worker: Any) -> str:
+        return next(name for name, w in self.prefill.items() if w is worker)
 
     def _pick(self, role: Role, workers: dict[str, Any]) -> Any:
         """The least-loaded live worker (by its last heartbeat); ties take turns."""

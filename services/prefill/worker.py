@@ -1,5 +1,6 @@
 """The prefill worker (a Ray actor, `clsa-prefill-<i>`): runs a request's prompt, publishes the
-KV bundle by object handle, and records the transfer in the ledger (PENDING -> READY).
+KV bundle by object handle, and moves its transfer record PENDING -> READY (or DONE when the first
+token already finished the request).
 
 One request at a time per worker (a plain actor: Ray queues the calls); scale with more workers.
 """
@@ -14,7 +15,7 @@ import ray
 from services.engine import EngineConfig, LLMEngine
 from services.gateway.backend import ModelSummary
 from services.gateway.convert import GenerationRequest
-from services.transfer import TransferLedger, WorkerRegistry
+from services.transfer import LedgerError, TransferLedger, WorkerRegistry
 
 HEARTBEAT_S = 1.0
 
@@ -32,23 +33,28 @@ class PrefillWorker:
         self.registry.register(worker_id, "prefill", self.engine.fingerprint)
         threading.Thread(target=self._heartbeat, daemon=True).start()
 
-    def prefill(self, request: GenerationRequest) -> dict[str, Any]:
-        """The first token's output, and - unless it finished the request - the transfer id and the
-        bundle's handle (inside a list, so Ray hands the handle on instead of the bundle)."""
+    def prefill(self, request: GenerationRequest, transfer_id: str) -> dict[str, Any]:
+        """Run the prompt of a request whose transfer record (PENDING) the gateway made. Returns
+        the first token's output and, unless that finished the request, the bundle's handle (in a
+        list, so Ray hands the handle on instead of the bundle). If the gateway gave the request
+        up meanwhile (record FAILED), the bundle is dropped."""
         self._in_flight += 1
         try:
-            first, bundle = self.engine.prefill_to_bundle(request.prompt, request.params, request.attention,
-                                                          request.request_id or None)
-            if bundle is None:
-                return {"first": first, "transfer_id": None, "bundle": None}
-            transfer_id = self.ledger.create(first.request_id, self.worker_id, self.engine.fingerprint)
             try:
-                handle = ray.put(bundle)
-                self.ledger.mark_ready(transfer_id, bundle.n_tokens, bundle.nbytes)
+                first, bundle = self.engine.prefill_to_bundle(request.prompt, request.params, request.attention,
+                                                              request.request_id or None)
             except Exception as e:
-                self.ledger.fail(transfer_id, f"prefill: publishing the bundle failed: {e}")
+                self.ledger.fail(transfer_id, f"prefill: {type(e).__name__}: {e}")
                 raise
-            return {"first": first, "transfer_id": transfer_id, "bundle": [handle]}
+            if bundle is None:
+                self.ledger.finish_at_prefill(transfer_id, len(first.token_ids))
+                return {"first": first, "bundle": None}
+            handle = ray.put(bundle)
+            try:
+                self.ledger.mark_ready(transfer_id, bundle.n_tokens, bundle.nbytes)
+            except LedgerError:
+                return {"first": first, "bundle": None}  # abandoned: nobody will claim it
+            return {"first": first, "bundle": [handle]}
         finally:
             self._in_flight -= 1
 

@@ -4,8 +4,13 @@ State machine (what Redis stores in the `state` field)::
 
     PENDING --ready--> READY --claim--> CLAIMED --complete--> DONE
        |                 |                 |
+       +--finish_at_prefill (the first token ended the request: nothing to move)--> DONE
        +-----fail------> FAILED <---fail---+          (fail from any non-terminal state)
        +---reap (deadline passed)--> EXPIRED <--------+
+
+- The gateway creates the record (PENDING) before it asks a prefill worker, so that it can fail a
+  request it abandons (client gone, deadline) even before the worker starts; the worker's
+  `mark_ready` then fails and it drops the bundle.
 
 - PENDING: the producer (prefill worker) has started; READY: the bundle is published by handle;
   CLAIMED: one consumer (decode worker) owns it under a lease it must renew; DONE, FAILED, EXPIRED
@@ -197,6 +202,10 @@ class TransferLedger:
         """PENDING -> READY: the bundle is published."""
         self._move(transfer_id, (TransferState.PENDING,), TransferState.READY, now_ms() + self.ready_timeout_ms,
                    n_tokens=n_tokens, nbytes=nbytes)
+
+    def finish_at_prefill(self, transfer_id: str, n_tokens: int) -> None:
+        """PENDING -> DONE: the first token finished the request, no KV needs to move."""
+        self._move(transfer_id, (TransferState.PENDING,), TransferState.DONE, 0, n_tokens=n_tokens)
 
     def claim(self, transfer_id: str, consumer: str) -> TransferRecord:
         """READY -> CLAIMED by `consumer`, under a lease of `lease_ms`. Exactly one of concurrent

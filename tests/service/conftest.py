@@ -41,7 +41,7 @@ def service() -> Iterator[Service]:
         prefill, decode = start_workers("clsa-tiny", redis_server.url, PREFIX, 1, 1)
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
         registry = WorkerRegistry(ledger.client, prefix=PREFIX)
-        backend = RayBackend(prefill, decode, registry)
+        backend = RayBackend(prefill, decode, registry, ledger)
         loop = asyncio.new_event_loop()
         started = threading.Event()
         holder: dict = {}

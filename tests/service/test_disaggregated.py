@@ -61,12 +61,12 @@ def test_concurrent_streams(service: Service) -> None:
         with lock:
             results.append(tokens)
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
+    threads = [threading.Thread(target=client) for _ in range(32)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [want] * 8
+    assert results == [want] * 32
     live, stats = _settled(service)
     assert live == [] and stats["kv_blocks_used"] == 0
 
@@ -80,9 +80,34 @@ def test_cancel_mid_stream_frees_kv_and_ends_the_transfer(service: Service) -> N
     assert live == [] and stats["kv_blocks_used"] == 0 and stats["requests_in_flight"] == 0
 
 
+def test_deadline_shorter_than_the_request_ends_it_and_frees_kv(service: Service) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        service.stub.Complete(_request(max_tokens=3000), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    live, stats = _settled(service)
+    assert live == [] and stats["kv_blocks_used"] == 0 and stats["requests_in_flight"] == 0
+
+
 def test_bad_input_never_reaches_a_worker(service: Service) -> None:
     before = len(service.ledger.records())
     with pytest.raises(grpc.RpcError) as err:
         service.stub.Complete(pb2.GenerateRequest(text="x", sampling=pb2.SamplingParams(top_p=0)), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.top_p" in err.value.details()
     assert len(service.ledger.records()) == before
+
+
+def test_admission_limit_sheds_with_resource_exhausted(service: Service) -> None:
+    service.backend.max_in_flight = 2
+    try:
+        streams = [service.stub.Generate(_request(max_tokens=3000), timeout=60) for _ in range(2)]
+        for s in streams:
+            next(s)
+        with pytest.raises(grpc.RpcError) as err:
+            service.stub.Complete(_request(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 requests in flight" in err.value.details()
+        for s in streams:
+            s.cancel()
+    finally:
+        service.backend.max_in_flight = 256
+    live, stats = _settled(service)
+    assert live == [] and stats["kv_blocks_used"] == 0

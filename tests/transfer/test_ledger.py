@@ -214,3 +214,23 @@ def test_clsa_transfers_lists_the_ledger(client: redis.Redis, redis_url: str, pr
     down = subprocess.run([clsa, "transfers", "--redis-url", "redis://127.0.0.1:1/0"], capture_output=True,
                           text=True, timeout=60)
     assert down.returncode == 2 and "cannot reach Redis" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_a_request_finished_at_prefill_settles_as_done(client: redis.Redis, prefix: str) -> None:
+    lg = ledger(client, prefix)
+    tid = lg.create("r", "p", "fp")
+    lg.finish_at_prefill(tid, n_tokens=1)
+    rec = lg.get(tid)
+    assert rec.state is TransferState.DONE and rec.n_tokens == 1 and rec.deadline_ms == 0
+    ready = lg.create("r2", "p", "fp")
+    lg.mark_ready(ready, 1, 1)
+    with pytest.raises(InvalidTransition, match="READY -> DONE is not allowed"):
+        lg.finish_at_prefill(ready, n_tokens=1)
+
+
+def test_an_abandoned_request_refuses_the_late_bundle(client: redis.Redis, prefix: str) -> None:
+    lg = ledger(client, prefix)
+    tid = lg.create("r", "p", "fp")
+    lg.fail(tid, "gateway: the request ended before it finished")  # client gone during prefill
+    with pytest.raises(InvalidTransition, match="FAILED -> READY"):
+        lg.mark_ready(tid, 10, 100)  # the prefill worker then drops its bundle
