@@ -28,18 +28,28 @@ from services.transfer.registry import Role
 NAMESPACE = "clsa"
 
 
-def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_decode: int, device: str = "cpu",
-                  max_restarts: int = 2) -> tuple[list[Any], list[Any]]:
-    """Named actors `clsa-prefill-<i>` and `clsa-decode-<i>` in namespace `clsa` (ray.init first).
-    A crashed worker is restarted by Ray up to `max_restarts` times; calls in flight fail."""
-    gpus = 1 if device == "cuda" else 0
-    prefill_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=max_restarts)(PrefillWorker)
-    # DecodeWorker is an async actor: Ray runs up to 1,000 of its calls concurrently on one event loop.
-    decode_cls: Any = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=max_restarts)(DecodeWorker)
-    prefill = [prefill_cls.options(name=f"clsa-prefill-{i}", namespace=NAMESPACE).remote(
-        f"clsa-prefill-{i}", model, redis_url, prefix, device) for i in range(n_prefill)]
-    decode = [decode_cls.options(name=f"clsa-decode-{i}", namespace=NAMESPACE).remote(
-        f"clsa-decode-{i}", model, redis_url, prefix, device) for i in range(n_decode)]
+def start_prefill_worker(i: int, model: str, redis_url: str, prefix: str, device: str = "cpu",
+                         max_restarts: int = 2) -> Any:
+    """The named actor `clsa-prefill-<i>` (namespace `clsa`); Ray restarts it up to `max_restarts`."""
+    cls: Any = ray.remote(num_cpus=0, num_gpus=1 if device == "cuda" else 0, max_restarts=max_restarts)(PrefillWorker)
+    return cls.options(name=f"clsa-prefill-{i}", namespace=NAMESPACE).remote(
+        f"clsa-prefill-{i}", model, redis_url, prefix, device)
+
+
+def start_decode_worker(i: int, model: str, redis_url: str, prefix: str, device: str = "cpu",
+                        max_restarts: int = 2) -> Any:
+    """The named async actor `clsa-decode-<i>` (Ray runs up to 1,000 of its calls at once)."""
+    cls: Any = ray.remote(num_cpus=0, num_gpus=1 if device == "cuda" else 0, max_restarts=max_restarts)(DecodeWorker)
+    return cls.options(name=f"clsa-decode-{i}", namespace=NAMESPACE).remote(
+        f"clsa-decode-{i}", model, redis_url, prefix, device)
+
+
+def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_decode: int,
+                  device: str = "cpu") -> tuple[list[Any], list[Any]]:
+    """`n_prefill` + `n_decode` workers (ray.init first); refuses workers that disagree on the model.
+    A crashed worker is restarted by Ray; calls in flight on it fail."""
+    prefill = [start_prefill_worker(i, model, redis_url, prefix, device) for i in range(n_prefill)]
+    decode = [start_decode_worker(i, model, redis_url, prefix, device) for i in range(n_decode)]
     summaries = ray.get([w.model_summary.remote() for w in prefill])
     fingerprints = {s.fingerprint for s in summaries} | set(ray.get([w.fingerprint.remote() for w in decode]))
     if len(fingerprints) != 1:
@@ -73,6 +83,7 @@ class RayBackend:
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         producer = self._pick("prefill", self.prefill)
+        consumer = self._pick("decode", self.decode)  # none alive: UNAVAILABLE before any prefill work
         transfer_id = self.ledger.create(request.request_id, self._name(producer), self._summary.fingerprint)
         stream, finished = None, False
         try:
@@ -81,8 +92,7 @@ class RayBackend:
             yield result["first"]
             if result["bundle"] is None:
                 return
-            decode = self._pick("decode", self.decode)
-            stream = decode.generate.remote(request, transfer_id, result["bundle"])
+            stream = consumer.generate.remote(request, transfer_id, result["bundle"])
             async for ref in stream:
                 out = await ref
                 finished = out.finished

@@ -26,6 +26,7 @@ class Service:
     channel: grpc.Channel
     ledger: TransferLedger
     backend: RayBackend
+    redis_url: str
 
     @property
     def stub(self):  # noqa: ANN201
@@ -56,7 +57,7 @@ def service() -> Iterator[Service]:
         thread.start()
         assert started.wait(60), "gateway did not start"
         channel = grpc.insecure_channel(f"127.0.0.1:{holder['port']}")
-        yield Service(f"127.0.0.1:{holder['port']}", channel, ledger, backend)
+        yield Service(f"127.0.0.1:{holder['port']}", channel, ledger, backend, redis_server.url)
         channel.close()
         asyncio.run_coroutine_threadsafe(holder["server"].stop(grace=1), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
