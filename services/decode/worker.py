@@ -5,6 +5,7 @@ request and frees its KV blocks."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,25 +33,35 @@ class DecodeWorker:
     async def generate(self, request: GenerationRequest, transfer_id: str,
                        bundle_box: list[Any]) -> AsyncIterator[RequestOutput]:
         self.ledger.claim(transfer_id, self.worker_id)
+        renewing = asyncio.create_task(self._renew(transfer_id))
         try:
             bundle = await bundle_box[0]
             if bundle.fingerprint != self.backend.engine.fingerprint:
                 raise ValueError(f"bundle of model {bundle.fingerprint}, this worker serves "
                                  f"{self.backend.engine.fingerprint}")
         except BaseException as e:
+            renewing.cancel()
             self.ledger.fail(transfer_id, f"decode: {type(e).__name__}: {e}")
             raise
         done = False
         try:
             async for out in self.backend.continue_bundle(bundle, request):
                 if not done:  # the KV is in this worker's cache now: the transfer is done
+                    renewing.cancel()
                     self.ledger.complete(transfer_id, self.worker_id)
                     done = True
                 yield out
         except BaseException as e:
+            renewing.cancel()
             if not done:
                 self.ledger.fail(transfer_id, f"decode: {type(e).__name__}: {e}")
             raise
+
+    async def _renew(self, transfer_id: str) -> None:
+        """Keep the claim's lease while the bundle is pulled and imported."""
+        while True:
+            await asyncio.sleep(self.ledger.lease_ms / 3000)
+            self.ledger.renew_lease(transfer_id, self.worker_id)
 
     def stats(self) -> dict[str, int]:
         return self.backend.stats()

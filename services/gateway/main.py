@@ -53,7 +53,7 @@ def _log(message: str) -> None:
 async def serve(cfg: ServeConfig) -> None:
     with ExitStack() as stack:
         backend, reaper = _start_backend(cfg, stack)
-        metrics = GatewayMetrics(backend)
+        metrics = GatewayMetrics(backend, getattr(backend, "ledger", None))
         metrics.serve_http(cfg.metrics_port, host=cfg.host)
         server, bound = await start_server(backend, port=cfg.port, host=cfg.host, metrics=metrics)
         address = f"{cfg.host}:{bound}"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from services.gateway.backend import GenerationBackend
+from services.transfer import TransferLedger, TransferState
 
 # Latency buckets from 1 ms to ~30 s.
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
@@ -13,8 +18,10 @@ BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30
 class GatewayMetrics:
     """One registry per gateway (tests run several in one process)."""
 
-    def __init__(self, backend: GenerationBackend) -> None:
+    def __init__(self, backend: GenerationBackend, ledger: TransferLedger | None = None) -> None:
         self.registry = CollectorRegistry()
+        if ledger is not None:
+            self.registry.register(_TransfersByState(ledger))
         r = self.registry
         self.requests = Counter("clsa_requests", "Requests by final gRPC status", ["status"], registry=r)
         self.ttft = Histogram("clsa_ttft_seconds", "Time to first token", buckets=BUCKETS, registry=r)
@@ -35,3 +42,17 @@ class GatewayMetrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class _TransfersByState(Collector):
+    """`clsa_transfers{state=...}`: ledger records by state, read from Redis at each scrape."""
+
+    def __init__(self, ledger: TransferLedger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("clsa_transfers", "KV transfers in the ledger by state", labels=["state"])
+        records = self.ledger.records()
+        for state in TransferState:
+            family.add_metric([state.value], sum(r.state is state for r in records))
+        yield family

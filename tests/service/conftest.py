@@ -12,6 +12,7 @@ import grpc
 import pytest
 import ray
 
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.ray_backend import NAMESPACE, RayBackend, start_workers
 from services.gateway.server import pb2_grpc, start_server
 from services.transfer import TransferLedger, WorkerRegistry
@@ -27,6 +28,7 @@ class Service:
     ledger: TransferLedger
     backend: RayBackend
     redis_url: str
+    metrics: GatewayMetrics
 
     @property
     def stub(self):  # noqa: ANN201
@@ -49,7 +51,9 @@ def service() -> Iterator[Service]:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            holder["server"], holder["port"] = loop.run_until_complete(start_server(backend))
+            metrics = GatewayMetrics(backend, ledger)
+            holder["metrics"] = metrics
+            holder["server"], holder["port"] = loop.run_until_complete(start_server(backend, metrics=metrics))
             started.set()
             loop.run_forever()
 
@@ -57,7 +61,7 @@ def service() -> Iterator[Service]:
         thread.start()
         assert started.wait(60), "gateway did not start"
         channel = grpc.insecure_channel(f"127.0.0.1:{holder['port']}")
-        yield Service(f"127.0.0.1:{holder['port']}", channel, ledger, backend, redis_server.url)
+        yield Service(f"127.0.0.1:{holder['port']}", channel, ledger, backend, redis_server.url, holder["metrics"])
         channel.close()
         asyncio.run_coroutine_threadsafe(holder["server"].stop(grace=1), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)

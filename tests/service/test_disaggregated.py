@@ -111,3 +111,13 @@ def test_admission_limit_sheds_with_resource_exhausted(service: Service) -> None
         service.backend.max_in_flight = 256
     live, stats = _settled(service)
     assert live == [] and stats["kv_blocks_used"] == 0
+
+
+def test_metrics_count_transfers_by_state(service: Service) -> None:
+    from prometheus_client import generate_latest
+
+    service.stub.Complete(_request(), timeout=60)
+    text = generate_latest(service.metrics.registry).decode()
+    [done] = [float(line.split()[-1]) for line in text.splitlines() if line.startswith('clsa_transfers{state="DONE"}')]
+    assert done >= 1
+    assert 'clsa_transfers{state="READY"} 0.0' in text and 'clsa_transfers{state="CLAIMED"} 0.0' in text
