@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +68,8 @@ class RequestOutput:
     text: str  # the whole text so far (stop strings excluded)
     text_delta: str
     finish_reason: FinishReason | None
+    # Stage times in ms a serving layer measured ("queue", "prefill", "transfer"); empty in-process.
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

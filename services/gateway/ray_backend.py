@@ -10,6 +10,7 @@ cancelled on the decode worker, which aborts the request and frees its KV.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -87,15 +88,20 @@ class RayBackend:
         transfer_id = self.ledger.create(request.request_id, self._name(producer), self._summary.fingerprint)
         stream, finished = None, False
         try:
+            submitted = time.time()
             result = await producer.prefill.remote(request, transfer_id)
-            finished = result["first"].finished
-            yield result["first"]
+            first = result["first"]
+            first.stage_ms["queue"] = max(0.0, (result["started_at"] - submitted) * 1e3)
+            finished = first.finished
+            yield first
             if result["bundle"] is None:
                 return
             stream = consumer.generate.remote(request, transfer_id, result["bundle"])
             async for ref in stream:
                 out = await ref
                 finished = out.finished
+                if finished:
+                    out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
                 yield out
         finally:
             if not finished:

@@ -87,20 +87,21 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first_token_s: float | None = None
         last_s = start
+        stage_ms: dict[str, float] = {}
         try:
             async for out in self.backend.generate(req):
                 now = time.perf_counter()
                 if first_token_s is None:
                     first_token_s = now - start
                     self.metrics.ttft.observe(first_token_s)
-                    self.metrics.prefill.observe(first_token_s)
                 else:
                     self.metrics.itl.observe(now - last_s)
                 last_s = now
+                stage_ms.update(out.stage_ms)
                 self.metrics.tokens.inc(len(out.new_token_ids))
                 if out.finished:
-                    self.metrics.decode.observe(now - start - first_token_s)
-                yield self._message(out, first_token_s, start)
+                    self._observe_stages(stage_ms, first_token_s, now - start)
+                yield self._message(out, first_token_s, start, stage_ms)
         except InvalidRequestError as e:
             code = grpc.StatusCode.ALREADY_EXISTS if e.param == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(e))
@@ -113,8 +114,16 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
         except Exception as e:  # noqa: BLE001 -- the client hears which stage failed, not a traceback
             await context.abort(grpc.StatusCode.INTERNAL, f"decode: {type(e).__name__}: {e}")
 
+    def _observe_stages(self, stage_ms: dict[str, float], ttft_s: float, total_s: float) -> None:
+        self.metrics.prefill.observe(stage_ms.get("prefill", ttft_s * 1e3) / 1e3)
+        if "queue" in stage_ms:
+            self.metrics.queue.observe(stage_ms["queue"] / 1e3)
+        if "transfer" in stage_ms:
+            self.metrics.transfer.observe(stage_ms["transfer"] / 1e3)
+        self.metrics.decode.observe(total_s - ttft_s)
+
     @staticmethod
-    def _message(out: RequestOutput, first_token_s: float, start: float) -> Any:
+    def _message(out: RequestOutput, first_token_s: float, start: float, stage_ms: dict[str, float]) -> Any:
         message = pb2.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text_delta)
         if out.finished:
             message.finish_reason = finish_reason_to_proto(pb2, out.finish_reason)
@@ -122,7 +131,10 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
             message.usage.completion_tokens = len(out.token_ids)
             ttft_ms = first_token_s * 1e3
             message.timings.ttft_ms = ttft_ms
-            message.timings.prefill_ms = ttft_ms  # in-process: prefill is the whole wait for the first token
+            # In-process there is no queue or transfer, and prefill is the whole wait for the first token.
+            message.timings.queue_ms = stage_ms.get("queue", 0.0)
+            message.timings.prefill_ms = stage_ms.get("prefill", ttft_ms)
+            message.timings.transfer_ms = stage_ms.get("transfer", 0.0)
             message.timings.decode_ms = (time.perf_counter() - start) * 1e3 - ttft_ms
         return message
 

@@ -8,6 +8,7 @@ One request at a time per worker (a plain actor: Ray queues the calls); scale wi
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import ray
@@ -39,6 +40,7 @@ class PrefillWorker:
         list, so Ray hands the handle on instead of the bundle). If the gateway gave the request
         up meanwhile (record FAILED), the bundle is dropped."""
         self._in_flight += 1
+        started_at = time.time()
         try:
             try:
                 first, bundle = self.engine.prefill_to_bundle(request.prompt, request.params, request.attention,
@@ -46,15 +48,17 @@ class PrefillWorker:
             except Exception as e:
                 self.ledger.fail(transfer_id, f"prefill: {type(e).__name__}: {e}")
                 raise
+            first.stage_ms["prefill"] = (time.time() - started_at) * 1e3
+            result = {"first": first, "bundle": None, "started_at": started_at}
             if bundle is None:
                 self.ledger.finish_at_prefill(transfer_id, len(first.token_ids))
-                return {"first": first, "bundle": None}
+                return result
             handle = ray.put(bundle)
             try:
                 self.ledger.mark_ready(transfer_id, bundle.n_tokens, bundle.nbytes)
             except LedgerError:
-                return {"first": first, "bundle": None}  # abandoned: nobody will claim it
-            return {"first": first, "bundle": [handle]}
+                return result  # abandoned: nobody will claim it
+            return {**result, "bundle": [handle]}
         finally:
             self._in_flight -= 1
 

@@ -78,6 +78,13 @@ class TransferRecord:
     updated_ms: int
     deadline_ms: int
     error: str
+    ready_ms: int = 0  # when the bundle was published
+    done_ms: int = 0  # when the consumer held the KV
+
+    @property
+    def transfer_ms(self) -> int:
+        """Published to held by the decode worker (0 until DONE)."""
+        return self.done_ms - self.ready_ms if self.done_ms and self.ready_ms else 0
 
     @classmethod
     def from_hash(cls, transfer_id: str, h: dict[str, str]) -> TransferRecord:
@@ -87,6 +94,7 @@ class TransferRecord:
             nbytes=int(h.get("nbytes", 0)), fingerprint=h.get("fingerprint", ""),
             created_ms=int(h.get("created_ms", 0)), updated_ms=int(h.get("updated_ms", 0)),
             deadline_ms=int(h.get("deadline_ms", 0)), error=h.get("error", ""),
+            ready_ms=int(h.get("ready_ms", 0)), done_ms=int(h.get("done_ms", 0)),
         )
 
 
@@ -200,8 +208,9 @@ class TransferLedger:
 
     def mark_ready(self, transfer_id: str, n_tokens: int, nbytes: int) -> None:
         """PENDING -> READY: the bundle is published."""
-        self._move(transfer_id, (TransferState.PENDING,), TransferState.READY, now_ms() + self.ready_timeout_ms,
-                   n_tokens=n_tokens, nbytes=nbytes)
+        t = now_ms()
+        self._move(transfer_id, (TransferState.PENDING,), TransferState.READY, t + self.ready_timeout_ms,
+                   n_tokens=n_tokens, nbytes=nbytes, ready_ms=t)
 
     def finish_at_prefill(self, transfer_id: str, n_tokens: int) -> None:
         """PENDING -> DONE: the first token finished the request, no KV needs to move."""
@@ -221,7 +230,7 @@ class TransferLedger:
 
     def complete(self, transfer_id: str, consumer: str) -> None:
         """CLAIMED -> DONE: the consumer holds the KV; the handle may be released."""
-        self._move(transfer_id, (TransferState.CLAIMED,), TransferState.DONE, 0, owner=consumer)
+        self._move(transfer_id, (TransferState.CLAIMED,), TransferState.DONE, 0, owner=consumer, done_ms=now_ms())
 
     def fail(self, transfer_id: str, error: str) -> None:
         """Any non-terminal state -> FAILED, with the reason."""

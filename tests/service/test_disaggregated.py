@@ -49,6 +49,9 @@ def test_unary_and_stream_equal_the_engine(service: Service, mode: str, attentio
     done = service.ledger.records([TransferState.DONE])
     assert done and done[-1].producer == "clsa-prefill-0" and done[-1].consumer == "clsa-decode-0"
     assert done[-1].n_tokens == len(PROMPT) and done[-1].nbytes > 0
+    timings = stream[-1].timings
+    assert timings.prefill_ms > 0 and timings.queue_ms >= 0 and timings.transfer_ms == done[-1].transfer_ms
+    assert timings.ttft_ms >= timings.prefill_ms
 
 
 def test_concurrent_streams(service: Service) -> None:
@@ -120,4 +123,9 @@ def test_metrics_count_transfers_by_state(service: Service) -> None:
     text = generate_latest(service.metrics.registry).decode()
     [done] = [float(line.split()[-1]) for line in text.splitlines() if line.startswith('clsa_transfers{state="DONE"}')]
     assert done >= 1
+    for stage in ("queue", "prefill", "transfer", "decode"):
+        assert f"clsa_{stage}_seconds_count" in text
+        [count] = [float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(f"clsa_{stage}_seconds_count")]
+        assert count >= 1, stage
     assert 'clsa_transfers{state="READY"} 0.0' in text and 'clsa_transfers{state="CLAIMED"} 0.0' in text
