@@ -3,8 +3,6 @@ loop, in front of the tiny model's in-process engine. Tests talk to it over the 
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,8 +12,9 @@ import pytest
 from services.engine import EngineConfig, LLMEngine
 from services.gateway.backend import LocalEngineBackend
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.server import pb2_grpc, start_server
+from services.gateway.server import pb2_grpc
 from services.transfer.local_redis import free_port
+from tests.grpc_server import running_gateway
 
 
 @dataclass
@@ -37,24 +36,8 @@ def gateway() -> Iterator[Gateway]:
     metrics = GatewayMetrics(backend)
     metrics_port = free_port()
     metrics.serve_http(metrics_port)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server, port = loop.run_until_complete(start_server(backend, metrics=metrics))
-        holder.update(server=server, port=port)
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30), "gateway did not start"
-    channel = grpc.insecure_channel(f"127.0.0.1:{holder['port']}")
-    yield Gateway(f"127.0.0.1:{holder['port']}", backend, channel, f"http://127.0.0.1:{metrics_port}/metrics")
-    channel.close()
-    asyncio.run_coroutine_threadsafe(holder["server"].stop(grace=1), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with running_gateway(backend, metrics) as address:
+        channel = grpc.insecure_channel(address)
+        yield Gateway(address, backend, channel, f"http://127.0.0.1:{metrics_port}/metrics")
+        channel.close()
     backend.stop()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,9 +12,10 @@ import ray
 
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ray_backend import NAMESPACE, RayBackend, start_workers
-from services.gateway.server import pb2_grpc, start_server
+from services.gateway.server import pb2_grpc
 from services.transfer import TransferLedger, WorkerRegistry
 from services.transfer.local_redis import LocalRedis
+from tests.grpc_server import running_gateway
 
 PREFIX = "clsa-test:"
 
@@ -45,27 +44,11 @@ def service() -> Iterator[Service]:
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
         registry = WorkerRegistry(ledger.client, prefix=PREFIX)
         backend = RayBackend(prefill, decode, registry, ledger)
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-        holder: dict = {}
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            metrics = GatewayMetrics(backend, ledger)
-            holder["metrics"] = metrics
-            holder["server"], holder["port"] = loop.run_until_complete(start_server(backend, metrics=metrics))
-            started.set()
-            loop.run_forever()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        assert started.wait(60), "gateway did not start"
-        channel = grpc.insecure_channel(f"127.0.0.1:{holder['port']}")
-        yield Service(f"127.0.0.1:{holder['port']}", channel, ledger, backend, redis_server.url, holder["metrics"])
-        channel.close()
-        asyncio.run_coroutine_threadsafe(holder["server"].stop(grace=1), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        metrics = GatewayMetrics(backend, ledger)
+        with running_gateway(backend, metrics) as address:
+            channel = grpc.insecure_channel(address)
+            yield Service(address, channel, ledger, backend, redis_server.url, metrics)
+            channel.close()
     finally:
         ray.shutdown()
         redis_server.stop()
