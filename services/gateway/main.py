@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from services.engine import EngineConfig, LLMEngine
 from services.gateway.backend import GenerationBackend, LocalEngineBackend
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.server import start_server
+from services.transfer import TransferRecord
 
 REAP_EVERY_S = 1.0
 
@@ -79,10 +81,12 @@ async def serve(cfg: ServeConfig) -> None:
 
 @dataclass
 class Reaper:
-    """Expires transfers past their deadline (a dead worker's, an abandoned claim's)."""
+    """Expires transfers past their deadline (a dead worker's, an abandoned claim's) and frees
+    their bundles' handles."""
 
     url: str
     prefix: str
+    release: Callable[[TransferRecord], None] | None = None
 
     async def run(self) -> None:
         from services.transfer import TransferLedger
@@ -90,7 +94,7 @@ class Reaper:
         ledger = TransferLedger.from_url(self.url, prefix=self.prefix)
         while True:
             try:
-                for transfer_id in await asyncio.to_thread(ledger.reap):
+                for transfer_id in await asyncio.to_thread(ledger.reap, self.release):
                     _log(f"clsa: transfer {transfer_id} expired")
             except Exception as e:  # noqa: BLE001 -- Redis away for a moment: try again next round
                 _log(f"clsa: reaper: {e}")
@@ -124,4 +128,5 @@ def _start_backend(cfg: ServeConfig, stack: ExitStack) -> tuple[GenerationBacken
                                     cfg.device)
     ledger = TransferLedger.from_url(redis_url, prefix=cfg.prefix)
     registry = WorkerRegistry(ledger.client, prefix=cfg.prefix)
-    return RayBackend(prefill, decode, registry, ledger, cfg.max_in_flight), Reaper(redis_url, cfg.prefix)
+    backend = RayBackend(prefill, decode, registry, ledger, cfg.max_in_flight)
+    return backend, Reaper(redis_url, cfg.prefix, backend.release)

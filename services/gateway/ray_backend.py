@@ -23,7 +23,7 @@ from services.engine import RequestOutput
 from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, ModelSummary
 from services.gateway.convert import GenerationRequest
 from services.prefill.worker import PrefillWorker
-from services.transfer import LedgerError, TransferLedger, WorkerRegistry
+from services.transfer import LedgerError, TransferLedger, TransferRecord, WorkerRegistry
 from services.transfer.registry import Role
 
 NAMESPACE = "clsa"
@@ -69,6 +69,7 @@ class RayBackend:
         self.decode = {f"clsa-decode-{i}": w for i, w in enumerate(decode)}
         self.registry = registry
         self.ledger = ledger
+        self._handles: dict[str, list[Any]] = {}  # transfer id -> the bundle's handle, while in flight
         self._summary: ModelSummary = ray.get(prefill[0].model_summary.remote())
         self._round_robin = itertools.count()
 
@@ -96,7 +97,9 @@ class RayBackend:
             yield first
             if result["bundle"] is None:
                 return
+            self._handles[transfer_id] = result["bundle"]
             stream = consumer.generate.remote(request, transfer_id, result["bundle"])
+            del result
             async for ref in stream:
                 out = await ref
                 finished = out.finished
@@ -104,6 +107,7 @@ class RayBackend:
                     out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
                 yield out
         finally:
+            self._handles.pop(transfer_id, None)
             if not finished:
                 # Ended early (cancel, deadline, a failed prefill, no decode worker): stop the decode
                 # side and settle the record now, not when the reaper finds it. A record a worker has
@@ -114,6 +118,15 @@ class RayBackend:
                     self.ledger.fail(transfer_id, "gateway: the request ended before it finished")
                 except LedgerError:
                     pass
+
+    @property
+    def handles_in_flight(self) -> int:
+        return len(self._handles)
+
+    def release(self, record: TransferRecord) -> None:
+        """The reaper's callback: drop the gateway's handle of an expired transfer's bundle (Ray frees
+        the object once no one holds it)."""
+        self._handles.pop(record.transfer_id, None)
 
     def _name(self, worker: Any) -> str:
         return next(name for name, w in self.prefill.items() if w is worker)

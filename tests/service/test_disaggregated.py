@@ -81,6 +81,7 @@ def test_cancel_mid_stream_frees_kv_and_ends_the_transfer(service: Service) -> N
     stream.cancel()
     live, stats = _settled(service)
     assert live == [] and stats["kv_blocks_used"] == 0 and stats["requests_in_flight"] == 0
+    assert service.backend.handles_in_flight == 0  # the bundle's handle is dropped too
 
 
 def test_deadline_shorter_than_the_request_ends_it_and_frees_kv(service: Service) -> None:
