@@ -34,11 +34,24 @@ class Service:
         return pb2_grpc.GenerationStub(self.channel)
 
 
+def _start_ray(attempts: int = 3) -> None:
+    """A local Ray with a small object store (bundles of the tiny model are ~100 KB). Its raylet
+    has been seen to miss Ray's fixed 30 s start-up window on a loaded 2-core machine: try again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR",
+                     log_to_driver=False, object_store_memory=256 * 1024 * 1024)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+
+
 @pytest.fixture(scope="session")
 def service() -> Iterator[Service]:
     redis_server = LocalRedis()
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR",
-             log_to_driver=False)
+    _start_ray()
     try:
         prefill, decode = start_workers("clsa-tiny", redis_server.url, PREFIX, 1, 1)
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
