@@ -51,8 +51,8 @@ def _start_ray(attempts: int = 3) -> None:
 @pytest.fixture(scope="session")
 def service() -> Iterator[Service]:
     redis_server = LocalRedis()
-    _start_ray()
     try:
+        _start_ray()
         prefill, decode = start_workers("clsa-tiny", redis_server.url, PREFIX, 1, 1)
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
         registry = WorkerRegistry(ledger.client, prefix=PREFIX)
