@@ -56,8 +56,14 @@ async def serve(cfg: ServeConfig) -> None:
     with ExitStack() as stack:
         backend, reaper = _start_backend(cfg, stack)
         metrics = GatewayMetrics(backend, getattr(backend, "ledger", None))
-        metrics.serve_http(cfg.metrics_port, host=cfg.host)
-        server, bound = await start_server(backend, port=cfg.port, host=cfg.host, metrics=metrics)
+        try:
+            metrics.serve_http(cfg.metrics_port, host=cfg.host)
+        except OSError as e:
+            raise ValueError(f"--metrics-port {cfg.metrics_port}: {e.strerror or e}") from None
+        try:
+            server, bound = await start_server(backend, port=cfg.port, host=cfg.host, metrics=metrics)
+        except RuntimeError as e:
+            raise ValueError(f"--port {cfg.port}: cannot listen on {cfg.host}:{cfg.port} ({e})") from None
         address = f"{cfg.host}:{bound}"
         summary = backend.model_summary()
         _log(f"clsa serving {cfg.model} (fingerprint {summary.fingerprint}, backend {cfg.backend}) on {address}; "
