@@ -1,4 +1,4 @@
-"""`clsa`: the command line. Subcommands: init, generate, serve, client, transfers."""
+"""`clsa`: the command line. Subcommands: init, generate, serve, client, eval, transfers."""
 
 from __future__ import annotations
 
@@ -103,6 +103,27 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.engine import EngineConfig, LLMEngine
+    from services.evals.passkey import format_table, run_passkey
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    engine = LLMEngine.from_model(args.model, EngineConfig(max_num_seqs=args.trials), device=args.device)
+    too_long = [n for n in lengths if n >= engine.model_config.max_seq_len]
+    if too_long:
+        raise ValueError(f"--lengths {too_long} reach the model's max_seq_len {engine.model_config.max_seq_len}")
+    cells = run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk)
+    print(format_table(cells))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "fingerprint": engine.fingerprint,
+                                              "cells": [c.to_dict() for c in cells]}, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_transfers(args: argparse.Namespace) -> int:
     import redis
 
@@ -186,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["clsa", "dense"], default=None)
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.set_defaults(func=_cmd_client)
+
+    p = sub.add_parser("eval", help="quality evals, DENSE vs CLSA on the same weights")
+    p.add_argument("name", choices=["passkey"])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens, comma-separated")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, 0 = start")
+    p.add_argument("--trials", type=int, default=5, help="prompts per (length, depth)")
+    p.add_argument("--index-topk", type=int, default=None, help="also CLSA at this fixed k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default=None, help="write the cells as JSON")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("transfers", help="list the KV-transfer ledger in Redis")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
