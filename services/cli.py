@@ -107,16 +107,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from services.engine import EngineConfig, LLMEngine
-    from services.evals.passkey import format_table, run_passkey
+    from services.evals import passkey, ppl
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
     engine = LLMEngine.from_model(args.model, EngineConfig(max_num_seqs=args.trials), device=args.device)
     too_long = [n for n in lengths if n >= engine.model_config.max_seq_len]
     if too_long:
         raise ValueError(f"--lengths {too_long} reach the model's max_seq_len {engine.model_config.max_seq_len}")
-    cells = run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk)
-    print(format_table(cells))
+    cells: list = []
+    if args.name == "passkey":
+        depths = [float(x) for x in args.depths.split(",")]
+        cells = passkey.run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk)
+        print(passkey.format_table(cells))
+    else:
+        data = Path(args.text).read_bytes() if args.text else ppl.stdlib_text(args.trials * (max(lengths) + 1))
+        cells = ppl.run_ppl(engine.model, engine.tokenizer, data, lengths, args.trials, fixed_topk=args.index_topk)
+        print(ppl.format_table(cells))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "fingerprint": engine.fingerprint,
                                               "cells": [c.to_dict() for c in cells]}, indent=1))
@@ -209,11 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("eval", help="quality evals, DENSE vs CLSA on the same weights")
-    p.add_argument("name", choices=["passkey"])
+    p.add_argument("name", choices=["passkey", "ppl"])
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
     p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens, comma-separated")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, 0 = start")
-    p.add_argument("--trials", type=int, default=5, help="prompts per (length, depth)")
+    p.add_argument("--trials", type=int, default=5, help="passkey: prompts per (length, depth); ppl: windows")
+    p.add_argument("--text", default=None, help="ppl: held-out text file (default: Python's stdlib sources)")
     p.add_argument("--index-topk", type=int, default=None, help="also CLSA at this fixed k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -72,7 +72,7 @@ def run_passkey(engine: LLMEngine, lengths: list[int], depths: list[float], tria
     cells = []
     for length in lengths:
         modes: list[tuple[str, int | None]] = [("dense", None), (f"clsa@{max(1, length // 16)}", max(1, length // 16))]
-        if fixed_topk is not None:
+        if fixed_topk is not None and fixed_topk != max(1, length // 16):
             modes.append((f"clsa@{fixed_topk}", fixed_topk))
         for depth in depths:
             keys = [rng.randrange(10_000, 100_000) for _ in range(trials)]
