@@ -112,7 +112,7 @@ def test_lease_renewal_by_owner_only(client: redis.Redis, prefix: str) -> None:
 
 
 def test_reaper_expires_lapsed_leases_and_stale_records_once(client: redis.Redis, prefix: str) -> None:
-    lg = ledger(client, prefix, lease_ms=50, ready_timeout_ms=50)
+    lg = ledger(client, prefix, lease_ms=300, ready_timeout_ms=300)
     stale = lg.create("r-stale", "p", "fp")  # producer died before READY
     lapsed = lg.create("r-lapsed", "p", "fp")
     lg.mark_ready(lapsed, 1, 1)
@@ -120,7 +120,7 @@ def test_reaper_expires_lapsed_leases_and_stale_records_once(client: redis.Redis
     alive = lg.create("r-alive", "p", "fp")
     released: list[str] = []
     assert lg.reap(lambda rec: released.append(rec.transfer_id)) == []  # nothing past its deadline yet
-    time.sleep(0.1)
+    time.sleep(0.5)
     lg.mark_ready(alive, 1, 1)  # a transition moves the deadline
     expired = lg.reap(lambda rec: released.append(rec.transfer_id))
     assert sorted(expired) == sorted([stale, lapsed]) and sorted(released) == sorted(expired)

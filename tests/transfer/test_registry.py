@@ -23,11 +23,11 @@ def test_workers_are_listed_by_role_least_loaded_first(client: redis.Redis, pref
 
 
 def test_a_worker_that_stops_heartbeating_drops_out(client: redis.Redis, prefix: str) -> None:
-    reg = WorkerRegistry(client, prefix=prefix, ttl_s=0.2)
+    reg = WorkerRegistry(client, prefix=prefix, ttl_s=1.0)
     reg.register("clsa-decode-0", "decode", "fp")
     reg.register("clsa-decode-1", "decode", "fp")
-    for _ in range(3):
-        time.sleep(0.1)
+    for _ in range(5):  # 1.25 s: decode-0's TTL runs out, decode-1 beats well within its TTL
+        time.sleep(0.25)
         reg.heartbeat("clsa-decode-1", "decode", "fp", load=0, stats={})
     assert [w.worker_id for w in reg.live_workers()] == ["clsa-decode-1"]
     reg.deregister("clsa-decode-1")
