@@ -307,6 +307,7 @@ def quick(args: argparse.Namespace) -> None:
             k1_variants(case, batch, n, results)
             if batch in (1, 8):
                 sparse_variants(case, batch, results)
+                overheads(case, results)  # the launch floor docs/kernels.md quotes
         print([r for r in results if r["op"] == "topk"][-1], flush=True)
         del case
         torch.cuda.empty_cache()

@@ -26,10 +26,6 @@ class BlockManager:
         """Free blocks not promised to a running sequence."""
         return self.cache.blocks.num_free - self._outstanding
 
-    @property
-    def num_used_blocks(self) -> int:
-        return self.cache.blocks.num_used
-
     def can_admit(self, seq: Sequence) -> bool:
         return (self.blocks_for(seq.max_total_tokens) <= self.num_available_blocks
                 and self.cache.slots.num_free > 0)

@@ -65,10 +65,6 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def append(self, token_id: int) -> None:
         """Add a sampled token; sets `finish_reason` when a stopping rule fires."""
         self.output_ids.append(token_id)

@@ -44,10 +44,6 @@ class TransferState(enum.Enum):
     FAILED = "FAILED"
     EXPIRED = "EXPIRED"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in (TransferState.DONE, TransferState.FAILED, TransferState.EXPIRED)
-
 
 NON_TERMINAL = (TransferState.PENDING, TransferState.READY, TransferState.CLAIMED)
 
