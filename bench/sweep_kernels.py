@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton.testing
 
 sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,72 +111,12 @@ def time_topk(case: dict, batch: int, n: int, results: list) -> None:
                     "GB/s": batch * n * D_IDX * 2 / ours / 1e3})
 
 
-def topk_stages(case: dict, batch: int, n: int, upto: int) -> float:
-    """index_topk's launches up to and including `upto` (0 memset, 1 score, 2 hist, 3 select, 4 finish)."""
-    tt = importlib.import_module("kernels.triton_topk")
-    block_n, warps, fblock, fwarps = it.TOPK_CONFIG
-    chunk = it._cdiv(it._cdiv(n, it._cdiv(it.TOPK_WAVES * 132, batch)), block_n) * block_n
-    n_chunks = it._cdiv(n, chunk)
-    group = min(block_n, 1 << max(0, (n_chunks * block_n // K).bit_length() - 1))
-    sweep_block = min(fblock, 1 << (chunk - 1).bit_length())
-    scores = torch.empty((batch, n), dtype=torch.float32, device="cuda")
-    cand = torch.empty((batch, n), dtype=torch.int32, device="cuda")
-    out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
-    lens, table = case["lens"], case["table"]
-
-    def run() -> None:
-        counters = torch.zeros((batch, tt.HIST_BINS + tt.META), dtype=torch.int32, device="cuda")
-        hist, meta = counters[:, : tt.HIST_BINS], counters[:, tt.HIST_BINS :]
-        grid, cs = (batch, it._cdiv(n, chunk)), counters.stride(0)
-        if upto >= 1:
-            tt._score_kernel[grid](case["qidx"], case["kidx"], table, lens, scores, meta, K, chunk,
-                                   case["qidx"].stride(0), case["kidx"].stride(1), table.stride(0),
-                                   scores.stride(0), cs, D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX,
-                                   GROUP=group, num_warps=warps)
-        if upto >= 2:
-            tt._hist_kernel[grid](scores, hist, meta, lens, K, chunk, scores.stride(0), cs, cs,
-                                  BLOCK_N=sweep_block, num_warps=warps)
-        if upto >= 3:
-            tt._select_kernel[grid](scores, hist, meta, cand, out, lens, K, chunk, scores.stride(0), cs, cs,
-                                    cand.stride(0), out.stride(0), BLOCK_N=sweep_block, SCAN=tt.SCAN_BLOCK,
-                                    num_warps=warps)
-        if upto >= 4:
-            tt._finish_kernel[(batch,)](scores, meta, cand, out, lens, K, scores.stride(0), cs, cand.stride(0),
-                                        out.stride(0), BLOCK_N=fblock, BINS=tt.LOW_BINS, num_warps=fwarps)
-
-    return graph_us(run)
-
-
-def overheads(case: dict, results: list) -> None:
-    """What a graph of 16 sparse layers costs beyond its bytes: same cache (L2-warm rows) vs one
-    layer, and 16 empty Triton launches."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _noop(x_ptr):
-        tl.store(x_ptr + tl.program_id(0), 1.0)
-
-    scale = 1 / math.sqrt(D)
-    w = SparseDecodeWrapper("triton")
-    w.plan(case["table"], case["lens"], case["idx"], PAGE)
-    qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
-    one = graph_us(lambda: w.run(qs[0], case["k"], case["v"], scale))
-    sixteen = graph_us(lambda: [w.run(qs[i], case["k"], case["v"], scale) for i in range(16)])
-    x = torch.empty(256, device="cuda")
-    noop16 = graph_us(lambda: [_noop[(256,)](x) for _ in range(16)])
-    noop1 = graph_us(lambda: _noop[(256,)](x))
-    results.append({"op": "overhead", "B": case["q"].shape[0], "sparse_1": one, "sparse_16_same_cache": sixteen,
-                    "noop_1": noop1, "noop_16": noop16})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--skip-dense", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="index_topk by stage (and --variants) only")
-    parser.add_argument("--variants", action="store_true", help="with --quick: scoring and sparse variants")
-    parser.add_argument("--configs", action="store_true", help="with --quick: index_topk launch configurations")
+    parser.add_argument("--quick", action="store_true", help="index_topk variants (and --variants) only")
+    parser.add_argument("--variants", action="store_true", help="with --quick: sparse attention variants")
     args = parser.parse_args()
     if args.quick:
         quick(args)
@@ -208,107 +149,138 @@ def main() -> None:
             print("sdpa", r)
 
 
-def k1_variants(case: dict, batch: int, n: int, results: list) -> None:
-    """The scoring kernel's cost without its histogram atomics, with tl.atomic_add (atom, returns the
-    old value) and with a fire-and-forget `red` through inline PTX, at a few block shapes."""
-    import triton
-    import triton.language as tl
-
-    # ruff: noqa: B023 -- graph_us calls each lambda at once, inside its loop iteration
-
-    @triton.jit
-    def _score(q_ptr, kidx_ptr, bt_ptr, scores_ptr, hist_ptr, chunk_size, n_pos, stride_btb, stride_sb, stride_hb,
-               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
-        b = tl.program_id(0)
-        start = tl.program_id(1) * chunk_size
-        offs_d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * D + offs_d).to(tl.float32)
-        for n0 in range(start, tl.minimum(start + chunk_size, n_pos), BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            blocks = tl.load(bt_ptr + b * stride_btb + pos // PAGE)
-            rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
-            keys = tl.load(kidx_ptr + rows[:, None] * D + offs_d[None, :])
-            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
-            tl.store(scores_ptr + b * stride_sb + pos, scores)
-            bits = scores.to(tl.int32, bitcast=True)
-            digit = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16) + 32768
-            if ATOMIC == 1:
-                tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, sem="relaxed")
-            if ATOMIC == 2:
-                tl.inline_asm_elementwise(
-                    "red.global.relaxed.gpu.add.u32 [$1], 1; mov.u32 $0, 0;", "=r,l",
-                    [hist_ptr + b * stride_hb + digit], dtype=tl.int32, is_pure=False, pack=1)
-
-    scores = torch.empty((batch, n), dtype=torch.float32, device="cuda")
-    hist = torch.zeros((batch, 65536), dtype=torch.int32, device="cuda")
-    for block_n, warps, waves, stages in ((128, 4, 4, 3), (128, 4, 2, 3), (256, 8, 2, 3), (64, 2, 8, 3),
-                                          (128, 4, 4, 1)):
-        chunk = it._cdiv(it._cdiv(n, it._cdiv(waves * 132, batch)), block_n) * block_n
-        grid = (batch, it._cdiv(n, chunk))
-        for atomic in (0, 1, 2):
-            hist.zero_()
-            try:
-                us = graph_us(lambda: _score[grid](
-                    case["qidx"], case["kidx"], case["table"], scores, hist, chunk, n, case["table"].stride(0),
-                    scores.stride(0), hist.stride(0), D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, ATOMIC=atomic,
-                    num_warps=warps, num_stages=stages))
-            except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
-                print("k1 variant failed:", block_n, warps, atomic, repr(e)[:300], flush=True)
-                continue
-            results.append({"op": "k1", "B": batch, "N": n, "cfg": [block_n, warps, waves, stages],
-                            "atomic": atomic, "us": round(us, 1),
-                            "GB/s": round(batch * n * D_IDX * 2 / us / 1e3)})
-            print(results[-1], flush=True)
+def topk_variants(case: dict, batch: int, n: int, results: list) -> None:
+    """index_topk in one cooperative launch under several shapes, and in four launches; each
+    checked against torch.topk, then timed; the cooperative scoring phase alone for the floor."""
+    tt = importlib.import_module("kernels.triton_topk")
+    keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
+    want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
+    base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
+    saved = it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES
+    # (mode, (BLOCK_N, warps, stages), programs per SM, scores by tl.dot, prefetch in the reduction)
+    variants = [("coop", (64, 4, 3), 4, True, False), ("coop", (64, 8, 3), 2, True, False),
+                ("coop", (128, 8, 3), 2, True, False), ("coop", (64, 4, 3), 3, True, False),
+                ("coop", (64, 4, 1), 4, False, True), ("four", (64, 4, 3), 8, True, False),
+                ("four", (128, 8, 3), 4, True, False), ("four", (64, 4, 3), 16, True, False),
+                ("four", (64, 4, 1), 8, False, True)]
+    for mode, shape, per_sm, mma, prefetch in variants:
+        tt.MMA, tt.PREFETCH = mma, prefetch
+        if mode == "coop":
+            it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1]), per_sm, True
+        else:
+            it.TOPK_CONFIG, it.TOPK_WAVES, it.COOPERATIVE = (*shape, 8), per_sm, False
+        try:
+            got = index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)
+            torch.cuda.synchronize()
+            overlap = min(len(set(got[b].tolist()) & set(want[b].tolist())) / K for b in range(batch))
+            us = graph_us(lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K))
+            eager = 1000 * triton.testing.do_bench(
+                lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K), return_mode="median")
+            chain = graph_us(lambda: [index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)
+                                      for _ in range(8)]) / 8
+            clean = int(tt._WORKSPACE[got.device].count_nonzero())
+            stages = topk_stages(case, batch, tt, mode == "coop")
+        except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
+            print("topk variant failed:", mode, shape, per_sm, mma, repr(e)[:300], flush=True)
+            continue
+        results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
+                        "mma": mma, "prefetch": prefetch, "us": round(us, 1), "eager_us": round(eager, 1),
+                        "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
+                        "overlap": overlap, "workspace_nonzero": clean, "stages_us": stages})
+        print(results[-1], flush=True)
+    it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES = saved
+    tt.MMA, tt.PREFETCH = True, True
 
 
-def sparse_variants(case: dict, batch: int, results: list) -> None:
+def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
+    """Graph time of index_topk's phases 1..p run as separate launches (p = 1, 2, 3, 4) with the
+    current configuration's grid, minus a graph of only the workspace memset that restores the
+    zeros a skipped phase 4 would have restored."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if coop:
+        block_n, warps, stages, fwarps = it.COOP_CONFIG
+        members = it.COOP_CTAS_PER_SM * sms // batch
+    else:
+        block_n, warps, stages, fwarps = it.TOPK_CONFIG
+        members = it._cdiv(it.TOPK_WAVES * sms, batch)
+    out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
+    work = tt.workspace(batch, out.device)
+    qidx, kidx, table, lens = case["qidx"], case["kidx"], case["table"], case["lens"]
+    max_len = table.shape[1] * PAGE
+    chunk = -(-max(1, -(-max_len // members)) // block_n) * block_n
+    n_members = max(1, -(-max_len // chunk))
+    subs = max(1, min(chunk // block_n, -(-it.LANES_PER_K * K // (n_members * block_n))))
+    sub_chunk = -(-(chunk // block_n) // subs) * block_n
+    scores = torch.empty((batch, max_len), dtype=torch.float32, device="cuda")
+    cand = torch.empty((batch, max_len), dtype=torch.int32, device="cuda")
+    args = (qidx, kidx, table, lens, scores, work, cand, out, K, chunk, sub_chunk, n_members, qidx.stride(0),
+            kidx.stride(1), table.stride(0), scores.stride(0), work.stride(0), cand.stride(0), out.stride(0))
+    sweep = min(1024, 1 << (chunk - 1).bit_length())
+    consts = dict(D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX, SWEEP_BLOCK=sweep,
+                  SCAN=tt.SCAN_BLOCK, RANK=tt.RANK_BLOCK, FINISH_BLOCK=tt.FINISH_BLOCK, BINS=tt.LOW_BINS,
+                  HIST=tt.HIST_BINS, COARSE=tt.COARSE_BINS, META_WORDS=tt.META, PREFETCH=tt.PREFETCH,
+                  MMA=tt.MMA, IEEE=False)
+
+    def phases(upto: int) -> None:
+        for phase in range(1, min(upto, 3) + 1):
+            tt._topk_kernel[(batch, n_members)](*args, PHASE=phase, **consts, num_warps=warps, num_stages=stages)
+        if upto >= 4:
+            tt._topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=fwarps)
+        else:
+            work.zero_()
+
+    zero = graph_us(lambda: work.zero_())
+    times = [round(graph_us(lambda p=p: phases(p)) - (zero if p < 4 else 0.0), 1) for p in (1, 2, 3, 4)]
+    work.zero_()
+    return times
+
+
+def sparse_variants(case: dict, batch: int, results: list, n_caches: int) -> None:
+    """One sparse layer alone (graph of one call) and per call in a chain of 16 calls that cycle
+    through `n_caches` distinct K/V caches (L2-cold rows, as in a model whose GEMMs evict L2),
+    with and without programmatic dependent launch, merged by a kernel or by the last split."""
     scale = 1 / math.sqrt(D)
-    saved = da.SPARSE_CONFIG, da.SPARSE_WAVES
-    for block_n, warps, stages, waves in ((64, 4, 2, 8), (128, 4, 2, 8), (128, 8, 2, 8), (64, 8, 2, 8),
-                                          (32, 2, 2, 16), (64, 4, 3, 4), (128, 8, 3, 4)):
-        da.SPARSE_CONFIG, da.SPARSE_WAVES = (block_n, warps, stages, False), waves
+    ref = sparse_decode_attention_reference(case["q"], case["k"], case["v"], case["table"], case["lens"],
+                                            case["idx"], scale).float()
+    caches = [(case["k"], case["v"])] + [(torch.randn_like(case["k"]), torch.randn_like(case["v"]))
+                                         for _ in range(n_caches - 1)]
+    qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
+    ta = importlib.import_module("kernels.triton_attention")
+    saved = da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL
+    for pdl, fused, early, (block_n, warps, stages, waves) in [
+            (True, False, True, (64, 4, 1, 8)), (True, False, True, (64, 4, 1, 4)), (True, True, False, (64, 4, 1, 8)),
+            (True, False, True, (128, 8, 1, 2)), (True, False, True, (64, 4, 1, 16)),
+            (True, False, False, (64, 4, 1, 8)), (False, False, False, (64, 4, 1, 8))]:
+        da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL = (block_n, warps, stages, fused), waves, pdl
+        ta.EARLY_TRIGGER = early
         w = SparseDecodeWrapper("triton")
         w.plan(case["table"], case["lens"], case["idx"], PAGE)
         try:
-            one = graph_us(lambda: w.run(case["q"], case["k"], case["v"], scale))
-            ten = graph_us(lambda: [w.run(case["q"], case["k"], case["v"], scale) for _ in range(10)])
+            out = w.run(case["q"], case["k"], case["v"], scale)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            one = graph_us(lambda w=w: w.run(case["q"], case["k"], case["v"], scale))
+            chain = graph_us(lambda w=w: [w.run(qs[i], *caches[i % n_caches], scale) for i in range(16)])
         except Exception as e:  # noqa: BLE001
-            print("sparse variant failed:", block_n, warps, repr(e)[:300], flush=True)
+            print("sparse variant failed:", pdl, fused, block_n, warps, repr(e)[:400], flush=True)
             continue
-        results.append({"op": "sparse-var", "B": batch, "cfg": [block_n, warps, stages, waves], "us_1": round(one, 1),
-                        "us_per_call_of_10": round(ten / 10, 1)})
+        nbytes = batch * K * HKV * D * 2 * 2
+        results.append({"op": "sparse-var", "B": batch, "pdl": pdl, "fused": fused, "early": early,
+                        "cfg": [block_n, warps, stages, waves], "err": round(err, 5), "us_1": round(one, 1),
+                        "us_16": round(chain, 1), "us_per_call": round(chain / 16, 2),
+                        "GB/s_1": round(nbytes / one / 1e3), "GB/s_per_call": round(nbytes * 16 / chain / 1e3)})
         print(results[-1], flush=True)
-    da.SPARSE_CONFIG, da.SPARSE_WAVES = saved
-
-
-def topk_configs(case: dict, batch: int, n: int, results: list) -> None:
-    """index_topk (whole, and its scoring kernel alone) under other scoring-block shapes and waves."""
-    saved = it.TOPK_CONFIG, it.TOPK_WAVES
-    for block_n, warps, waves in ((128, 4, 4), (64, 4, 4), (64, 4, 8), (64, 8, 4), (32, 4, 8), (128, 8, 4)):
-        it.TOPK_CONFIG, it.TOPK_WAVES = (block_n, warps, saved[0][2], saved[0][3]), waves
-        whole = graph_us(lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K))
-        score = topk_stages(case, batch, n, 1)
-        results.append({"op": "topk-config", "B": batch, "N": n, "cfg": [block_n, warps, waves],
-                        "us": round(whole, 1), "score_us": round(score, 1)})
-        print(results[-1], flush=True)
-    it.TOPK_CONFIG, it.TOPK_WAVES = saved
+    da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL = saved
+    ta.EARLY_TRIGGER = False
 
 
 def quick(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     results: list[dict] = []
-    for n, batch in ((8192, 1), (131072, 1), (131072, 8), (131072, 32)):
+    for n, batch in ((131072, 1), (131072, 8), (131072, 32), (8192, 1), (32768, 1)):
         case = paged_case(batch, n, gen)
-        time_topk(case, batch, n, results)
-        results[-1]["stages_us"] = [round(topk_stages(case, batch, n, i), 1) for i in range(5)]
-        if args.configs:
-            topk_configs(case, batch, n, results)
-        if args.variants:
-            k1_variants(case, batch, n, results)
-            if batch in (1, 8):
-                sparse_variants(case, batch, results)
-                overheads(case, results)  # the launch floor docs/kernels.md quotes
-        print([r for r in results if r["op"] == "topk"][-1], flush=True)
+        topk_variants(case, batch, n, results)
+        if args.variants and n == 131072 and batch in (1, 8):
+            sparse_variants(case, batch, results, n_caches=16 if batch == 1 else 4)
         del case
         torch.cuda.empty_cache()
     out = Path(args.out)

@@ -6,6 +6,8 @@ the query's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels._backend import Backend, interpreting, num_sms, resolve_backend
@@ -77,6 +79,9 @@ DENSE_CONFIG = (128, 4, 3, False)
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
 DENSE_WAVES = 16
+# Programmatic dependent launch on Hopper and later: each kernel is resident, with its first K/V
+# rows in flight, before the kernel ahead of it ends; it waits only to read the query and to write.
+PDL = True
 
 
 class SparseDecodeWrapper:
@@ -136,7 +141,7 @@ class SparseDecodeWrapper:
         o_part, lse_part, counters = self._buffers(q, k_cache.shape[2], n_splits)
         launch_decode(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, k, n_splits,
                       split_size, o_part, lse_part, counters, out, sparse=True, block_n=block_n,
-                      num_warps=warps, num_stages=stages, fused_merge=fused)
+                      num_warps=warps, num_stages=stages, fused_merge=fused, pdl=_pdl(q.device))
         return out
 
     def _buffers(self, q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
@@ -149,6 +154,19 @@ class SparseDecodeWrapper:
 
 def _config(config: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
     return INTERPRET_CONFIG if interpreting() else config
+
+
+def _pdl(device: torch.device) -> bool:
+    return PDL and device.type == "cuda" and not interpreting() and _capability(device) >= 9
+
+
+@functools.cache
+def _capability_of(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _capability(device: torch.device) -> int:
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _partials(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
@@ -226,5 +244,5 @@ def dense_decode_attention(
     o_part, lse_part, counters = _partials(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
-                  num_stages=stages, fused_merge=fused)
+                  num_stages=stages, fused_merge=fused, pdl=_pdl(q.device))
     return out

@@ -12,10 +12,18 @@ from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, 
 from kernels.paged import gather_tokens
 
 OP = "index_topk"
-# (scoring BLOCK_N, scoring num_warps, finishing BLOCK_N, finishing num_warps)
-TOPK_CONFIG = (64, 4, 1024, 8)
-INTERPRET_CONFIG = (16, 1, 64, 1)
-TOPK_WAVES = 8  # scoring programs per SM that the chunking aims for (bench/sweep_kernels.py --configs)
+# (scoring BLOCK_N, num_warps, num_stages, finishing num_warps): the four-launch path, for more rows
+# than fit at once, with TOPK_WAVES programs per SM; the one-launch cooperative path, with
+# COOP_CTAS_PER_SM programs per SM, all resident at once (registers capped at COOP_MAX_REGISTERS
+# per thread so that they fit). From bench/sweep_kernels.py on an H200.
+TOPK_CONFIG = (64, 4, 3, 8)
+COOP_CONFIG = (64, 4, 3, 4)
+INTERPRET_CONFIG = (16, 1, 1, 1)
+COOP_MAX_REGISTERS = 128
+TOPK_WAVES = 8
+COOP_CTAS_PER_SM = 4
+COOPERATIVE = True  # one launch whenever the rows x members fit on the card at once
+LANES_PER_K = 4  # lane maxima each row publishes, per k: more give a tighter histogram filter
 
 
 def index_topk_reference(
@@ -88,11 +96,23 @@ def index_topk(
     from kernels.triton_topk import launch_index_topk
 
     out = out if out is not None else torch.empty((q_idx.shape[0], k), dtype=torch.int32, device=q_idx.device)
-    block_n, num_warps, finish_block, finish_warps = INTERPRET_CONFIG if interpreting() else TOPK_CONFIG
-    max_len = block_table.shape[1] * k_idx_cache.shape[1]
-    # Enough programs to fill the card a few times over, each a whole number of BLOCK_N positions.
-    programs_per_row = _cdiv(TOPK_WAVES * num_sms(q_idx.device), max(1, q_idx.shape[0]))
-    chunk = _cdiv(_cdiv(max_len, programs_per_row), block_n) * block_n
-    launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, chunk, block_n, num_warps,
-                      finish_block, finish_warps)
+    batch = q_idx.shape[0]
+    if batch == 0:
+        return out
+    sms = num_sms(q_idx.device)
+    resident = COOP_CTAS_PER_SM * sms
+    # The interpreter runs programs one after another: a cooperative row has a single member there.
+    cooperative = COOPERATIVE and (interpreting() or batch <= resident)
+    if interpreting():
+        block_n, num_warps, num_stages, finish_warps = INTERPRET_CONFIG
+        members = 1 if cooperative else _cdiv(TOPK_WAVES * sms, batch)
+    elif cooperative:
+        block_n, num_warps, num_stages, finish_warps = COOP_CONFIG
+        members = resident // batch
+    else:
+        block_n, num_warps, num_stages, finish_warps = TOPK_CONFIG
+        members = _cdiv(TOPK_WAVES * sms, batch)
+    launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, n_members=members, cooperative=cooperative,
+                      block_n=block_n, num_warps=num_warps, num_stages=num_stages, finish_warps=finish_warps,
+                      lanes_per_row=LANES_PER_K * k, max_registers=COOP_MAX_REGISTERS)
     return out

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+EARLY_TRIGGER = False
 
 
 @triton.jit
@@ -35,6 +36,49 @@ def _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, head, n_splits,
 
 
 @triton.jit
+def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, stride_kh,
+              D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              SPARSE: tl.constexpr):
+    """K and V rows of items n0 .. n0 + BLOCK_N (< end) of KV head h, and which are valid."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_n < end
+    if SPARSE:
+        rows = tl.load(rows_ptr + offs_n, mask=valid, other=-1)
+        valid = valid & (rows >= 0)
+    else:
+        blocks = tl.load(block_table_row + offs_n // PAGE, mask=valid, other=0)
+        rows = blocks * PAGE + offs_n % PAGE
+    rows = tl.where(valid, rows, 0).to(tl.int64)
+    kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
+    kv_mask = valid[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)  # issued with K: both in flight at once
+    return k, v, valid
+
+
+@triton.jit
+def _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
+    """One block of the online softmax (base 2, fp32): returns the updated (m_i, l_i, acc)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Until a row has seen a valid key its max is -inf; shift by 0 then so exp2 stays finite.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, rows_ptr, block_table_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
     counter_ptr, out_ptr, sm_scale_log2, n_items, split_size, n_splits,
@@ -42,7 +86,7 @@ def _decode_partial_kernel(
     stride_lb, stride_lh, stride_outb, stride_outh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -53,8 +97,6 @@ def _decode_partial_kernel(
     mask_g = offs_g < G
     mask_d = offs_d < D
     heads = h * G + offs_g
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
 
     if SPARSE:
         total = n_items
@@ -62,40 +104,26 @@ def _decode_partial_kernel(
         total = tl.load(seq_lens_ptr + b)
     start = split * split_size
     end = tl.minimum(start + split_size, total)
-
+    rows_row = rows_ptr + b * stride_rb
+    block_table_row = block_table_ptr + b * stride_btb
+    # The first block's K/V rows are in flight before waiting on the previous kernel (programmatic
+    # dependent launch): the rows, the block table and the cache are never written by the kernel
+    # just before this one (the query and the outputs are, so they wait).
+    k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
+                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        if SPARSE:
-            rows = tl.load(rows_ptr + b * stride_rb + offs_n, mask=valid, other=-1)
-            valid = valid & (rows >= 0)
-        else:
-            blocks = tl.load(block_table_ptr + b * stride_btb + offs_n // PAGE, mask=valid, other=0)
-            rows = blocks * PAGE + offs_n % PAGE
-        rows = tl.where(valid, rows, 0).to(tl.int64)
-        kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
-        kv_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)  # issued with K: both in flight at once
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Until a row has seen a valid key its max is -inf; shift by 0 then so exp2 stays finite.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+        k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
+                                D, PAGE, BLOCK_N, BLOCK_D, SPARSE)
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -120,9 +148,15 @@ def _decode_partial_kernel(
 def _merge_splits_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, n_splits,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if USE_PDL:
+        if EARLY:  # the next layer's kernel may start prefetching its rows while this one waits
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     _merge_head(o_part_ptr, lse_part_ptr, out_ptr, pid // HQ, pid % HQ, n_splits,
                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
                 D, BLOCK_S, BLOCK_D)
@@ -162,11 +196,13 @@ def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves
 def launch_decode(
     q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
     split_size: int, o_part, lse_part, counters, out, *, sparse: bool, block_n: int, num_warps: int,
-    num_stages: int, fused_merge: bool,
+    num_stages: int, fused_merge: bool, pdl: bool = False,
 ) -> None:
     """Partial attention per (sequence, KV head, split) and the merge of the splits into `out`:
     by the last split of each (sequence, KV head) when `fused_merge` (then `counters`, int32
-    [B * Hkv], must be zero and is left zero), else by a second kernel."""
+    [B * Hkv], must be zero and is left zero), else by a second kernel. `pdl`: launch with
+    programmatic dependent launch (Hopper and later), so each kernel is resident and has its
+    first K/V rows in flight before the kernel ahead of it finishes."""
     batch, n_q_heads, head_dim = q.shape
     _, page, n_kv_heads, _ = k_cache.shape
     group = n_q_heads // n_kv_heads
@@ -183,13 +219,18 @@ def launch_decode(
         *part_strides,
         HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse, IEEE=q.dtype.itemsize == 4,
-        FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages,
+        FUSED_MERGE=fused_merge, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:
         _merge_splits_kernel[(batch * n_q_heads,)](
             o_part, lse_part, out, n_splits, *part_strides,
-            HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+            HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl, EARLY=EARLY_TRIGGER, num_warps=4,
+            **_pdl(pdl),
         )
+
+
+def _pdl(pdl: bool) -> dict[str, bool]:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def launch_positions_to_rows(indices, block_table, seq_lens, rows, page: int) -> None:

@@ -2,23 +2,33 @@
 
 Scores become order-preserving 32-bit keys (`key = bits ^ ((bits >> 31) & 0x7FFFFFFF)` on the
 float's bits: a larger float gives a larger signed key), read as a 16-bit high digit and two 8-bit
-low digits.
+low digits. Each row (sequence) is worked on by G programs ("members"), each owning a contiguous
+chunk of positions, in four phases:
 
-1. `_score_kernel`, grid (B, chunks): the scores of a chunk of positions (each indexer key is read
-   once), stored in fp32, and per row, by one atomic each per program: the largest digit, and a
-   lower bound L of the k-th largest score - lane j of a block sees positions j, j + BLOCK_N, ...,
-   groups of lanes are disjoint sets of positions, and with at least k non-empty groups in the
-   row the smallest group maximum has at least k scores at or above it.
-2. `_hist_kernel`, grid (B, chunks): one atomic increment into the row's 65,536-bin histogram of
-   high digits for each score at or above L (typically a sixth of them; so many bins keep
-   same-address atomics rare: a bin is 1/128 of an octave of score values).
-3. `_select_kernel`, grid (B, chunks): each program finds the threshold digit T (where the count
-   of larger scores reaches k) by scanning the histogram down from the largest digit (usually one
-   window of 512 bins), then writes its scores above T to the output and compacts the few at T
-   into a candidate list, reserving slots with one atomic per block of positions.
-4. `_finish_kernel`, grid (B,): resolves the candidates with the two low digits (histograms of
-   256 bins); exact ties at the very end fill in any order. A row of at most k positions has every
-   position copied in step 3 and is padded with -1 here.
+1. score: the chunk's scores (each indexer key read once; the next block's keys are in flight
+   while one block is scored), stored in fp32. Lane j of a block sees positions j, j + BLOCK_N,
+   ... of a sub-chunk, so lane-wise running maxima cost nothing; each lane maximum of a sub-chunk
+   goes into the row's coarse histogram of the top 12 key bits. Lanes are disjoint sets of
+   positions: if at least k lane maxima lie in coarse bins >= c, at least k scores do, so every
+   top-k score lies in a bin >= c.
+2. hist: each member finds that bin c (scanning the coarse histogram down until the count of lane
+   maxima reaches k) and adds its scores in bins >= c - about 2% of them for Gaussian-like
+   scores - to the row's 65,536-bin histogram of high digits, one atomic each.
+3. select: the threshold digit T (where the count of larger scores reaches k) by a scan down
+   from the row's largest digit, a window of SCAN bins at a time (usually one); scores above T go
+   to the output and the few at T (~90 for 128K positions and k = 2,048) into a candidate list,
+   one atomic per block reserving slots.
+4. finish, one program per row: up to RANK_BLOCK candidates are ranked by comparing all pairs at
+   once, more by a radix select on the two low 8-bit digits; exact ties fill in any order. A row
+   of at most k positions is copied whole and padded with -1. It then zeroes the histogram bins
+   and counters the row touched, so the workspace is all zeros again for the next call (no
+   memset launch).
+
+Cooperative mode runs the four phases in ONE launch: B x G programs all resident at once (a
+cooperative launch, sized to fit), the members of a row meet at two barriers (an atomic counter
+they spin on) and the last one through phase 3 runs phase 4. Otherwise (more rows than fit, or
+the interpreter, which runs programs one by one) each phase is its own launch over the same code.
+No device-to-host sync either way.
 
 Output order is unspecified.
 """
@@ -30,17 +40,30 @@ import triton
 import triton.language as tl
 
 HIST_BINS = 65536  # high 16 bits of the key
-SCAN_BLOCK = 512  # histogram bins scanned per step (4 octaves of score values)
+COARSE_BINS = 4096  # high 12 bits: the histogram of lane maxima
+SCAN_BLOCK = 512  # bins scanned per step
 LOW_BINS = 256  # each of the two low 8-bit digits
-# Per row: largest digit, winners, candidates, 65535 - lower-bound digit, lane groups seen,
-# threshold digit, count above it.
-META = 8
+RANK_BLOCK = 128  # candidates at the threshold digit resolved by pairwise rank (else by digits)
+FINISH_BLOCK = 1024
+PREFETCH = True  # the scoring loop keeps the next block's keys in flight
+MMA = True  # scores through tl.dot (pipelined through shared memory) rather than a reduction
+# Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
+# 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
+# digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
+META = 16
+ROW_WORDS = HIST_BINS + COARSE_BINS + META
 
 
 @triton.jit
 def _order_key(scores):
     bits = scores.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _digit(scores):
+    """The high 16 bits of the order key as 0..65535."""
+    return (_order_key(scores) >> 16) + 32768
 
 
 @triton.jit
@@ -54,8 +77,8 @@ def _threshold(hist, offs, need):
 
 @triton.jit
 def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
-    """Scan the high-digit histogram down from the row's largest digit, a window of SCAN bins at a
-    time, until the count of scores reaches k: returns (T, count of scores with digit > T)."""
+    """Scan a histogram down from `max_digit`, a window of SCAN bins at a time, until the count
+    reaches k: returns (T, count with digit > T). The histogram must hold at least k counts."""
     offs = tl.arange(0, SCAN)
     base = max_digit - SCAN + 1
     higher = 0
@@ -63,7 +86,7 @@ def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
     above_hi = 0
     while t_hi < 0:
         bins = base + offs
-        hist = tl.load(hist_row_ptr + bins, mask=bins >= 0, other=0)
+        hist = tl.load(hist_row_ptr + bins, mask=bins >= 0, other=0, cache_modifier=".cg")
         t, above = _threshold(hist, bins, k - higher)
         above_hi = tl.where(t >= 0, higher + above, above_hi)
         t_hi = t
@@ -73,11 +96,21 @@ def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
 
 
 @triton.jit
+def _arrive_and_wait(counter_ptr, target):
+    """Barrier of a row's members: count this program in, spin until `target` have arrived.
+    Release/acquire at GPU scope make every member's earlier stores visible after it."""
+    tl.debug_barrier()
+    seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while seen < target:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
 def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, lane_max, stride_kr,
                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
     """Scores of positions `pos`, stored; returns the lane-wise running maximum digit (-1 where a
-    lane has seen no position). Full blocks go unmasked (wide loads, no predicates); only a row's
-    last block is masked."""
+    lane has seen no position). Full blocks go unmasked (wide loads, no predicates)."""
     offs_d = tl.arange(0, BLOCK_D)
     if MASKED:
         valid = pos < end
@@ -94,200 +127,334 @@ def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, lane_max, s
             keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
                            mask=offs_d[None, :] < D, other=0.0)
     scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
-    digit = (_order_key(scores) >> 16) + 32768
     if MASKED:
         tl.store(scores_row + pos, scores, mask=valid)
-        return tl.maximum(lane_max, tl.where(valid, digit, -1))
+        return tl.maximum(lane_max, tl.where(valid, _digit(scores), -1))
     else:
         tl.store(scores_row + pos, scores)
-        return tl.maximum(lane_max, digit)
+        return tl.maximum(lane_max, _digit(scores))
 
 
 @triton.jit
-def _score_kernel(
-    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, meta_ptr,
-    k, chunk_size, stride_qb, stride_kr, stride_btb, stride_sb, stride_mb,
-    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-):
-    b = tl.program_id(0)
-    start = tl.program_id(1) * chunk_size
-    seq_len = tl.load(seq_lens_ptr + b)
-    if (seq_len > k) & (start < seq_len):
-        offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + b * stride_qb + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-        end = tl.minimum(start + chunk_size, seq_len)
-        full_end = start + (end - start) // BLOCK_N * BLOCK_N
-        block_table_row = block_table_ptr + b * stride_btb
-        scores_row = scores_ptr + b * stride_sb
-        # Lane j of the block sees positions start + j, start + j + BLOCK_N, ...: its running max
-        # is elementwise (no reduction inside the loop).
+def _publish_lanes(coarse_row, meta_row, lane_max):
+    """Lane maxima of one sub-chunk into the coarse histogram; the count, the largest and the
+    smallest digit into the row's counters."""
+    seen = lane_max >= 0
+    tl.atomic_add(coarse_row + (tl.where(seen, lane_max, 0) >> 4), 1, mask=seen, sem="relaxed")
+    tl.atomic_add(meta_row + 4, tl.sum(seen.to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_max(meta_row, tl.max(lane_max, axis=0), sem="relaxed")
+    tl.atomic_max(meta_row + 3, 65535 - tl.min(tl.where(seen, lane_max, 65535), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _full_keys(kidx_ptr, block_table_row, pos, stride_kr, D: tl.constexpr, PAGE: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Indexer keys of positions `pos`, all valid (unmasked, wide loads)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (tl.load(block_table_row + pos // PAGE) * PAGE + pos % PAGE).to(tl.int64)
+    if D == BLOCK_D:
+        return tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :])
+    else:
+        return tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _score_phase(q_row, kidx_ptr, block_table_row, scores_row, coarse_row, meta_row, start, end, sub_chunk,
+                 stride_kr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PREFETCH: tl.constexpr, MMA: tl.constexpr, IEEE: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_row + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    if MMA:
+        # Scores as a [BLOCK_N, d] x [d, 16] product (q in column 0): the tensor cores' operand
+        # path stages the keys through shared memory, and the loop is software-pipelined over it.
+        n_full = (full_end - start) // BLOCK_N
+        per_sub = sub_chunk // BLOCK_N
+        q_col = tl.where(tl.arange(0, 16)[None, :] == 0, q[:, None], 0.0).to(kidx_ptr.dtype.element_ty)
         lane_max = tl.full([BLOCK_N], -1, tl.int32)
-        for n0 in range(start, full_end, BLOCK_N):
-            lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, n0 + tl.arange(0, BLOCK_N), end,
-                                    lane_max, stride_kr, D, PAGE, BLOCK_D, False)
-        if full_end < end:
-            lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N),
-                                    end, lane_max, stride_kr, D, PAGE, BLOCK_D, True)
-        meta_row = meta_ptr + b * stride_mb
-        tl.atomic_max(meta_row, tl.max(lane_max, axis=0), sem="relaxed")
-        # Groups of GROUP lanes are disjoint sets of positions; the maxima of k non-empty groups
-        # are k distinct scores, so the smallest group maximum bounds the threshold from below.
-        group_max = tl.max(tl.reshape(lane_max, (BLOCK_N // GROUP, GROUP)), axis=1)
-        filled = group_max >= 0
-        tl.atomic_add(meta_row + 4, tl.sum(filled.to(tl.int32), axis=0), sem="relaxed")
-        # Stored as 65535 - bound so that zeroed memory means "no bound yet".
-        tl.atomic_max(meta_row + 3, 65535 - tl.min(tl.where(filled, group_max, 65535), axis=0), sem="relaxed")
+        for i in range(0, n_full):
+            pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            keys = _full_keys(kidx_ptr, block_table_row, pos, stride_kr, D, PAGE, BLOCK_D)
+            if IEEE:
+                scores = tl.sum(tl.dot(keys, q_col, input_precision="ieee"), axis=1)
+            else:
+                scores = tl.sum(tl.dot(keys, q_col), axis=1)
+            tl.store(scores_row + pos, scores)
+            lane_max = tl.maximum(lane_max, _digit(scores))
+            flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
+            if flush:
+                _publish_lanes(coarse_row, meta_row, lane_max)
+            lane_max = tl.where(flush, -1, lane_max)
+    elif PREFETCH:
+        # One loop over the full blocks with the next block's keys in flight while this block is
+        # scored (the last block is fetched twice rather than masked); lane maxima are published
+        # every sub-chunk.
+        n_full = (full_end - start) // BLOCK_N
+        per_sub = sub_chunk // BLOCK_N
+        last = full_end - BLOCK_N
+        lane_max = tl.full([BLOCK_N], -1, tl.int32)
+        if n_full > 0:
+            keys = _full_keys(kidx_ptr, block_table_row, start + tl.arange(0, BLOCK_N), stride_kr, D, PAGE, BLOCK_D)
+            for i in range(0, n_full):
+                n0 = start + i * BLOCK_N
+                nxt = tl.minimum(n0 + BLOCK_N, last) + tl.arange(0, BLOCK_N)
+                keys_next = _full_keys(kidx_ptr, block_table_row, nxt, stride_kr, D, PAGE, BLOCK_D)
+                scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
+                tl.store(scores_row + n0 + tl.arange(0, BLOCK_N), scores)
+                lane_max = tl.maximum(lane_max, _digit(scores))
+                flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
+                if flush:
+                    _publish_lanes(coarse_row, meta_row, lane_max)
+                lane_max = tl.where(flush, -1, lane_max)
+                keys = keys_next
+    else:
+        for s0 in range(start, full_end, sub_chunk):
+            lane_max = tl.full([BLOCK_N], -1, tl.int32)
+            for n0 in range(s0, tl.minimum(s0 + sub_chunk, full_end), BLOCK_N):
+                lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, n0 + tl.arange(0, BLOCK_N), end,
+                                        lane_max, stride_kr, D, PAGE, BLOCK_D, False)
+            _publish_lanes(coarse_row, meta_row, lane_max)
+    if full_end < end:
+        lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N), end,
+                                tl.full([BLOCK_N], -1, tl.int32), stride_kr, D, PAGE, BLOCK_D, True)
+        _publish_lanes(coarse_row, meta_row, lane_max)
 
 
 @triton.jit
-def _hist_kernel(
-    scores_ptr, hist_ptr, meta_ptr, seq_lens_ptr, k, chunk_size, stride_sb, stride_hb, stride_mb,
-    BLOCK_N: tl.constexpr,
-):
-    b = tl.program_id(0)
-    start = tl.program_id(1) * chunk_size
-    seq_len = tl.load(seq_lens_ptr + b)
-    if (seq_len > k) & (start < seq_len):
-        meta_row = meta_ptr + b * stride_mb
-        bound = tl.where(tl.load(meta_row + 4) >= k, 65535 - tl.load(meta_row + 3), 0)
-        end = tl.minimum(start + chunk_size, seq_len)
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            digit = (_order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0)) >> 16) + 32768
-            tl.atomic_add(hist_ptr + b * stride_hb + digit, 1, mask=valid & (digit >= bound), sem="relaxed")
+def _row_bound(coarse_row, meta_row, k, SCAN: tl.constexpr):
+    """The smallest digit a top-k score can have: the lower edge of the coarse bin where the count
+    of lane maxima reaches k (0 when fewer than k lane maxima were published)."""
+    if tl.load(meta_row + 4, cache_modifier=".cg") >= k:
+        c, _ = _find_threshold(coarse_row, tl.load(meta_row, cache_modifier=".cg") >> 4, k, SCAN)
+        bound = c << 4
+    else:
+        bound = 0
+    return bound
 
 
 @triton.jit
-def _select_kernel(
-    scores_ptr, hist_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
-    k, chunk_size, stride_sb, stride_hb, stride_mb, stride_cb, stride_ob,
-    BLOCK_N: tl.constexpr, SCAN: tl.constexpr,
-):
-    b = tl.program_id(0)
-    start = tl.program_id(1) * chunk_size
-    seq_len = tl.load(seq_lens_ptr + b)
-    end = tl.minimum(start + chunk_size, seq_len)
-    out_row = out_ptr + b * stride_ob
-    if seq_len <= k:
-        for n0 in range(start, end, BLOCK_N):  # every position is selected: it takes its own slot
-            pos = n0 + tl.arange(0, BLOCK_N)
-            tl.store(out_row + pos, pos, mask=pos < end)
-    elif start < seq_len:
-        t_hi, above_hi = _find_threshold(hist_ptr + b * stride_hb, tl.load(meta_ptr + b * stride_mb), k, SCAN)
-        if tl.program_id(1) == 0:  # for the finishing kernel
-            tl.store(meta_ptr + b * stride_mb + 5, t_hi)
-            tl.store(meta_ptr + b * stride_mb + 6, above_hi)
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
+def _hist_phase(scores_row, hist_row, bound, start, end, BLOCK: tl.constexpr):
+    """One atomic increment into the row's 16-bit digit histogram per score at or above the bound."""
+    for n0 in range(start, end, BLOCK):
+        pos = n0 + tl.arange(0, BLOCK)
+        valid = pos < end
+        digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
+        tl.atomic_add(hist_row + digit, 1, mask=valid & (digit >= bound), sem="relaxed")
+
+
+@triton.jit
+def _select_phase(scores_row, hist_row, meta_row, cand_row, out_row, seq_len, k, start, end, first,
+                  BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """Scores with digit above the threshold T to the output, those at T to the candidate list."""
+    if start < seq_len:
+        t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
+        if first:  # for the finishing program
+            tl.store(meta_row + 6, above_hi)
+        for n0 in range(start, end, BLOCK):
+            pos = n0 + tl.arange(0, BLOCK)
             valid = pos < end
-            digit = (_order_key(tl.load(scores_ptr + b * stride_sb + pos, mask=valid, other=0.0)) >> 16) + 32768
+            digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
             win = valid & (digit > t_hi)
             n_win = tl.sum(win.to(tl.int32), axis=0)
             if n_win > 0:
-                base = tl.atomic_add(meta_ptr + b * stride_mb + 1, n_win, sem="relaxed")
+                base = tl.atomic_add(meta_row + 1, n_win, sem="relaxed")
                 tl.store(out_row + base + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
             cand = valid & (digit == t_hi)
             n_cand = tl.sum(cand.to(tl.int32), axis=0)
             if n_cand > 0:
-                base = tl.atomic_add(meta_ptr + b * stride_mb + 2, n_cand, sem="relaxed")
-                tl.store(cand_ptr + b * stride_cb + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos,
-                         mask=cand)
+                base = tl.atomic_add(meta_row + 2, n_cand, sem="relaxed")
+                tl.store(cand_row + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
 
 
 @triton.jit
-def _candidates(cand_row, scores_row, n0, n_cand, BLOCK_N: tl.constexpr):
-    """Candidates n0 .. n0 + BLOCK_N of a row: (positions, order keys, valid mask)."""
-    j = n0 + tl.arange(0, BLOCK_N)
+def _candidates(cand_row, scores_row, n0, n_cand, BLOCK: tl.constexpr):
+    """Candidates n0 .. n0 + BLOCK of a row: (positions, order keys, valid mask)."""
+    j = n0 + tl.arange(0, BLOCK)
     valid = j < n_cand
-    pos = tl.load(cand_row + j, mask=valid, other=0)
-    return pos, _order_key(tl.load(scores_row + pos, mask=valid, other=0.0)), valid
+    pos = tl.load(cand_row + j, mask=valid, other=0, cache_modifier=".cg")
+    return pos, _order_key(tl.load(scores_row + pos, mask=valid, other=0.0, cache_modifier=".cg")), valid
 
 
 @triton.jit
-def _finish_kernel(
-    scores_ptr, meta_ptr, cand_ptr, out_ptr, seq_lens_ptr,
-    k, stride_sb, stride_mb, stride_cb, stride_ob,
-    BLOCK_N: tl.constexpr, BINS: tl.constexpr,
-):
-    b = tl.program_id(0)
-    seq_len = tl.load(seq_lens_ptr + b)
-    out_row = out_ptr + b * stride_ob
-    if seq_len <= k:
-        for n0 in range(seq_len, k, BLOCK_N):
-            slot = n0 + tl.arange(0, BLOCK_N)
-            tl.store(out_row + slot, tl.full([BLOCK_N], -1, tl.int32), mask=slot < k)
+def _resolve_by_rank(cand_row, scores_row, out_row, n_cand, written, need, RANK: tl.constexpr):
+    """At most RANK candidates: each one's rank among them (larger key first, ties by list order)
+    from all pairwise comparisons at once; those ranked below `need` take the remaining slots."""
+    pos, key, valid = _candidates(cand_row, scores_row, 0, n_cand, RANK)
+    idx = tl.arange(0, RANK)
+    key_j = tl.where(valid, key, -2147483648)
+    before = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
+    rank = tl.sum((before & valid[None, :]).to(tl.int32), axis=1)
+    take = valid & (rank < need)
+    tl.store(out_row + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, pos, mask=take)
+
+
+@triton.jit
+def _resolve_by_digits(cand_row, scores_row, out_row, n_cand, written, need, BLOCK: tl.constexpr,
+                       BINS: tl.constexpr):
+    """Any number of candidates: radix select on the two low 8-bit digits, a block at a time."""
+    offs_bins = tl.arange(0, BINS)
+    hist_mid = tl.zeros([BINS], tl.int32)
+    for n0 in range(0, n_cand, BLOCK):
+        pos, key, valid = _candidates(cand_row, scores_row, n0, n_cand, BLOCK)
+        hist_mid += tl.histogram((key >> 8) & 0xFF, BINS, mask=valid)
+    t_mid, above_mid = _threshold(hist_mid, offs_bins, need)
+    hist_lo = tl.zeros([BINS], tl.int32)
+    for n0 in range(0, n_cand, BLOCK):
+        pos, key, valid = _candidates(cand_row, scores_row, n0, n_cand, BLOCK)
+        mid = (key >> 8) & 0xFF
+        win = valid & (mid > t_mid)
+        tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
+        written += tl.sum(win.to(tl.int32), axis=0)
+        hist_lo += tl.histogram(key & 0xFF, BINS, mask=valid & (mid == t_mid))
+    t_lo, above_lo = _threshold(hist_lo, offs_bins, need - above_mid)
+    ties_left = need - above_mid - above_lo  # equal keys at the very end: take any of them
+    for n0 in range(0, n_cand, BLOCK):
+        pos, key, valid = _candidates(cand_row, scores_row, n0, n_cand, BLOCK)
+        at_mid = valid & (((key >> 8) & 0xFF) == t_mid)
+        win = at_mid & ((key & 0xFF) > t_lo)
+        tie = at_mid & ((key & 0xFF) == t_lo)
+        tie = tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_left)
+        take = win | tie
+        tl.store(out_row + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, pos, mask=take)
+        written += tl.sum(take.to(tl.int32), axis=0)
+        ties_left -= tl.sum(tie.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _zero(ptr, lo, hi, BLOCK: tl.constexpr):
+    """ptr[lo:hi] = 0."""
+    for z0 in range(lo, hi, BLOCK):
+        offs = z0 + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.zeros([BLOCK], tl.int32), mask=offs < hi)
+
+
+@triton.jit
+def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
+                  RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, META_WORDS: tl.constexpr):
+    """One program per row: the candidates at the threshold digit take the slots left, then what the
+    row touched of the workspace is zeroed for the next call."""
+    max_digit = tl.load(meta_row, cache_modifier=".cg")
+    n_cand = tl.load(meta_row + 2, cache_modifier=".cg")
+    min_lane = 65535 - tl.load(meta_row + 3, cache_modifier=".cg")
+    above_hi = tl.load(meta_row + 6, cache_modifier=".cg")
+    bound = tl.load(meta_row + 9, cache_modifier=".cg")
+    if seq_len <= k:  # every position is selected, then -1
+        for n0 in range(0, k, BLOCK):
+            slot = n0 + tl.arange(0, BLOCK)
+            tl.store(out_row + slot, tl.where(slot < seq_len, slot, -1), mask=slot < k)
     else:
-        # The scores above T already hold slots [0, above_hi); resolve the candidates (digit == T)
-        # on the two low digits.
-        above_hi = tl.load(meta_ptr + b * stride_mb + 6)
-        n_cand = tl.load(meta_ptr + b * stride_mb + 2)
-        written = above_hi
-        need = k - above_hi
-        offs_bins = tl.arange(0, BINS)
-        hist_mid = tl.zeros([BINS], tl.int32)
-        for n0 in range(0, n_cand, BLOCK_N):
-            pos, key, valid = _candidates(cand_ptr + b * stride_cb, scores_ptr + b * stride_sb, n0, n_cand, BLOCK_N)
-            hist_mid += tl.histogram((key >> 8) & 0xFF, BINS, mask=valid)
-        t_mid, above_mid = _threshold(hist_mid, offs_bins, need)
-        hist_lo = tl.zeros([BINS], tl.int32)
-        for n0 in range(0, n_cand, BLOCK_N):
-            pos, key, valid = _candidates(cand_ptr + b * stride_cb, scores_ptr + b * stride_sb, n0, n_cand, BLOCK_N)
-            mid = (key >> 8) & 0xFF
-            win = valid & (mid > t_mid)
-            tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
-            written += tl.sum(win.to(tl.int32), axis=0)
-            hist_lo += tl.histogram(key & 0xFF, BINS, mask=valid & (mid == t_mid))
-        t_lo, above_lo = _threshold(hist_lo, offs_bins, need - above_mid)
-        ties_left = need - above_mid - above_lo  # equal keys at the very end: take any of them
-        for n0 in range(0, n_cand, BLOCK_N):
-            pos, key, valid = _candidates(cand_ptr + b * stride_cb, scores_ptr + b * stride_sb, n0, n_cand, BLOCK_N)
-            at_mid = valid & (((key >> 8) & 0xFF) == t_mid)
-            win = at_mid & ((key & 0xFF) > t_lo)
-            tie = at_mid & ((key & 0xFF) == t_lo)
-            tie = tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_left)
-            take = win | tie
-            tl.store(out_row + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, pos, mask=take)
-            written += tl.sum(take.to(tl.int32), axis=0)
-            ties_left -= tl.sum(tie.to(tl.int32), axis=0)
+        if n_cand <= RANK:
+            _resolve_by_rank(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK)
+        else:
+            _resolve_by_digits(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, BLOCK, BINS)
+        _zero(hist_row, bound, max_digit + 1, BLOCK)
+        _zero(coarse_row, min_lane >> 4, (max_digit >> 4) + 1, BLOCK)
+    tl.debug_barrier()
+    tl.store(meta_row + tl.arange(0, META_WORDS), tl.zeros([META_WORDS], tl.int32))
+
+
+@triton.jit
+def _topk_kernel(
+    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, work_ptr, cand_ptr, out_ptr,
+    k, chunk_size, sub_chunk, n_members,
+    stride_qb, stride_kr, stride_btb, stride_sb, stride_wb, stride_cb, stride_ob,
+    PHASE: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SWEEP_BLOCK: tl.constexpr, SCAN: tl.constexpr, RANK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
+    BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr,
+    PREFETCH: tl.constexpr, MMA: tl.constexpr, IEEE: tl.constexpr,
+):
+    """PHASE 0: all four phases in one cooperative launch, grid (B, n_members), every program
+    resident at once. PHASE 1, 2, 3: that phase alone, grid (B, n_members); PHASE 4: grid (B, 1)."""
+    b = tl.program_id(0)
+    member = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = member * chunk_size
+    end = tl.minimum(start + chunk_size, seq_len)
+    scores_row = scores_ptr + b * stride_sb
+    hist_row = work_ptr + b * stride_wb
+    coarse_row = hist_row + HIST
+    meta_row = coarse_row + COARSE
+    cand_row = cand_ptr + b * stride_cb
+    out_row = out_ptr + b * stride_ob
+    busy = (seq_len > k) & (start < seq_len)
+
+    if (PHASE == 0) | (PHASE == 1):
+        if busy:
+            _score_phase(q_ptr + b * stride_qb, kidx_ptr, block_table_ptr + b * stride_btb, scores_row, coarse_row,
+                         meta_row, start, end, sub_chunk, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, PREFETCH, MMA, IEEE)
+    if PHASE == 0:
+        _arrive_and_wait(meta_row + 7, n_members)
+    if (PHASE == 0) | (PHASE == 2):
+        if busy:
+            bound = _row_bound(coarse_row, meta_row, k, SCAN)
+            if member == 0:  # for the finishing program's clean-up
+                tl.store(meta_row + 9, bound)
+            _hist_phase(scores_row, hist_row, bound, start, end, SWEEP_BLOCK)
+    if PHASE == 0:
+        _arrive_and_wait(meta_row + 7, 2 * n_members)
+    if (PHASE == 0) | (PHASE == 3):
+        if busy:
+            _select_phase(scores_row, hist_row, meta_row, cand_row, out_row, seq_len, k, start, end, member == 0,
+                          SWEEP_BLOCK, SCAN)
+    finisher = PHASE == 4
+    if PHASE == 0:
+        tl.debug_barrier()
+        finisher = tl.atomic_add(meta_row + 8, 1, sem="acq_rel", scope="gpu") == n_members - 1
+    if finisher:  # the last member of the row to get here, or the single program of PHASE 4
+        _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
+                      RANK, FINISH_BLOCK, BINS, META_WORDS)
+
+
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+
+
+def workspace(batch: int, device: torch.device) -> torch.Tensor:
+    """The zeroed per-row histograms and counters, [>= batch, ROW_WORDS] int32. Each call leaves
+    them zero again, so they are allocated once per device (grown when a larger batch comes).
+    Calls on one device must not run concurrently on two streams."""
+    work = _WORKSPACE.get(device)
+    if work is None or work.shape[0] < batch:
+        rows = max(batch, 2 * work.shape[0] if work is not None else 8)
+        work = _WORKSPACE[device] = torch.zeros((rows, ROW_WORDS), dtype=torch.int32, device=device)
+    return work
 
 
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
-                      seq_lens: torch.Tensor, k: int, out: torch.Tensor, chunk_size: int, block_n: int,
-                      num_warps: int, finish_block: int, finish_warps: int) -> None:
-    """Writes the top-k positions of every row into `out` [B, k] int32. `chunk_size` positions per
-    program of the three chunked kernels (a multiple of block_n)."""
+                      seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, n_members: int, cooperative: bool,
+                      block_n: int, num_warps: int, num_stages: int, finish_warps: int, lanes_per_row: int,
+                      max_registers: int | None = None) -> None:
+    """Writes the top-k positions of every row into `out` [B, k] int32.
+
+    `n_members` programs per row, each a chunk of whole BLOCK_N blocks. `cooperative`: one launch,
+    B x n_members programs all resident (the caller sizes it to the SM count; `max_registers` caps
+    the registers per thread so that they fit); otherwise four. Sub-chunks are sized so that a
+    full row publishes about `lanes_per_row` lane maxima."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
     max_len = block_table.shape[1] * page
     device = q_idx.device
+    chunk = -(-max(1, -(-max_len // n_members)) // block_n) * block_n
+    n_members = max(1, -(-max_len // chunk))
+    blocks_per_chunk = chunk // block_n
+    subs = max(1, min(blocks_per_chunk, -(-lanes_per_row // (n_members * block_n))))
+    sub_chunk = -(-blocks_per_chunk // subs) * block_n
     scores = torch.empty((batch, max_len), dtype=torch.float32, device=device)
-    candidates = torch.empty((batch, max_len), dtype=torch.int32, device=device)
-    # One zeroed buffer (one memset): the histogram, then the row's META counters.
-    counters = torch.zeros((batch, HIST_BINS + META), dtype=torch.int32, device=device)
-    hist, meta = counters[:, :HIST_BINS], counters[:, HIST_BINS:]
-    grid = (batch, -(-max_len // chunk_size))
-    # Lane groups small enough that a full row has at least k of them (a bound needs k).
-    group = min(block_n, 1 << max(0, (grid[1] * block_n // k).bit_length() - 1))
-    sweep_block = min(finish_block, triton.next_power_of_2(chunk_size))
-    _score_kernel[grid](
-        q_idx, k_idx_cache, block_table, seq_lens, scores, meta,
-        k, chunk_size, q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0),
-        counters.stride(0),
-        D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim), GROUP=group,
-        num_warps=num_warps,
-    )
-    _hist_kernel[grid](
-        scores, hist, meta, seq_lens, k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0),
-        BLOCK_N=sweep_block, num_warps=num_warps,
-    )
-    _select_kernel[grid](
-        scores, hist, meta, candidates, out, seq_lens,
-        k, chunk_size, scores.stride(0), counters.stride(0), counters.stride(0), candidates.stride(0),
-        out.stride(0), BLOCK_N=sweep_block, SCAN=SCAN_BLOCK, num_warps=num_warps,
-    )
-    _finish_kernel[(batch,)](
-        scores, meta, candidates, out, seq_lens,
-        k, scores.stride(0), counters.stride(0), candidates.stride(0), out.stride(0),
-        BLOCK_N=finish_block, BINS=LOW_BINS, num_warps=finish_warps,
-    )
+    candidates = torch.empty((batch, max(max_len, 1)), dtype=torch.int32, device=device)
+    work = workspace(batch, device)
+    args = (q_idx, k_idx_cache, block_table, seq_lens, scores, work, candidates, out,
+            k, chunk, sub_chunk, n_members,
+            q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0), work.stride(0),
+            candidates.stride(0), out.stride(0))
+    consts = dict(D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim),
+                  SWEEP_BLOCK=min(1024, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
+                  FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META,
+                  PREFETCH=PREFETCH, MMA=MMA and q_idx.dtype == k_idx_cache.dtype,
+                  IEEE=k_idx_cache.dtype == torch.float32)
+    if cooperative:
+        extra = {"launch_cooperative_grid": True, "maxnreg": max_registers} if device.type == "cuda" else {}
+        _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
+                                         **extra)
+        return
+    for phase in (1, 2, 3):
+        _topk_kernel[(batch, n_members)](*args, PHASE=phase, **consts, num_warps=num_warps, num_stages=num_stages)
+    _topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=finish_warps)

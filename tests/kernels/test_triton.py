@@ -10,6 +10,7 @@ fixed launch configuration (no autotuning).
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -20,6 +21,8 @@ from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk, spa
 from kernels._backend import interpreting
 from kernels.decode_attention import dense_decode_attention_reference, sparse_decode_attention_reference
 from kernels.index_topk import index_topk_reference
+
+index_topk_module = importlib.import_module("kernels.index_topk")  # the package exports the function
 
 if interpreting():
     DEVICE, DTYPES = "cpu", (torch.float32, torch.float16)
@@ -57,6 +60,13 @@ TOPK_GRID = [
 ] + [("long-4231", 64, torch.float32), ("long-4231", 300, torch.float32)]  # the interpreter is slow
 
 
+@pytest.fixture(params=[True, False], ids=["one-launch", "four-launches"])
+def topk_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """index_topk cooperatively in one launch, and phase by phase in four (more rows than SMs)."""
+    monkeypatch.setattr(index_topk_module, "COOPERATIVE", request.param)
+
+
+@pytest.mark.usefixtures("topk_path")
 @pytest.mark.parametrize(("case", "k", "dtype"), TOPK_GRID,
                          ids=[f"{c}-k{k}-{DTYPE_IDS[d]}" for c, k, d in TOPK_GRID])
 def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
@@ -71,6 +81,7 @@ def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
         assert got_row == want_row, f"row {b} (len {lens[b]}): {len(set(got_row) ^ set(want_row))} positions differ"
 
 
+@pytest.mark.usefixtures("topk_path")
 def test_index_topk_with_exact_ties_and_negative_scores() -> None:
     cache = torch.ones(8, BLOCK, 32, device=DEVICE)
     cache[2] = -3.0  # positions 32-47 score lower
@@ -82,6 +93,7 @@ def test_index_topk_with_exact_ties_and_negative_scores() -> None:
     assert len(set(got)) == 20 and set(range(32, 48)) <= set(got) and all(0 <= p < 120 for p in got)
 
 
+@pytest.mark.usefixtures("topk_path")
 def test_index_topk_resolves_scores_that_share_their_high_bits() -> None:
     # 1 + j * 2^-20: equal in sign, exponent and top 7 mantissa bits, apart only in the low 16 bits
     n = 700
@@ -96,6 +108,7 @@ def test_index_topk_resolves_scores_that_share_their_high_bits() -> None:
     assert sorted(out[0].tolist()) == sorted(values.topk(77).indices.tolist())
 
 
+@pytest.mark.usefixtures("topk_path")
 @pytest.mark.parametrize("shift", [-50.0, 0.0, 50.0])
 def test_index_topk_lower_bound_filter_keeps_the_exact_set(shift: float) -> None:
     # 2,000 positions, k 50: the row has enough sub-blocks for a lower bound, so only scores at or
@@ -108,6 +121,34 @@ def test_index_topk_lower_bound_filter_keeps_the_exact_set(shift: float) -> None
     out = index_topk(q, cache, table, seq_lens, k, backend="triton")
     want = index_topk_reference(q, cache, table, seq_lens, k)
     assert sorted(out[0].tolist()) == sorted(want[0].tolist())
+
+
+@pytest.mark.usefixtures("topk_path")
+def test_index_topk_resolves_many_candidates_by_their_low_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past RANK_BLOCK candidates at the threshold digit, the finish switches from pairwise ranking
+    # to a radix select on the low digits: force it, and check the same exact sets.
+    monkeypatch.setattr(importlib.import_module("kernels.triton_topk"), "RANK_BLOCK", 2)
+    cache, table, seq_lens = _paged([1000, 290, 3000], (16,), torch.float32, seed=9)
+    q = torch.randn(3, 16, device=DEVICE)
+    for k in (7, 300):
+        out = index_topk(q, cache, table, seq_lens, k, backend="triton")
+        want = index_topk_reference(q, cache, table, seq_lens, k)
+        assert [sorted(r) for r in out.tolist()] == [sorted(r) for r in want.tolist()]
+
+
+@pytest.mark.usefixtures("topk_path")
+def test_index_topk_leaves_its_workspace_zeroed_for_the_next_call() -> None:
+    # No memset per call: each call zeroes the histogram bins and counters it touched. A bin left
+    # behind would corrupt the next call's threshold, so check the whole workspace after a mixed batch.
+    triton_topk = importlib.import_module("kernels.triton_topk")
+    cache, table, seq_lens = _paged([300, 7, 1000], (16,), torch.float32, seed=5)
+    for k in (5, 64):
+        q = torch.randn(3, 16, device=DEVICE)
+        out = index_topk(q, cache, table, seq_lens, k, backend="triton")
+        want = index_topk_reference(q, cache, table, seq_lens, k)
+        assert [sorted(r) for r in out.tolist()] == [sorted(r) for r in want.tolist()]
+        work = triton_topk._WORKSPACE[q.device]
+        assert int(work.count_nonzero()) == 0
 
 
 @pytest.fixture(params=[True, False], ids=["fused-merge", "merge-kernel"])
