@@ -33,6 +33,59 @@ from kernels.decode_attention import sparse_decode_attention_reference  # noqa: 
 HQ, HKV, D, D_IDX, K, PAGE = 24, 8, 128, 128, 2048, 16
 
 
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def flushed_us(fn, flush: str, rep_ms: float = 100.0) -> float:  # noqa: ANN001
+    """Median CUDA-event time of fn() with L2 cleared before every rep: by writing 256 MB (what
+    triton's do_bench does; it leaves ~50 MB of dirty lines to be written back during fn) or by
+    reading 256 MB (clean lines, evicted for free)."""
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(64 * 1024 * 1024, dtype=torch.float32, device="cuda")
+        _FLUSH["sink"] = torch.empty((), dtype=torch.float32, device="cuda")
+    buf, sink = _FLUSH["buf"], _FLUSH["sink"]
+
+    def clear() -> None:
+        if flush == "write":
+            buf.zero_()
+        else:
+            torch.amax(buf, dim=0, out=sink)
+
+    fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(5):
+        clear()
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    reps = int(max(20, min(1000, rep_ms / max(e0.elapsed_time(e1) / 5, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        clear()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True))
+    return 1000 * times[len(times) // 2]
+
+
+def graph_of(fn):  # noqa: ANN001, ANN201
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_us(fn) -> float:  # noqa: ANN001
     import triton.testing
 
@@ -67,6 +120,7 @@ def sweep_sparse(case: dict, batch: int, results: list) -> None:
     scale = 1 / math.sqrt(D)
     ref = sparse_decode_attention_reference(case["q"], case["k"], case["v"], case["table"], case["lens"],
                                             case["idx"], scale).float()
+    da.SMALL_BATCH = 0  # SPARSE_CONFIG at every batch size while sweeping
     for block_n, warps, stages, fused, waves in itertools.product((32, 64), (4,), (1, 2), (True, False),
                                                                   (1, 2, 4, 8, 16)):
         da.SPARSE_CONFIG, da.SPARSE_WAVES = (block_n, warps, stages, fused), waves
@@ -117,7 +171,11 @@ def main() -> None:
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--quick", action="store_true", help="index_topk variants (and --variants) only")
     parser.add_argument("--variants", action="store_true", help="with --quick: sparse attention variants")
+    parser.add_argument("--flush-check", action="store_true", help="write- vs read-flush timings, sparse configs")
     args = parser.parse_args()
+    if args.flush_check:
+        flush_check(args)
+        return
     if args.quick:
         quick(args)
         return
@@ -157,14 +215,10 @@ def topk_variants(case: dict, batch: int, n: int, results: list) -> None:
     want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
     saved = it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES
-    # (mode, (BLOCK_N, warps, stages), programs per SM, scores by tl.dot, prefetch in the reduction)
-    variants = [("coop", (64, 4, 3), 4, True, False), ("coop", (64, 8, 3), 2, True, False),
-                ("coop", (128, 8, 3), 2, True, False), ("coop", (64, 4, 3), 3, True, False),
-                ("coop", (64, 4, 1), 4, False, True), ("four", (64, 4, 3), 8, True, False),
-                ("four", (128, 8, 3), 4, True, False), ("four", (64, 4, 3), 16, True, False),
-                ("four", (64, 4, 1), 8, False, True)]
-    for mode, shape, per_sm, mma, prefetch in variants:
-        tt.MMA, tt.PREFETCH = mma, prefetch
+    # (mode, (BLOCK_N, warps, stages), programs per SM)
+    variants = [("coop", (64, 4, 1), 4), ("coop", (64, 4, 1), 3), ("coop", (32, 4, 1), 4), ("four", (64, 4, 1), 8),
+                ("four", (64, 4, 1), 16)]
+    for mode, shape, per_sm in variants:
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1]), per_sm, True
         else:
@@ -181,15 +235,14 @@ def topk_variants(case: dict, batch: int, n: int, results: list) -> None:
             clean = int(tt._WORKSPACE[got.device].count_nonzero())
             stages = topk_stages(case, batch, tt, mode == "coop")
         except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
-            print("topk variant failed:", mode, shape, per_sm, mma, repr(e)[:300], flush=True)
+            print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "mma": mma, "prefetch": prefetch, "us": round(us, 1), "eager_us": round(eager, 1),
+                        "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": stages})
         print(results[-1], flush=True)
     it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES = saved
-    tt.MMA, tt.PREFETCH = True, True
 
 
 def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
@@ -212,14 +265,15 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
     subs = max(1, min(chunk // block_n, -(-it.LANES_PER_K * K // (n_members * block_n))))
     sub_chunk = -(-(chunk // block_n) // subs) * block_n
     scores = torch.empty((batch, max_len), dtype=torch.float32, device="cuda")
-    cand = torch.empty((batch, max_len), dtype=torch.int32, device="cuda")
-    args = (qidx, kidx, table, lens, scores, work, cand, out, K, chunk, sub_chunk, n_members, qidx.stride(0),
-            kidx.stride(1), table.stride(0), scores.stride(0), work.stride(0), cand.stride(0), out.stride(0))
-    sweep = min(1024, 1 << (chunk - 1).bit_length())
+    cand = torch.empty((batch, 2 * max_len), dtype=torch.int32, device="cuda")
+    kept = torch.empty((batch, n_members), dtype=torch.int32, device="cuda")
+    args = (qidx, kidx, table, lens, scores, work, cand, kept, out, K, chunk, sub_chunk, n_members, qidx.stride(0),
+            kidx.stride(1), table.stride(0), scores.stride(0), work.stride(0), cand.stride(0), kept.stride(0),
+            out.stride(0))
+    sweep = min(tt.SWEEP_BLOCK, 1 << (chunk - 1).bit_length())
     consts = dict(D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX, SWEEP_BLOCK=sweep,
                   SCAN=tt.SCAN_BLOCK, RANK=tt.RANK_BLOCK, FINISH_BLOCK=tt.FINISH_BLOCK, BINS=tt.LOW_BINS,
-                  HIST=tt.HIST_BINS, COARSE=tt.COARSE_BINS, META_WORDS=tt.META, PREFETCH=tt.PREFETCH,
-                  MMA=tt.MMA, IEEE=False)
+                  HIST=tt.HIST_BINS, COARSE=tt.COARSE_BINS, META_WORDS=tt.META)
 
     def phases(upto: int) -> None:
         for phase in range(1, min(upto, 3) + 1):
@@ -247,6 +301,7 @@ def sparse_variants(case: dict, batch: int, results: list, n_caches: int) -> Non
     qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
     ta = importlib.import_module("kernels.triton_attention")
     saved = da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL
+    da.SMALL_BATCH = 0  # SPARSE_CONFIG at every batch size while sweeping
     for pdl, fused, early, (block_n, warps, stages, waves) in [
             (True, False, True, (64, 4, 1, 8)), (True, False, True, (64, 4, 1, 4)), (True, True, False, (64, 4, 1, 8)),
             (True, False, True, (128, 8, 1, 2)), (True, False, True, (64, 4, 1, 16)),
@@ -270,7 +325,69 @@ def sparse_variants(case: dict, batch: int, results: list, n_caches: int) -> Non
                         "GB/s_1": round(nbytes / one / 1e3), "GB/s_per_call": round(nbytes * 16 / chain / 1e3)})
         print(results[-1], flush=True)
     da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL = saved
+    da.SMALL_BATCH = 8
     ta.EARLY_TRIGGER = False
+
+
+def flush_check(args: argparse.Namespace) -> None:
+    """The same graphs timed after a write-flush and after a read-flush of L2, and sparse attention
+    launch configurations at B=32 (read flush)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _noop(x_ptr):
+        tl.store(x_ptr + tl.program_id(0), 1.0)
+
+    gen = torch.Generator().manual_seed(0)
+    results: list[dict] = []
+    x = torch.empty(256, device="cuda")
+    g = graph_of(lambda: _noop[(1,)](x))
+    results.append({"what": "empty kernel", "write": flushed_us(g.replay, "write"),
+                    "read": flushed_us(g.replay, "read")})
+    print(results[-1], flush=True)
+    for batch in (1, 8, 32):
+        _flush_batch(batch, gen, results)
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flush_check.json").write_text(json.dumps(results, indent=1))
+
+
+def _flush_batch(batch: int, gen: torch.Generator, results: list) -> None:
+    scale = 1 / math.sqrt(D)
+    ta = importlib.import_module("kernels.triton_attention")
+    n = 131072
+    case = paged_case(batch, n, gen)
+    fn = lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)  # noqa: E731
+    g = graph_of(fn)
+    results.append({"what": f"index_topk B={batch}", "write": flushed_us(g.replay, "write"),
+                    "read": flushed_us(g.replay, "read"), "eager_read": flushed_us(fn, "read")})
+    print(results[-1], flush=True)
+    keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
+    g = graph_of(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
+    results.append({"what": f"torch topk B={batch}", "write": flushed_us(g.replay, "write"),
+                    "read": flushed_us(g.replay, "read")})
+    print(results[-1], flush=True)
+    n_caches = {1: 16, 8: 4, 32: 1}[batch]
+    caches = [(case["k"], case["v"])] + [(torch.randn_like(case["k"]), torch.randn_like(case["v"]))
+                                         for _ in range(n_caches - 1)]
+    qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
+    saved = da.SPARSE_CONFIG, da.SPARSE_WAVES, ta.EARLY_TRIGGER
+    da.SMALL_BATCH = 0  # SPARSE_CONFIG at every batch size while sweeping
+    for (block_n, warps, stages, waves), early in itertools.product(
+            ((64, 4, 2, 8), (128, 8, 1, 2), (64, 4, 1, 8), (128, 8, 1, 4)), (True, False)):
+        da.SPARSE_CONFIG, da.SPARSE_WAVES, ta.EARLY_TRIGGER = (block_n, warps, stages, False), waves, early
+        w = SparseDecodeWrapper("triton")
+        w.plan(case["table"], case["lens"], case["idx"], PAGE)
+        g1 = graph_of(lambda w=w: w.run(case["q"], case["k"], case["v"], scale))
+        g16 = graph_of(lambda w=w: [w.run(qs[i], *caches[i % n_caches], scale) for i in range(16)])
+        results.append({"what": f"sparse B={batch} cfg={[block_n, warps, stages, waves]} early={early}",
+                        "write": flushed_us(g1.replay, "write"), "read": flushed_us(g1.replay, "read"),
+                        "16_write": flushed_us(g16.replay, "write"), "16_read": flushed_us(g16.replay, "read")})
+        print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in results[-1].items()}, flush=True)
+    da.SPARSE_CONFIG, da.SPARSE_WAVES, ta.EARLY_TRIGGER = saved
+    da.SMALL_BATCH = 8
 
 
 def quick(args: argparse.Namespace) -> None:

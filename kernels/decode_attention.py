@@ -73,11 +73,15 @@ def _check(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # Launch configurations: (BLOCK_N, num_warps, num_stages, fused_merge), from the sweep on an H200
 # (bench/sweep_kernels.py; docs/kernels.md). One fixed configuration when interpreting (no
-# autotuning there); the tests run both merge paths.
+# autotuning there); the tests run both merge paths. Sparse attention at up to SMALL_BATCH
+# sequences takes fewer, longer splits (SPARSE_SMALL_*): its time there is latency, not bytes.
 SPARSE_CONFIG = (64, 4, 2, False)
+SPARSE_SMALL_CONFIG = (128, 8, 1, False)
+SMALL_BATCH = 8
 DENSE_CONFIG = (128, 4, 3, False)
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
+SPARSE_SMALL_WAVES = 2
 DENSE_WAVES = 16
 # Programmatic dependent launch on Hopper and later: each kernel is resident, with its first K/V
 # rows in flight, before the kernel ahead of it ends; it waits only to read the query and to write.
@@ -134,10 +138,11 @@ class SparseDecodeWrapper:
             return out
         from kernels.triton_attention import launch_decode, plan_splits
 
-        block_n, warps, stages, fused = _config(SPARSE_CONFIG)
+        small = q.shape[0] <= SMALL_BATCH
+        block_n, warps, stages, fused = _config(SPARSE_SMALL_CONFIG if small else SPARSE_CONFIG)
         k = p["indices"].shape[1]
         n_splits, split_size = plan_splits(k, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
-                                           SPARSE_WAVES)
+                                           SPARSE_SMALL_WAVES if small else SPARSE_WAVES)
         o_part, lse_part, counters = self._buffers(q, k_cache.shape[2], n_splits)
         launch_decode(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, k, n_splits,
                       split_size, o_part, lse_part, counters, out, sparse=True, block_n=block_n,

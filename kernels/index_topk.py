@@ -16,8 +16,8 @@ OP = "index_topk"
 # than fit at once, with TOPK_WAVES programs per SM; the one-launch cooperative path, with
 # COOP_CTAS_PER_SM programs per SM, all resident at once (registers capped at COOP_MAX_REGISTERS
 # per thread so that they fit). From bench/sweep_kernels.py on an H200.
-TOPK_CONFIG = (64, 4, 3, 8)
-COOP_CONFIG = (64, 4, 3, 4)
+TOPK_CONFIG = (64, 4, 1, 8)
+COOP_CONFIG = (64, 4, 1, 4)
 INTERPRET_CONFIG = (16, 1, 1, 1)
 COOP_MAX_REGISTERS = 128
 TOPK_WAVES = 8
@@ -93,8 +93,6 @@ def index_topk(
     if resolve_backend(backend, q_idx.device, OP) == "torch":
         result = index_topk_reference(q_idx, k_idx_cache, block_table, seq_lens, k)
         return result if out is None else out.copy_(result)
-    from kernels.triton_topk import launch_index_topk
-
     out = out if out is not None else torch.empty((q_idx.shape[0], k), dtype=torch.int32, device=q_idx.device)
     batch = q_idx.shape[0]
     if batch == 0:
@@ -102,17 +100,36 @@ def index_topk(
     sms = num_sms(q_idx.device)
     resident = COOP_CTAS_PER_SM * sms
     # The interpreter runs programs one after another: a cooperative row has a single member there.
-    cooperative = COOPERATIVE and (interpreting() or batch <= resident)
+    cooperative = COOPERATIVE and (interpreting() or batch <= resident) and q_idx.device not in _NO_COOP
+    if cooperative:
+        try:
+            _launch(q_idx, k_idx_cache, block_table, seq_lens, k, out, True, sms)
+            return out
+        except RuntimeError as exc:  # the grid does not fit at once on this card: launch phase by phase
+            if "cooperative" not in str(exc):
+                raise
+            _NO_COOP.add(q_idx.device)
+    _launch(q_idx, k_idx_cache, block_table, seq_lens, k, out, False, sms)
+    return out
+
+
+_NO_COOP: set[torch.device] = set()  # devices where the cooperative grid was refused
+
+
+def _launch(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+            k: int, out: torch.Tensor, cooperative: bool, sms: int) -> None:
+    from kernels.triton_topk import launch_index_topk
+
+    batch = q_idx.shape[0]
     if interpreting():
         block_n, num_warps, num_stages, finish_warps = INTERPRET_CONFIG
         members = 1 if cooperative else _cdiv(TOPK_WAVES * sms, batch)
     elif cooperative:
         block_n, num_warps, num_stages, finish_warps = COOP_CONFIG
-        members = resident // batch
+        members = COOP_CTAS_PER_SM * sms // batch
     else:
         block_n, num_warps, num_stages, finish_warps = TOPK_CONFIG
         members = _cdiv(TOPK_WAVES * sms, batch)
     launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, n_members=members, cooperative=cooperative,
                       block_n=block_n, num_warps=num_warps, num_stages=num_stages, finish_warps=finish_warps,
                       lanes_per_row=LANES_PER_K * k, max_registers=COOP_MAX_REGISTERS)
-    return out

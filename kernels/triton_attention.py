@@ -13,7 +13,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-EARLY_TRIGGER = False
+# The merge kernel lets the next PDL-launched kernel start before it waits on its own inputs: the
+# next layer's partial kernel then has its K/V rows in flight while this layer finishes.
+EARLY_TRIGGER = True
 
 
 @triton.jit

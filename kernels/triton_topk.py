@@ -45,8 +45,7 @@ SCAN_BLOCK = 512  # bins scanned per step
 LOW_BINS = 256  # each of the two low 8-bit digits
 RANK_BLOCK = 128  # candidates at the threshold digit resolved by pairwise rank (else by digits)
 FINISH_BLOCK = 1024
-PREFETCH = True  # the scoring loop keeps the next block's keys in flight
-MMA = True  # scores through tl.dot (pipelined through shared memory) rather than a reduction
+SWEEP_BLOCK = 2048  # scores per step of the histogram phase
 # Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
 # 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
 # digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
@@ -108,31 +107,18 @@ def _arrive_and_wait(counter_ptr, target):
 
 @triton.jit
 def _score_block(q, kidx_ptr, block_table_row, scores_row, pos, end, lane_max, stride_kr,
-                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
-    """Scores of positions `pos`, stored; returns the lane-wise running maximum digit (-1 where a
-    lane has seen no position). Full blocks go unmasked (wide loads, no predicates)."""
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scores of the positions `pos` below `end` (a row's partial last block), stored; returns the
+    lane-wise running maximum digit (-1 where a lane has seen no position)."""
     offs_d = tl.arange(0, BLOCK_D)
-    if MASKED:
-        valid = pos < end
-        blocks = tl.load(block_table_row + pos // PAGE, mask=valid, other=0)
-        rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
-        keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
-                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    else:
-        blocks = tl.load(block_table_row + pos // PAGE)
-        rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
-        if D == BLOCK_D:
-            keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :])
-        else:
-            keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
-                           mask=offs_d[None, :] < D, other=0.0)
+    valid = pos < end
+    blocks = tl.load(block_table_row + pos // PAGE, mask=valid, other=0)
+    rows = (blocks * PAGE + pos % PAGE).to(tl.int64)
+    keys = tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :],
+                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
     scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
-    if MASKED:
-        tl.store(scores_row + pos, scores, mask=valid)
-        return tl.maximum(lane_max, tl.where(valid, _digit(scores), -1))
-    else:
-        tl.store(scores_row + pos, scores)
-        return tl.maximum(lane_max, _digit(scores))
+    tl.store(scores_row + pos, scores, mask=valid)
+    return tl.maximum(lane_max, tl.where(valid, _digit(scores), -1))
 
 
 @triton.jit
@@ -160,63 +146,34 @@ def _full_keys(kidx_ptr, block_table_row, pos, stride_kr, D: tl.constexpr, PAGE:
 
 @triton.jit
 def _score_phase(q_row, kidx_ptr, block_table_row, scores_row, coarse_row, meta_row, start, end, sub_chunk,
-                 stride_kr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREFETCH: tl.constexpr, MMA: tl.constexpr, IEEE: tl.constexpr):
+                 stride_kr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scores of positions start .. end, stored, with the lane maxima of every sub-chunk published.
+    One loop over the full blocks keeps the next block's keys in flight while a block is scored
+    (the last block is fetched twice rather than masked); a partial last block is masked."""
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_row + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
-    if MMA:
-        # Scores as a [BLOCK_N, d] x [d, 16] product (q in column 0): the tensor cores' operand
-        # path stages the keys through shared memory, and the loop is software-pipelined over it.
-        n_full = (full_end - start) // BLOCK_N
-        per_sub = sub_chunk // BLOCK_N
-        q_col = tl.where(tl.arange(0, 16)[None, :] == 0, q[:, None], 0.0).to(kidx_ptr.dtype.element_ty)
-        lane_max = tl.full([BLOCK_N], -1, tl.int32)
+    n_full = (full_end - start) // BLOCK_N
+    per_sub = sub_chunk // BLOCK_N
+    last = full_end - BLOCK_N
+    lane_max = tl.full([BLOCK_N], -1, tl.int32)
+    if n_full > 0:
+        keys = _full_keys(kidx_ptr, block_table_row, start + tl.arange(0, BLOCK_N), stride_kr, D, PAGE, BLOCK_D)
         for i in range(0, n_full):
-            pos = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
-            keys = _full_keys(kidx_ptr, block_table_row, pos, stride_kr, D, PAGE, BLOCK_D)
-            if IEEE:
-                scores = tl.sum(tl.dot(keys, q_col, input_precision="ieee"), axis=1)
-            else:
-                scores = tl.sum(tl.dot(keys, q_col), axis=1)
-            tl.store(scores_row + pos, scores)
+            n0 = start + i * BLOCK_N
+            nxt = tl.minimum(n0 + BLOCK_N, last) + tl.arange(0, BLOCK_N)
+            keys_next = _full_keys(kidx_ptr, block_table_row, nxt, stride_kr, D, PAGE, BLOCK_D)
+            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
+            tl.store(scores_row + n0 + tl.arange(0, BLOCK_N), scores)
             lane_max = tl.maximum(lane_max, _digit(scores))
             flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
             if flush:
                 _publish_lanes(coarse_row, meta_row, lane_max)
             lane_max = tl.where(flush, -1, lane_max)
-    elif PREFETCH:
-        # One loop over the full blocks with the next block's keys in flight while this block is
-        # scored (the last block is fetched twice rather than masked); lane maxima are published
-        # every sub-chunk.
-        n_full = (full_end - start) // BLOCK_N
-        per_sub = sub_chunk // BLOCK_N
-        last = full_end - BLOCK_N
-        lane_max = tl.full([BLOCK_N], -1, tl.int32)
-        if n_full > 0:
-            keys = _full_keys(kidx_ptr, block_table_row, start + tl.arange(0, BLOCK_N), stride_kr, D, PAGE, BLOCK_D)
-            for i in range(0, n_full):
-                n0 = start + i * BLOCK_N
-                nxt = tl.minimum(n0 + BLOCK_N, last) + tl.arange(0, BLOCK_N)
-                keys_next = _full_keys(kidx_ptr, block_table_row, nxt, stride_kr, D, PAGE, BLOCK_D)
-                scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
-                tl.store(scores_row + n0 + tl.arange(0, BLOCK_N), scores)
-                lane_max = tl.maximum(lane_max, _digit(scores))
-                flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
-                if flush:
-                    _publish_lanes(coarse_row, meta_row, lane_max)
-                lane_max = tl.where(flush, -1, lane_max)
-                keys = keys_next
-    else:
-        for s0 in range(start, full_end, sub_chunk):
-            lane_max = tl.full([BLOCK_N], -1, tl.int32)
-            for n0 in range(s0, tl.minimum(s0 + sub_chunk, full_end), BLOCK_N):
-                lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, n0 + tl.arange(0, BLOCK_N), end,
-                                        lane_max, stride_kr, D, PAGE, BLOCK_D, False)
-            _publish_lanes(coarse_row, meta_row, lane_max)
+            keys = keys_next
     if full_end < end:
         lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N), end,
-                                tl.full([BLOCK_N], -1, tl.int32), stride_kr, D, PAGE, BLOCK_D, True)
+                                tl.full([BLOCK_N], -1, tl.int32), stride_kr, D, PAGE, BLOCK_D)
         _publish_lanes(coarse_row, meta_row, lane_max)
 
 
@@ -233,37 +190,45 @@ def _row_bound(coarse_row, meta_row, k, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _hist_phase(scores_row, hist_row, bound, start, end, BLOCK: tl.constexpr):
-    """One atomic increment into the row's 16-bit digit histogram per score at or above the bound."""
+def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.constexpr):
+    """One atomic increment into the row's 16-bit digit histogram per score at or above the bound;
+    those positions are also kept, in order, at kept_ptr (this member's own stretch of the list).
+    Returns how many were kept."""
+    n_kept = 0
     for n0 in range(start, end, BLOCK):
         pos = n0 + tl.arange(0, BLOCK)
         valid = pos < end
         digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
-        tl.atomic_add(hist_row + digit, 1, mask=valid & (digit >= bound), sem="relaxed")
+        keep = valid & (digit >= bound)
+        tl.atomic_add(hist_row + digit, 1, mask=keep, sem="relaxed")
+        tl.store(kept_ptr + n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
+        n_kept += tl.sum(keep.to(tl.int32), axis=0)
+    return n_kept
 
 
 @triton.jit
-def _select_phase(scores_row, hist_row, meta_row, cand_row, out_row, seq_len, k, start, end, first,
+def _select_phase(scores_row, hist_row, meta_row, kept_ptr, n_kept, cand_row, out_row, k, first,
                   BLOCK: tl.constexpr, SCAN: tl.constexpr):
-    """Scores with digit above the threshold T to the output, those at T to the candidate list."""
-    if start < seq_len:
-        t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
-        if first:  # for the finishing program
-            tl.store(meta_row + 6, above_hi)
-        for n0 in range(start, end, BLOCK):
-            pos = n0 + tl.arange(0, BLOCK)
-            valid = pos < end
-            digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
-            win = valid & (digit > t_hi)
-            n_win = tl.sum(win.to(tl.int32), axis=0)
-            if n_win > 0:
-                base = tl.atomic_add(meta_row + 1, n_win, sem="relaxed")
-                tl.store(out_row + base + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
-            cand = valid & (digit == t_hi)
-            n_cand = tl.sum(cand.to(tl.int32), axis=0)
-            if n_cand > 0:
-                base = tl.atomic_add(meta_row + 2, n_cand, sem="relaxed")
-                tl.store(cand_row + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
+    """The kept scores with digit above the threshold T to the output, those at T to the candidate
+    list (one atomic per block reserving slots in each)."""
+    t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
+    if first:  # for the finishing program
+        tl.store(meta_row + 6, above_hi)
+    for n0 in range(0, n_kept, BLOCK):
+        j = n0 + tl.arange(0, BLOCK)
+        valid = j < n_kept
+        pos = tl.load(kept_ptr + j, mask=valid, other=0)
+        digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
+        win = valid & (digit > t_hi)
+        n_win = tl.sum(win.to(tl.int32), axis=0)
+        if n_win > 0:
+            base = tl.atomic_add(meta_row + 1, n_win, sem="relaxed")
+            tl.store(out_row + base + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
+        cand = valid & (digit == t_hi)
+        n_cand = tl.sum(cand.to(tl.int32), axis=0)
+        if n_cand > 0:
+            base = tl.atomic_add(meta_row + 2, n_cand, sem="relaxed")
+            tl.store(cand_row + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
 
 
 @triton.jit
@@ -355,13 +320,12 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
 
 @triton.jit
 def _topk_kernel(
-    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, work_ptr, cand_ptr, out_ptr,
+    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, work_ptr, cand_ptr, kept_count_ptr, out_ptr,
     k, chunk_size, sub_chunk, n_members,
-    stride_qb, stride_kr, stride_btb, stride_sb, stride_wb, stride_cb, stride_ob,
+    stride_qb, stride_kr, stride_btb, stride_sb, stride_wb, stride_cb, stride_nb, stride_ob,
     PHASE: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SWEEP_BLOCK: tl.constexpr, SCAN: tl.constexpr, RANK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
     BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr,
-    PREFETCH: tl.constexpr, MMA: tl.constexpr, IEEE: tl.constexpr,
 ):
     """PHASE 0: all four phases in one cooperative launch, grid (B, n_members), every program
     resident at once. PHASE 1, 2, 3: that phase alone, grid (B, n_members); PHASE 4: grid (B, 1)."""
@@ -374,14 +338,16 @@ def _topk_kernel(
     hist_row = work_ptr + b * stride_wb
     coarse_row = hist_row + HIST
     meta_row = coarse_row + COARSE
-    cand_row = cand_ptr + b * stride_cb
+    kept_ptr = cand_ptr + b * stride_cb + start  # this member's kept positions: the list's first half
+    cand_row = cand_ptr + b * stride_cb + stride_sb  # the threshold digit's candidates: its second half
+    kept_count = kept_count_ptr + b * stride_nb + member
     out_row = out_ptr + b * stride_ob
     busy = (seq_len > k) & (start < seq_len)
 
     if (PHASE == 0) | (PHASE == 1):
         if busy:
             _score_phase(q_ptr + b * stride_qb, kidx_ptr, block_table_ptr + b * stride_btb, scores_row, coarse_row,
-                         meta_row, start, end, sub_chunk, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, PREFETCH, MMA, IEEE)
+                         meta_row, start, end, sub_chunk, stride_kr, D, PAGE, BLOCK_N, BLOCK_D)
     if PHASE == 0:
         _arrive_and_wait(meta_row + 7, n_members)
     if (PHASE == 0) | (PHASE == 2):
@@ -389,13 +355,13 @@ def _topk_kernel(
             bound = _row_bound(coarse_row, meta_row, k, SCAN)
             if member == 0:  # for the finishing program's clean-up
                 tl.store(meta_row + 9, bound)
-            _hist_phase(scores_row, hist_row, bound, start, end, SWEEP_BLOCK)
+            tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK))
     if PHASE == 0:
         _arrive_and_wait(meta_row + 7, 2 * n_members)
     if (PHASE == 0) | (PHASE == 3):
         if busy:
-            _select_phase(scores_row, hist_row, meta_row, cand_row, out_row, seq_len, k, start, end, member == 0,
-                          SWEEP_BLOCK, SCAN)
+            _select_phase(scores_row, hist_row, meta_row, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
+                          member == 0, SWEEP_BLOCK, SCAN)
     finisher = PHASE == 4
     if PHASE == 0:
         tl.debug_barrier()
@@ -439,17 +405,17 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     subs = max(1, min(blocks_per_chunk, -(-lanes_per_row // (n_members * block_n))))
     sub_chunk = -(-blocks_per_chunk // subs) * block_n
     scores = torch.empty((batch, max_len), dtype=torch.float32, device=device)
-    candidates = torch.empty((batch, max(max_len, 1)), dtype=torch.int32, device=device)
+    # per row: each member's kept positions (at its chunk's offset), then the candidates at T
+    listed = torch.empty((batch, 2 * scores.stride(0)), dtype=torch.int32, device=device)
+    kept_counts = torch.empty((batch, n_members), dtype=torch.int32, device=device)
     work = workspace(batch, device)
-    args = (q_idx, k_idx_cache, block_table, seq_lens, scores, work, candidates, out,
+    args = (q_idx, k_idx_cache, block_table, seq_lens, scores, work, listed, kept_counts, out,
             k, chunk, sub_chunk, n_members,
             q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0), work.stride(0),
-            candidates.stride(0), out.stride(0))
+            listed.stride(0), kept_counts.stride(0), out.stride(0))
     consts = dict(D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim),
-                  SWEEP_BLOCK=min(1024, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
-                  FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META,
-                  PREFETCH=PREFETCH, MMA=MMA and q_idx.dtype == k_idx_cache.dtype,
-                  IEEE=k_idx_cache.dtype == torch.float32)
+                  SWEEP_BLOCK=min(SWEEP_BLOCK, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
+                  FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META)
     if cooperative:
         extra = {"launch_cooperative_grid": True, "maxnreg": max_registers} if device.type == "cuda" else {}
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,

@@ -154,7 +154,7 @@ def test_index_topk_leaves_its_workspace_zeroed_for_the_next_call() -> None:
 @pytest.fixture(params=[True, False], ids=["fused-merge", "merge-kernel"])
 def merge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a test with the splits merged by their last program, and with the separate merge kernel."""
-    names = ("INTERPRET_CONFIG",) if interpreting() else ("SPARSE_CONFIG", "DENSE_CONFIG")
+    names = ("INTERPRET_CONFIG",) if interpreting() else ("SPARSE_CONFIG", "SPARSE_SMALL_CONFIG", "DENSE_CONFIG")
     for name in names:
         block_n, warps, stages, _ = getattr(decode_attention, name)
         monkeypatch.setattr(decode_attention, name, (block_n, warps, stages, request.param))
