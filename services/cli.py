@@ -1,4 +1,5 @@
-"""`clsa`: the command line. Subcommands: init, generate, serve, client, eval, transfers."""
+"""`clsa`: the command line. Subcommands: init, generate, serve, client, eval, train, distill-indexer,
+transfers."""
 
 from __future__ import annotations
 
@@ -115,11 +116,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if too_long:
         raise ValueError(f"--lengths {too_long} reach the model's max_seq_len {engine.model_config.max_seq_len}")
     cells: list = []
-    if args.name == "passkey":
+    if args.name == "recall":
+        from services.evals import recall
+
+        ks = [int(x) for x in args.ks.split(",")]
+        data = Path(args.text).read_bytes() if args.text else ppl.stdlib_text(args.trials * max(lengths))
+        cells = recall.run_recall(engine.model, data, lengths, ks, args.trials)
+        print(recall.format_table(cells))
+    elif args.name == "passkey":
         depths = [float(x) for x in args.depths.split(",")]
         cells = passkey.run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk)
         print(passkey.format_table(cells))
     else:
+        # by default the stdlib files `clsa train` holds out, so a trained model is scored on unseen text
         data = Path(args.text).read_bytes() if args.text else ppl.stdlib_text(args.trials * (max(lengths) + 1))
         cells = ppl.run_ppl(engine.model, engine.tokenizer, data, lengths, args.trials, fixed_topk=args.index_topk)
         print(ppl.format_table(cells))
@@ -127,6 +136,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps({"model": args.model, "fingerprint": engine.fingerprint,
                                               "cells": [c.to_dict() for c in cells]}, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from services.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, out=args.out, steps=args.steps, tokens_per_step=args.tokens_per_step,
+                      schedule=args.schedule, lr=args.lr, warmup=args.warmup, passkey_frac=args.passkey_frac,
+                      kv_frac=args.kv_frac, answer_weight=args.answer_weight, corpus=args.corpus,
+                      max_corpus_bytes=args.max_corpus_mb << 20, seed=args.seed, device=args.device,
+                      ckpt_every=args.ckpt_every, log_every=args.log_every, command=" ".join(sys.argv))
+    limit = None if args.max_minutes is None else 60 * args.max_minutes
+    print(f"checkpoint: {train(cfg, progress=not args.quiet, time_limit_s=limit)}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from services.train.distill import DistillConfig, distill
+
+    cfg = DistillConfig(model=args.model, out=args.out, steps=args.steps, joint_steps=args.joint_steps,
+                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, joint_lr=args.joint_lr,
+                        kl_weight=args.kl_weight, corpus=args.corpus, max_corpus_bytes=args.max_corpus_mb << 20,
+                        seed=args.seed, device=args.device, command=" ".join(sys.argv))
+    print(f"checkpoint: {distill(cfg, progress=not args.quiet)}")
     return 0
 
 
@@ -215,17 +248,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("eval", help="quality evals, DENSE vs CLSA on the same weights")
-    p.add_argument("name", choices=["passkey", "ppl"])
+    p.add_argument("name", choices=["passkey", "ppl", "recall"])
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
     p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens, comma-separated")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, 0 = start")
     p.add_argument("--trials", type=int, default=5, help="passkey: prompts per (length, depth); ppl: windows")
-    p.add_argument("--text", default=None, help="ppl: held-out text file (default: Python's stdlib sources)")
+    p.add_argument("--text", default=None,
+                   help="ppl, recall: text file (default: the stdlib files `clsa train` holds out)")
     p.add_argument("--index-topk", type=int, default=None, help="also CLSA at this fixed k")
+    p.add_argument("--ks", default="64,256,1024,2048", help="recall: top-k sizes, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="write the cells as JSON")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="train a YOCO model on text plus synthetic retrieval (resumable)")
+    p.add_argument("--model", default="clsa-small", help="preset to initialise, or a checkpoint to continue from")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/, trainer_state.pt, logs); resumes")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--tokens-per-step", type=int, default=65536)
+    p.add_argument("--schedule", default="2048:1.0", help="LENGTH:SHARE,... context lengths in order")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--passkey-frac", type=float, default=0.2)
+    p.add_argument("--kv-frac", type=float, default=0.2)
+    p.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of retrieval answers' bytes")
+    p.add_argument("--corpus", action="append", default=[], help="text file or directory (default: the stdlib)")
+    p.add_argument("--max-corpus-mb", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop with a checkpoint after this long; the same command resumes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("distill-indexer", help="distill dense attention into the CLSA indexer")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--out", required=True, help="run directory; the result goes to OUT/checkpoint")
+    p.add_argument("--steps", type=int, default=300, help="indexer-only steps (backbone frozen)")
+    p.add_argument("--joint-steps", type=int, default=0, help="then LM + kl_weight x KL steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--joint-lr", type=float, default=1e-4)
+    p.add_argument("--kl-weight", type=float, default=0.1)
+    p.add_argument("--corpus", action="append", default=[])
+    p.add_argument("--max-corpus-mb", type=int, default=64)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("transfers", help="list the KV-transfer ledger in Redis")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

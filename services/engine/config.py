@@ -105,6 +105,12 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=259, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32,
         ffn_dim=768, swa_window=64, index_dim=32, index_topk=128, max_seq_len=8192,
     ),
+    # The model `clsa train` makes (~18M parameters, 36 MB in bf16): byte-level, a 128-token window
+    # so that anything further back must come through the cross decoder, k = 512 (N/16 at 8K).
+    "clsa-small": ModelConfig(
+        vocab_size=259, d_model=384, n_layers=12, n_heads=6, n_kv_heads=2, head_dim=64,
+        ffn_dim=1024, swa_window=128, index_dim=64, index_topk=512, max_seq_len=16384 + 1024,
+    ),
     # The paper's scale (16 SWA + 16 cross layers), for GPU benchmarks with random weights.
     "clsa-4b": ModelConfig(
         vocab_size=32000, d_model=3072, n_layers=32, n_heads=24, n_kv_heads=8, head_dim=128,

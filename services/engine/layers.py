@@ -60,6 +60,46 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.transpose(1, 2)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Causal GQA attention over a whole sequence (SDPA's flash path where there is one).
+    q: [B, T, Hq, d]; k, v: [B, T, Hkv, d] -> [B, T, Hq, d]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, scale=sm_scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             sm_scale: float) -> torch.Tensor:
+    """Causal attention to the last `window` positions (query included), in O(T x window): the
+    sequence is cut into blocks of `window` queries, each attending to its own block and the one
+    before. Same result as `masked_attention` with the sliding-window mask.
+    q: [B, T, Hq, d]; k, v: [B, T, Hkv, d] -> [B, T, Hq, d]."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    w = min(window, t)
+    nb = -(-t // w)
+    pad = nb * w - t
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, 0, 0, pad)).view(b, nb, w, x.shape[2], d)
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    # keys of block i: block i - 1 (zeros before the first) then block i
+    kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], kb], dim=2)
+    vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], vb], dim=2)
+    i = torch.arange(w, device=q.device)[:, None]  # query within its block
+    j = torch.arange(2 * w, device=q.device)[None, :]  # key within [previous block, this block]
+    diff = w + i - j  # query position - key position
+    mask = ((diff >= 0) & (diff < window)).expand(nb, w, 2 * w).clone()
+    mask[0, :, :w] = False  # there is no block before the first
+    out = F.scaled_dot_product_attention(
+        qb.reshape(b * nb, w, hq, d).transpose(1, 2), kk.reshape(b * nb, 2 * w, hkv, d).transpose(1, 2),
+        vv.reshape(b * nb, 2 * w, hkv, d).transpose(1, 2),
+        attn_mask=mask.expand(b, nb, w, 2 * w).reshape(b * nb, 1, w, 2 * w), scale=sm_scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2).reshape(b, nb * w, hq, d)[:, :t]
+
+
 class _Block(nn.Module):
     """Pre-norm residual block: attention (its inputs defined by the subclass), then SwiGLU."""
 

@@ -21,9 +21,28 @@ from kernels.paged import gather_tokens
 from services.engine.attention import CrossAttention
 from services.engine.cache import KVCache
 from services.engine.config import ModelConfig
-from services.engine.layers import AttentionLayer, CrossLayer, RMSNorm, SharedKV, masked_attention
+from services.engine.layers import (
+    AttentionLayer,
+    CrossLayer,
+    RMSNorm,
+    SharedKV,
+    causal_attention,
+    masked_attention,
+    sliding_window_attention,
+)
 
 AttentionMode = Literal["clsa", "dense"]
+
+
+@dataclass
+class CrossInputs:
+    """What the cross decoder saw in a training pass, for indexer distillation and recall:
+    every cross layer's queries [B, T, Hq, d], the shared keys [B, T, Hkv, d], and the normalised
+    boundary activations [B, T, D] the indexer projects."""
+
+    queries: list[torch.Tensor]
+    keys: torch.Tensor
+    boundary: torch.Tensor
 
 
 @dataclass
@@ -119,6 +138,37 @@ class CLSAModel(nn.Module):
             q = cross.query(x, positions)
             x = cross.finish(x, masked_attention(q, k, v, mask, self.sm_scale))
         return self.logits(x)
+
+    def forward_train(self, tokens: torch.Tensor, collect: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, CrossInputs]:
+        """tokens: [B, T] -> logits [B, T, V] with dense attention, the training path: the same
+        function as `forward_full(tokens, "dense")` without T x T masks (sliding-window layers in
+        blocks of the window, cross and transformer layers causal through SDPA). `collect=True`
+        also returns the cross decoder's inputs (`CrossInputs`)."""
+        cfg = self.cfg
+        batch, length = tokens.shape
+        positions = torch.arange(length, device=tokens.device).expand(batch, length)
+        x = self.embed(tokens)
+        for layer in self.own_kv_layers:
+            q, k, v = layer.qkv(x, positions)
+            if cfg.is_yoco:
+                attn = sliding_window_attention(q, k, v, cfg.swa_window, self.sm_scale)
+            else:
+                attn = causal_attention(q, k, v, self.sm_scale)
+            x = layer.finish(x, attn)
+        if self.shared is None:
+            if collect:
+                raise ValueError("collect=True needs a YOCO model (cross layers)")
+            return self.logits(x)
+        k, v, _, _ = self.shared(x, positions)
+        queries = []
+        boundary = self.shared.kv_norm(x)
+        for cross in self.cross_decoder:
+            q = cross.query(x, positions)
+            queries.append(q)
+            x = cross.finish(x, causal_attention(q, k, v, self.sm_scale))
+        logits = self.logits(x)
+        return (logits, CrossInputs(queries, k, boundary)) if collect else logits
 
     # ---- incremental path (engine) ---------------------------------------------------------
 

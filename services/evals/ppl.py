@@ -8,9 +8,7 @@ earlier positions in the cross layers. Byte-level models only, so tokens are byt
 from __future__ import annotations
 
 import math
-import sysconfig
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -19,14 +17,10 @@ from services.engine.tokenizer import ByteTokenizer, Tokenizer
 
 
 def stdlib_text(max_bytes: int) -> bytes:
-    """Python's own standard library sources, in a fixed order: text that is on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for path in sorted(root.glob("*.py")):
-        out += path.read_bytes()
-        if len(out) >= max_bytes:
-            break
-    return bytes(out[:max_bytes])
+    """Held-out text on every machine: the standard library files `clsa train` never trains on."""
+    from services.train.data import held_out_text
+
+    return held_out_text(None, max_bytes)
 
 
 @dataclass(frozen=True)
