@@ -158,7 +158,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(model=args.model, out=args.out, steps=args.steps, joint_steps=args.joint_steps,
                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, joint_lr=args.joint_lr,
                         kl_weight=args.kl_weight, corpus=args.corpus, max_corpus_bytes=args.max_corpus_mb << 20,
-                        seed=args.seed, device=args.device, command=" ".join(sys.argv))
+                        seed=args.seed, device=args.device, save_dtype=args.save_dtype, command=" ".join(sys.argv))
     print(f"checkpoint: {distill(cfg, progress=not args.quiet)}")
     return 0
 
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-corpus-mb", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16 halves the checkpoint (the shipped one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_distill)
 

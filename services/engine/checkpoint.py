@@ -22,20 +22,25 @@ PRESET_SEED = 0
 
 def fingerprint(model: CLSAModel) -> str:
     """sha256 over the config and every weight (name, dtype, shape, bytes), hex, 16 digits."""
-    h = hashlib.sha256(model.cfg.to_json().encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    return _fingerprint(model.cfg, model.state_dict())
+
+
+def _fingerprint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(cfg.to_json().encode())
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(model: CLSAModel, directory: str | Path) -> str:
-    """Write weights and config; returns the fingerprint (also stored in the weights' metadata)."""
+def save_checkpoint(model: CLSAModel, directory: str | Path, dtype: torch.dtype | None = None) -> str:
+    """Write weights (converted to `dtype` when given: bf16 halves a shipped checkpoint) and config;
+    returns the fingerprint of the weights as written (also stored in their metadata)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(model)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    fp = _fingerprint(model.cfg, tensors)
     save_file(tensors, str(out / WEIGHTS), metadata={"fingerprint": fp, "format": "clsa-serve/1"})
     (out / CONFIG).write_text(model.cfg.to_json() + "\n")
     return fp
@@ -73,7 +78,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
             )
     model.load_state_dict(tensors)
     recorded = _recorded_fingerprint(src / WEIGHTS)
-    model.fingerprint = fingerprint(model)
+    model.fingerprint = _fingerprint(cfg, tensors)  # of the weights as stored, whatever dtype they run in
     if recorded is not None and recorded != model.fingerprint:
         raise CheckpointError(f"{src}: weights do not match their recorded fingerprint {recorded}")
     return model.to(device=device, dtype=dtype).eval()

@@ -88,11 +88,14 @@ class DistillConfig:
     seed: int = 1
     device: str = "auto"
     log_every: int = 10
+    save_dtype: str = "float32"  # "bfloat16" for a checkpoint to ship (half the bytes)
     command: str = ""
 
 
 def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     """Distill the indexer of cfg.model into cfg.out/checkpoint; returns that directory."""
+    if cfg.save_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"save_dtype must be float32 or bfloat16, got {cfg.save_dtype!r}")
     device = pick_device(cfg.device)
     model = load_checkpoint(cfg.model).to(device).train()
     if model.shared is None:
@@ -141,7 +144,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
                 log.flush()
                 bar.set_postfix(stage=stage, kl=f"{kl.item():.3f}")
     directory = out / "checkpoint"
-    fp = save_checkpoint(model.eval(), directory)
+    fp = save_checkpoint(model.eval(), directory, dtype=getattr(torch, cfg.save_dtype))
     source = Path(cfg.model) / "TRAINING.md"
     before = source.read_text() if source.exists() else ""
     (directory / "TRAINING.md").write_text(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from services.engine import CheckpointError, LLMEngine
@@ -86,3 +87,16 @@ def _tok():  # noqa: ANN202
     from services.engine.tokenizer import ByteTokenizer
 
     return ByteTokenizer()
+
+
+def test_a_bf16_checkpoint_is_half_the_size_and_keeps_its_fingerprint(tmp_path: Path) -> None:
+    model = make_model()
+    fp32_fp = save_checkpoint(model, tmp_path / "fp32")
+    bf16_fp = save_checkpoint(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert bf16_fp != fp32_fp
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("fp32", "bf16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    loaded = load_checkpoint(tmp_path / "bf16")  # runs in fp32, identified by the weights as stored
+    assert loaded.fingerprint == bf16_fp
+    assert next(loaded.parameters()).dtype == torch.float32
+    torch.testing.assert_close(loaded.embed.weight, model.embed.weight.to(torch.bfloat16).float())

@@ -189,7 +189,8 @@ def test_train_distill_and_recall_from_the_command_line(tmp_path: Path, corpus: 
     assert main(["train", "--model", "clsa-tiny", "--out", str(run), "--steps", "2", "--tokens-per-step", "512",
                  "--schedule", "256:1", "--warmup", "1", *common]) == 0
     assert main(["distill-indexer", "--model", str(run / "checkpoint"), "--out", str(tmp_path / "d"), "--steps", "2",
-                 "--joint-steps", "1", "--batch-size", "1", "--seq-len", "256", *common]) == 0
+                 "--joint-steps", "1", "--batch-size", "1", "--seq-len", "256", "--save-dtype", "bfloat16",
+                 *common]) == 0
     distilled = tmp_path / "d" / "checkpoint"
     assert "Indexer distillation" in (distilled / "TRAINING.md").read_text()
     out = tmp_path / "recall.json"
