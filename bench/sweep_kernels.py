@@ -1,11 +1,13 @@
 """Launch-configuration sweep of the Triton decode kernels on the GPU (clsa-4b heads, bf16, N=128K).
 
-Times every (BLOCK_N, num_warps, num_stages, fused merge, waves) variant of sparse and dense decode
-attention as a CUDA-graph replay (median of do_bench, L2 cleared between reps), checks each against
-the torch reference once, and times index_topk with its two kernels separately. Prints one table per
-op with the best variant per batch size marked; the winners go into kernels/decode_attention.py.
+Times launch-configuration variants as CUDA-graph replays (median of do_bench, L2 cleared between
+reps), each checked against its torch reference first; the winners go into kernels/.
 
-    python bench/sweep_kernels.py --out DIR        (GPU only; about 3 minutes)
+    python bench/sweep_kernels.py --out DIR                   sparse and dense configurations (~3 min)
+    python bench/sweep_kernels.py --quick --out DIR           index_topk: one cooperative launch vs four,
+                                                              shapes, programs per SM, time per phase
+    python bench/sweep_kernels.py --quick --variants --out DIR   + sparse attention with and without PDL
+    python bench/sweep_kernels.py --flush-check --out DIR     write- vs read-flushed L2; sparse configs
 """
 
 from __future__ import annotations
@@ -87,17 +89,8 @@ def graph_of(fn):  # noqa: ANN001, ANN201
 
 
 def graph_us(fn) -> float:  # noqa: ANN001
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Median of do_bench (L2 written over before each rep) over a CUDA-graph replay of fn()."""
+    graph = graph_of(fn)
     return 1000 * triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
