@@ -5,6 +5,11 @@ are packed into one [BLOCK_G, d] tile, so each K/V row is read once for all of t
 BLOCK_N rows at a time with an online softmax in fp32 (base-2 exponentials) and writes its partial
 output and log-sum-exp; a merge kernel combines the splits. Sparse mode reads physical rows that
 `plan` translated once per step; dense mode walks positions and looks up the block table itself.
+
+Launched with programmatic dependent launch (`pdl=True`, Hopper and later), a kernel may start
+while the one before it is still running: it issues its first block of K/V rows - rows, block
+table and cache, which no PDL-launched kernel writes - and only then waits (`gdc_wait`) to read
+the query and to write its outputs.
 """
 
 from __future__ import annotations
