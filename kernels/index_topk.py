@@ -84,7 +84,9 @@ def index_topk(
     q_idx: [B, d_idx]; k_idx_cache: [num_blocks, block_size, d_idx]; block_table: [B, max_blocks]
     int32; seq_lens: [B] int32. Returns indices [B, k] int32: positions (not physical rows) of the
     k highest scores among positions < seq_lens[b], -1 where fewer exist. Order within a row is
-    unspecified. Raises ValueError/TypeError on bad shapes, dtypes or devices.
+    unspecified. Raises ValueError/TypeError on bad shapes, dtypes or devices. The Triton path keeps
+    a zeroed workspace per device that each call leaves zeroed: calls on one device must not run
+    concurrently on two CUDA streams.
     """
     _check(q_idx, k_idx_cache, block_table, seq_lens, k)
     if out is not None and (out.shape != (q_idx.shape[0], k) or out.dtype != torch.int32
