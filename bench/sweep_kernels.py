@@ -251,29 +251,12 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
         members = it._cdiv(it.TOPK_WAVES * sms, batch)
     out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
     work = tt.workspace(batch, out.device)
-    qidx, kidx, table, lens = case["qidx"], case["kidx"], case["table"], case["lens"]
-    max_len = table.shape[1] * PAGE
-    chunk = -(-max(1, -(-max_len // members)) // block_n) * block_n
-    n_members = max(1, -(-max_len // chunk))
-    subs = max(1, min(chunk // block_n, -(-it.LANES_PER_K * K // (n_members * block_n))))
-    sub_chunk = -(-(chunk // block_n) // subs) * block_n
-    scores = torch.empty((batch, max_len), dtype=torch.float32, device="cuda")
-    cand = torch.empty((batch, 2 * max_len), dtype=torch.int32, device="cuda")
-    kept = torch.empty((batch, n_members), dtype=torch.int32, device="cuda")
-    args = (qidx, kidx, table, lens, scores, work, cand, kept, out, K, chunk, sub_chunk, n_members, qidx.stride(0),
-            kidx.stride(1), table.stride(0), scores.stride(0), work.stride(0), cand.stride(0), kept.stride(0),
-            out.stride(0))
-    sweep = min(tt.SWEEP_BLOCK, 1 << (chunk - 1).bit_length())
-    consts = dict(D=D_IDX, PAGE=PAGE, BLOCK_N=block_n, BLOCK_D=D_IDX, SWEEP_BLOCK=sweep,
-                  SCAN=tt.SCAN_BLOCK, RANK=tt.RANK_BLOCK, FINISH_BLOCK=tt.FINISH_BLOCK, BINS=tt.LOW_BINS,
-                  HIST=tt.HIST_BINS, COARSE=tt.COARSE_BINS, META_WORDS=tt.META)
 
     def phases(upto: int) -> None:
-        for phase in range(1, min(upto, 3) + 1):
-            tt._topk_kernel[(batch, n_members)](*args, PHASE=phase, **consts, num_warps=warps, num_stages=stages)
-        if upto >= 4:
-            tt._topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=fwarps)
-        else:
+        tt.launch_index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, n_members=members,
+                             cooperative=False, block_n=block_n, num_warps=warps, num_stages=stages,
+                             finish_warps=fwarps, lanes_per_row=it.LANES_PER_K * K, last_phase=upto)
+        if upto < 4:
             work.zero_()
 
     zero = graph_us(lambda: work.zero_())

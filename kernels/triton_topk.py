@@ -388,13 +388,14 @@ def workspace(batch: int, device: torch.device) -> torch.Tensor:
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, n_members: int, cooperative: bool,
                       block_n: int, num_warps: int, num_stages: int, finish_warps: int, lanes_per_row: int,
-                      max_registers: int | None = None) -> None:
+                      max_registers: int | None = None, last_phase: int = 4) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32.
 
     `n_members` programs per row, each a chunk of whole BLOCK_N blocks. `cooperative`: one launch,
     B x n_members programs all resident (the caller sizes it to the SM count; `max_registers` caps
     the registers per thread so that they fit); otherwise four. Sub-chunks are sized so that a
-    full row publishes about `lanes_per_row` lane maxima."""
+    full row publishes about `lanes_per_row` lane maxima. `last_phase` < 4 (four launches only,
+    for timing the phases) stops early and leaves the workspace for the caller to zero."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
     max_len = block_table.shape[1] * page
@@ -421,6 +422,7 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
                                          **extra)
         return
-    for phase in (1, 2, 3):
+    for phase in range(1, min(last_phase, 3) + 1):
         _topk_kernel[(batch, n_members)](*args, PHASE=phase, **consts, num_warps=num_warps, num_stages=num_stages)
-    _topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=finish_warps)
+    if last_phase >= 4:
+        _topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=finish_warps)

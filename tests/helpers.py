@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from services.engine import LLMEngine, RequestOutput, SamplingParams
 from services.engine.sequence import Sequence
+
+T = TypeVar("T")
+
+
+def run_in_threads(fn: Callable[[], T], n: int) -> list[T]:
+    """Call fn from n threads at once; their results, the first error re-raised."""
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(fn) for _ in range(n)]
+        return [f.result() for f in futures]
 
 
 def record_logits(engine: LLMEngine) -> dict[str, list[torch.Tensor]]:

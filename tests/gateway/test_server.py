@@ -3,7 +3,6 @@ deadlines leave nothing behind, health and reflection."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
@@ -14,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.engine import EngineConfig, LLMEngine, SamplingParams
 from services.gateway.server import pb2
 from tests.gateway.conftest import Gateway
+from tests.helpers import run_in_threads
 
 PROMPT = "The pass key is 71432. Remember it."
 
@@ -57,21 +57,12 @@ def test_unary_and_stream_equal_the_engine(gateway: Gateway, mode: str, attentio
 
 def test_concurrent_streams_all_finish_correctly(gateway: Gateway) -> None:
     want = _engine_tokens("clsa", temperature=0.8, seed=11)
-    results: list[list[int]] = []
-    lock = threading.Lock()
 
-    def client() -> None:
-        tokens = [t for m in gateway.stub.Generate(_request(0, temperature=0.8, seed=11), timeout=120)
-                  for t in m.token_ids]
-        with lock:
-            results.append(tokens)
+    def client() -> list[int]:
+        return [t for m in gateway.stub.Generate(_request(0, temperature=0.8, seed=11), timeout=120)
+                for t in m.token_ids]
 
-    threads = [threading.Thread(target=client) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [want] * 16
+    assert run_in_threads(client, 16) == [want] * 16
     assert _wait_idle(gateway)["kv_blocks_used"] == 0
 
 

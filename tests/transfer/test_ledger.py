@@ -10,6 +10,7 @@ import redis
 
 from services.transfer import InvalidTransition, LedgerError, TransferLedger, TransferState, UnknownTransfer
 from services.transfer.ledger import now_ms
+from tests.helpers import run_in_threads
 
 
 def ledger(client: redis.Redis, prefix: str, **kwargs: int) -> TransferLedger:
@@ -136,20 +137,11 @@ def test_concurrent_reapers_release_each_record_once(redis_url: str, prefix: str
     lg = TransferLedger.from_url(redis_url, prefix=prefix, ready_timeout_ms=1)
     tids = [lg.create(f"r{i}", "p", "fp") for i in range(40)]
     time.sleep(0.01)
-    released: list[str] = []
-    lock = threading.Lock()
 
-    def reaper() -> None:
-        mine = TransferLedger.from_url(redis_url, prefix=prefix)
-        for tid in mine.reap(lambda rec: None):
-            with lock:
-                released.append(tid)
+    def reaper() -> list[str]:
+        return TransferLedger.from_url(redis_url, prefix=prefix).reap(lambda rec: None)
 
-    threads = [threading.Thread(target=reaper) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    released = [tid for batch in run_in_threads(reaper, 6) for tid in batch]
     assert sorted(released) == sorted(tids)
 
 
