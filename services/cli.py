@@ -111,7 +111,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from services.evals import passkey, ppl
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    engine = LLMEngine.from_model(args.model, EngineConfig(max_num_seqs=args.trials), device=args.device)
+    engine = LLMEngine.from_model(args.model, EngineConfig(max_num_seqs=args.trials, attention_backend=args.backend),
+                                  device=args.device)
     too_long = [n for n in lengths if n >= engine.model_config.max_seq_len]
     if too_long:
         raise ValueError(f"--lengths {too_long} reach the model's max_seq_len {engine.model_config.max_seq_len}")
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default="64,256,1024,2048", help="recall: top-k sizes, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                   help="attention kernels of the engine (auto: Triton on CUDA)")
     p.add_argument("--out", default=None, help="write the cells as JSON")
     p.set_defaults(func=_cmd_eval)
 

@@ -8,8 +8,9 @@ Each training sample is `seq_len + 1` bytes of one of three kinds:
 - pass-key: the eval's own format (services/evals/passkey.py) - instruction, filler (corpus text or
   the classic sentences), the key line at a random depth, more filler, the question - and the
   answer, so that the sample ends with the key;
-- key-value: lines "The value of key K is V." hidden at random depths of corpus text, then
-  "What is the value of key K? The value of key K is V." for one of them.
+- key-value: 1-8 lines "The value of key K is V." hidden at random depths of corpus text, then
+  "What is the value of key K? The value of key K is V." for 1-4 of them (more answers per sample:
+  retrieval is a sparse signal in 8K bytes of text).
 
 Retrieval samples carry a weight per target byte: `answer_weight` on the answer's bytes, 1 elsewhere.
 Samples are a pure function of (seed, step, index), so a resumed run sees the same data.
@@ -123,27 +124,43 @@ class Mixer:
         return self._finish(passkey_prompt(n, rng.random(), key, filler), answer, "passkey")
 
     def _key_value(self, rng: random.Random) -> Sample:
-        pairs = [(f"{rng.randrange(16**6):06x}", rng.randrange(10_000, 100_000)) for _ in range(rng.randint(1, 4))]
-        ask, value = pairs[rng.randrange(len(pairs))]
-        question = f"\nWhat is the value of key {ask}? The value of key {ask} is"
-        answer = f" {value}."
+        pairs = [(f"{rng.randrange(16**6):06x}", rng.randrange(10_000, 100_000)) for _ in range(rng.randint(1, 8))]
+        asked = rng.sample(pairs, rng.randint(1, min(len(pairs), 4)))
         lines = [f"\nThe value of key {k} is {v}.\n" for k, v in pairs]
-        n_filler = self.seq_len + 1 - len(question) - len(answer) - sum(len(line) for line in lines)
+        questions = [(f"\nWhat is the value of key {k}? The value of key {k} is", f" {v}.") for k, v in asked]
+        n_filler = self.seq_len + 1 - sum(len(line) for line in lines) - sum(len(q) + len(a) for q, a in questions)
+        if n_filler < 0:  # short samples: fewer questions
+            return self._key_value(rng) if len(pairs) > 1 else self._finish(self._slice(rng, self.seq_len + 1),
+                                                                             "", "plain")
         filler = self._slice(rng, n_filler)
         cuts = sorted(rng.randrange(0, n_filler + 1) for _ in lines)
         parts, last = [], 0
         for cut, line in zip(cuts, lines):
             parts += [filler[last:cut], line]
             last = cut
-        return self._finish("".join(parts) + filler[last:] + question, answer, "kv")
+        body = "".join(parts) + filler[last:]
+        for question, answer in questions[:-1]:
+            body += question + answer  # each answer weighed too (below)
+        question, answer = questions[-1]
+        return self._finish(body + question, answer, "kv", earlier=[a for _, a in questions[:-1]])
 
-    def _finish(self, prompt: str, answer: str, kind: str) -> Sample:
+    def _finish(self, prompt: str, answer: str, kind: str, earlier: list[str] | None = None) -> Sample:
+        """The sample `prompt + answer`, the answer's bytes weighted; `earlier` answers (key-value
+        samples ask several questions) are found right after each "... is" of the prompt's tail."""
         text = (prompt + answer).encode("latin-1", errors="replace")
         if len(text) != self.seq_len + 1:
             raise AssertionError(f"{kind} sample of {len(text)} bytes, want {self.seq_len + 1}")
         weights = [1.0] * self.seq_len
-        for i in range(self.seq_len - len(answer), self.seq_len):
-            weights[i] = self.answer_weight
+        spans = [(self.seq_len - len(answer), self.seq_len)]
+        if earlier:
+            end = len(prompt)
+            for previous in reversed(earlier):
+                start = prompt.rindex(previous, 0, end)
+                spans.append((start - 1, start - 1 + len(previous)))  # weight i predicts byte i + 1
+                end = start
+        for start, stop in spans:
+            for i in range(start, stop):
+                weights[i] = self.answer_weight
         return Sample(list(text), weights, kind)
 
 

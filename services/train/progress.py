@@ -11,8 +11,10 @@ from typing import Any
 class _Lines:
     """The part of tqdm's interface the trainers use, printing a status line at most every 10 s."""
 
-    def __init__(self, iterable: Iterable[int], total: int, desc: str, initial: int = 0, disable: bool = False,
-                 **_: Any) -> None:
+    def __init__(self, iterable: Iterable[int], total: int | None = None, desc: str = "", initial: int = 0,
+                 disable: bool = False, **_: Any) -> None:
+        if total is None:  # as tqdm does: the iterable's length, where it has one
+            total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
         self.iterable, self.total, self.desc, self.disable = iterable, total, desc, disable
         self.n, self.postfix, self.last = initial, "", 0.0
 
@@ -22,7 +24,7 @@ class _Lines:
             self.n += 1
             now = time.time()
             if not self.disable and (now - self.last > 10 or self.n == self.total):
-                print(f"{self.desc}: {self.n}/{self.total} {self.postfix}", file=sys.stderr, flush=True)
+                print(f"{self.desc}: {self.n}/{self.total or '?'} {self.postfix}", file=sys.stderr, flush=True)
                 self.last = now
 
     def set_postfix(self, **values: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,13 @@ def test_samples_have_the_eval_formats_and_weighted_answers(corpus: Path) -> Non
     asked = text.rsplit("What is the value of key ", 1)[1][:6]
     value = text.rsplit(" ", 1)[1].rstrip(".")
     assert f"The value of key {asked} is {value}.\n" in text and len(kv.tokens) == 401
+    for seed in range(20):  # 1-4 questions per sample, every answer's bytes weighted, nothing else
+        kv = mixer._key_value(random.Random(seed))
+        text = bytes(kv.tokens).decode()
+        questions = re.findall(r"What is the value of key (\w{6})\? The value of key \1 is (\d{5})\.", text)
+        assert questions and all(f"The value of key {k} is {v}.\n" in text for k, v in questions)
+        weighted = "".join(text[i + 1] for i, w in enumerate(kv.weights) if w == 5.0)
+        assert weighted == "".join(f" {v}." for _, v in questions)
     assert mixer.sample(batch_rng(0, 5, 1)) == mixer.sample(batch_rng(0, 5, 1))  # a pure function of (seed, step)
     with pytest.raises(ValueError, match="at least twice"):
         Mixer(b"x" * 100, 400, 0.0, 0.0)
@@ -200,3 +208,14 @@ def test_train_distill_and_recall_from_the_command_line(tmp_path: Path, corpus: 
     assert [c["k"] for c in cells] == [16, 300] and cells[1]["recall"] == pytest.approx(1.0, abs=1e-4)
     assert main(["train", "--model", "clsa-tiny", "--out", str(run), "--steps", "2", "--schedule", "nope"]) == 2
     assert "LENGTH:SHARE" in capsys.readouterr().err
+
+
+def test_progress_lines_without_tqdm(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU image has no tqdm: the fallback takes tqdm's calls as the trainers make them."""
+    from services.train.progress import _Lines
+
+    bar = _Lines(range(3), desc="distill", unit="step", dynamic_ncols=True)  # total from len(), as tqdm
+    bar.set_postfix(kl="0.5")
+    assert list(bar) == [0, 1, 2]
+    assert "distill: 3/3 kl=0.5" in capsys.readouterr().err
+    assert list(_Lines(iter([7]), desc="x", disable=True)) == [7]
