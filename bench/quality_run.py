@@ -105,29 +105,45 @@ def _tok_per_s(log: list[dict]) -> float:
     return (tokens(last) - tokens(first)) / max(elapsed(last) - elapsed(first), 1e-9)
 
 
+def _corpus(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for path in getattr(args, "corpus", None) or []:
+        out += ["--corpus", path]
+    if out:
+        out += ["--max-corpus-mb", str(getattr(args, "corpus_mb", 64))]
+    return out
+
+
 def stage_train(args: argparse.Namespace) -> None:
+    """Train `--start-from` (a checkpoint) or a fresh model of the preset for `minutes`, sized by
+    `--tok-per-s` or by a 20-step probe."""
     out, run = Path(args.out), Path(args.work) / "train"
     sizes, device = _sizes(args), _device(args)
+    schedule = getattr(args, "schedule", None) or sizes["schedule"]
+    start = getattr(args, "start_from", None) or sizes["model"]
     shutil.rmtree(run, ignore_errors=True)
-    probe = Path(args.work) / "probe"
-    shutil.rmtree(probe, ignore_errors=True)
     t0 = time.time()
-    longest = max(int(part.split(":")[0]) for part in sizes["schedule"].split(","))
-    clsa("train", "--model", sizes["model"], "--out", str(probe), "--steps", "20", "--tokens-per-step",
-         str(sizes["tokens_per_step"]), "--schedule", f"{longest}:1", "--warmup", "5", "--log-every", "1",
-         "--device", device, "--quiet")
-    log = [json.loads(line) for line in (probe / "train_log.jsonl").read_text().splitlines()]
-    for record in log:
-        record["tokens"] = sizes["tokens_per_step"] // longest * longest
-    tok_s = _tok_per_s(log)
+    tok_s = getattr(args, "tok_per_s", None)
+    if not tok_s:
+        probe = Path(args.work) / "probe"
+        shutil.rmtree(probe, ignore_errors=True)
+        longest = max(int(part.split(":")[0]) for part in schedule.split(","))
+        clsa("train", "--model", sizes["model"], "--out", str(probe), "--steps", "20", "--tokens-per-step",
+             str(sizes["tokens_per_step"]), "--schedule", f"{longest}:1", "--warmup", "5", "--log-every", "1",
+             "--device", device, "--quiet")
+        log = [json.loads(line) for line in (probe / "train_log.jsonl").read_text().splitlines()]
+        for record in log:
+            record["tokens"] = sizes["tokens_per_step"] // longest * longest
+        tok_s = _tok_per_s(log)
     budget = 60 * args.minutes - (time.time() - t0) - 20
     steps = max(50, int(budget * tok_s / sizes["tokens_per_step"]))
-    print(f"probe: {tok_s:.0f} tokens/s at {longest} -> {steps} steps in {budget:.0f} s", flush=True)
-    clsa("train", "--model", sizes["model"], "--out", str(run), "--steps", str(steps), "--tokens-per-step",
-         str(sizes["tokens_per_step"]), "--schedule", sizes["schedule"], "--lr", "1.5e-3",
-         "--warmup", str(min(200, steps // 10)), "--passkey-frac", "0.3", "--kv-frac", "0.3",
-         "--answer-weight", "2", "--ckpt-every", "100000", "--log-every", "20",
-         "--max-minutes", str(budget / 60 + 0.5), "--device", device, "--quiet")
+    print(f"{tok_s:.0f} tokens/s -> {steps} steps in {budget:.0f} s", flush=True)
+    clsa("train", "--model", start, "--out", str(run), "--steps", str(steps), "--tokens-per-step",
+         str(sizes["tokens_per_step"]), "--schedule", schedule, "--lr", str(getattr(args, "lr", 1.5e-3)),
+         "--warmup", str(min(200, steps // 10)), "--passkey-frac", str(getattr(args, "retrieval_frac", 0.3)),
+         "--kv-frac", str(getattr(args, "retrieval_frac", 0.3)), "--answer-weight", "2", "--ckpt-every", "100000",
+         "--log-every", "20", "--max-minutes", str(budget / 60 + 0.5), "--device", device, "--quiet",
+         *_corpus(args))
     to_bf16(run / "checkpoint", Path(args.work) / "trained")
     split_checkpoint(Path(args.work) / "trained", out, "trained")
     shutil.copy(run / "train_log.jsonl", out / "train_log.jsonl")
@@ -138,7 +154,8 @@ def stage_distill(args: argparse.Namespace) -> None:
     shutil.rmtree(run, ignore_errors=True)
     clsa("distill-indexer", "--model", args.model, "--out", str(run), "--steps", str(args.steps),
          "--joint-steps", str(args.joint_steps), "--batch-size", "4", "--seq-len", str(_sizes(args)["distill_seq"]),
-         "--device", _device(args), "--save-dtype", "bfloat16", "--quiet")
+         "--joint-lr", str(getattr(args, "joint_lr", 1e-4)), "--device", _device(args), "--save-dtype", "bfloat16",
+         "--quiet", *_corpus(args))
     shutil.rmtree(Path(args.work) / "distilled", ignore_errors=True)
     shutil.copytree(run / "checkpoint", Path(args.work) / "distilled")
     split_checkpoint(run / "checkpoint", out, "distilled")
@@ -146,16 +163,21 @@ def stage_distill(args: argparse.Namespace) -> None:
 
 
 def stage_eval(args: argparse.Namespace) -> None:
+    """recall, ppl (on the files training held out) and passkey; `lite`: recall and a smaller
+    passkey grid only (the "before distillation" tables, when device time is short)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag, sizes, device = args.tag, _sizes(args), _device(args)
+    tag, sizes, device, lite = args.tag, _sizes(args), _device(args), getattr(args, "lite", False)
+    text = [flag for path in getattr(args, "corpus", None) or [] for flag in ("--corpus", path)]
     clsa("eval", "recall", "--model", args.model, "--lengths", sizes["recall_lengths"], "--ks", sizes["ks"],
-         "--trials", "2", "--device", device, "--out", str(out / f"recall-{tag}.json"))
-    clsa("eval", "ppl", "--model", args.model, "--lengths", sizes["ppl_lengths"], "--trials", "4",
-         "--index-topk", "512", "--device", device, "--out", str(out / f"ppl-{tag}.json"))
-    passkey = ["eval", "passkey", "--model", args.model, "--lengths", sizes["lengths"], "--depths",
-               "0,0.25,0.5,0.75,1", "--trials", str(args.trials), "--index-topk", "512", "--device", device,
-               "--out", str(out / f"passkey-{tag}.json")]
+         "--trials", "2", "--device", device, "--out", str(out / f"recall-{tag}.json"), *text)
+    if not lite:
+        clsa("eval", "ppl", "--model", args.model, "--lengths", sizes["ppl_lengths"], "--trials", "4",
+             "--index-topk", "512", "--device", device, "--out", str(out / f"ppl-{tag}.json"), *text)
+    lengths = ",".join(sizes["lengths"].split(",")[::2]) if lite else sizes["lengths"]
+    passkey = ["eval", "passkey", "--model", args.model, "--lengths", lengths, "--depths",
+               "0,0.5,1" if lite else "0,0.25,0.5,0.75,1", "--trials", str(args.trials), "--index-topk", "512",
+               "--device", device, "--out", str(out / f"passkey-{tag}.json")]
     try:
         clsa(*passkey)
     except subprocess.CalledProcessError:  # the numbers matter more than the kernels here
@@ -170,6 +192,7 @@ def stage_pipeline(args: argparse.Namespace) -> None:
     results = work / "results"
     results.mkdir(parents=True, exist_ok=True)
     status: dict = {"done": [], "failed": {}, "running": None, "started": time.time()}
+    common = {"smoke": args.smoke, "corpus": args.corpus, "corpus_mb": args.corpus_mb}
 
     def save() -> None:
         (work / "status.json.tmp").write_text(json.dumps(status))
@@ -181,7 +204,7 @@ def stage_pipeline(args: argparse.Namespace) -> None:
         t0 = time.time()
         try:
             {"train": stage_train, "distill": stage_distill, "eval": stage_eval}[stage.split("-")[0]](
-                argparse.Namespace(out=str(results), work=str(work), smoke=args.smoke, **kw))
+                argparse.Namespace(out=str(results), work=str(work), **common, **kw))
             status["done"].append(stage)
         except Exception:  # noqa: BLE001 - recorded; the stages that can still run do
             status["failed"][stage] = traceback.format_exc()[-2000:]
@@ -191,10 +214,13 @@ def stage_pipeline(args: argparse.Namespace) -> None:
         save()
 
     save()
-    run("train", minutes=args.train_minutes)
+    run("train", minutes=args.train_minutes, start_from=args.start_from, tok_per_s=args.tok_per_s,
+        schedule=args.schedule, lr=args.lr, retrieval_frac=args.retrieval_frac)
     if "train" in status["done"]:
-        run("eval-trained", model=str(work / "trained"), tag="trained", trials=args.trials_before)
-        run("distill", model=str(work / "trained"), steps=args.distill_steps, joint_steps=0)
+        run("eval-trained", model=str(work / "trained"), tag="trained", trials=args.trials_before,
+            lite=args.lite_before)
+        run("distill", model=str(work / "trained"), steps=args.distill_steps, joint_steps=args.joint_steps,
+            joint_lr=args.joint_lr)
     if "distill" in status["done"]:
         run("eval-distilled", model=str(work / "distilled"), tag="distilled", trials=args.trials_after)
     status["finished"] = True
@@ -240,6 +266,16 @@ def main() -> None:
     p.add_argument("--trials-before", type=int, default=4)
     p.add_argument("--trials-after", type=int, default=8)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--start-from", default=None, help="continue training this checkpoint (default: a fresh preset)")
+    p.add_argument("--corpus", action="append", default=[], help="training text (default: the stdlib)")
+    p.add_argument("--corpus-mb", type=int, default=64)
+    p.add_argument("--tok-per-s", type=float, default=None, help="known training throughput: no probe")
+    p.add_argument("--schedule", default=None, help=f"context schedule (default {SCHEDULE})")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--retrieval-frac", type=float, default=0.3, help="share of pass-key and of key-value samples")
+    p.add_argument("--joint-steps", type=int, default=0, help="distill: LM (dense + CLSA) + KL steps")
+    p.add_argument("--joint-lr", type=float, default=1e-4)
+    p.add_argument("--lite-before", action="store_true", help="eval-trained: recall and a small passkey grid")
     p = sub.add_parser("collect")
     p.add_argument("work")
     p.add_argument("out")

@@ -104,6 +104,15 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_text(args: argparse.Namespace, max_bytes: int) -> bytes:
+    """--text as it is; else the files `clsa train` held out of --corpus (default: the stdlib)."""
+    from pathlib import Path
+
+    from services.train.data import held_out_text
+
+    return Path(args.text).read_bytes() if args.text else held_out_text(args.corpus or None, max_bytes)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -121,7 +130,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from services.evals import recall
 
         ks = [int(x) for x in args.ks.split(",")]
-        data = Path(args.text).read_bytes() if args.text else ppl.stdlib_text(args.trials * max(lengths))
+        data = _eval_text(args, args.trials * max(lengths))
         cells = recall.run_recall(engine.model, data, lengths, ks, args.trials)
         print(recall.format_table(cells))
     elif args.name == "passkey":
@@ -130,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(passkey.format_table(cells))
     else:
         # by default the stdlib files `clsa train` holds out, so a trained model is scored on unseen text
-        data = Path(args.text).read_bytes() if args.text else ppl.stdlib_text(args.trials * (max(lengths) + 1))
+        data = _eval_text(args, args.trials * (max(lengths) + 1))
         cells = ppl.run_ppl(engine.model, engine.tokenizer, data, lengths, args.trials, fixed_topk=args.index_topk)
         print(ppl.format_table(cells))
     if args.out:
@@ -158,7 +167,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = DistillConfig(model=args.model, out=args.out, steps=args.steps, joint_steps=args.joint_steps,
                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, joint_lr=args.joint_lr,
-                        kl_weight=args.kl_weight, corpus=args.corpus, max_corpus_bytes=args.max_corpus_mb << 20,
+                        kl_weight=args.kl_weight, sparse_lm=args.sparse_lm, joint_topk=args.joint_topk,
+                        corpus=args.corpus, max_corpus_bytes=args.max_corpus_mb << 20,
                         seed=args.seed, device=args.device, save_dtype=args.save_dtype, command=" ".join(sys.argv))
     print(f"checkpoint: {distill(cfg, progress=not args.quiet)}")
     return 0
@@ -260,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default="64,256,1024,2048", help="recall: top-k sizes, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--corpus", action="append", default=[],
+                   help="ppl/recall: score the files `clsa train --corpus` held out (default: the stdlib's)")
     p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                    help="attention kernels of the engine (auto: Triton on CUDA)")
     p.add_argument("--out", default=None, help="write the cells as JSON")
@@ -297,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--joint-lr", type=float, default=1e-4)
     p.add_argument("--kl-weight", type=float, default=0.1)
+    p.add_argument("--sparse-lm", type=float, default=0.5,
+                   help="joint stage: share of the LM loss taken through the indexer's top-k (CLSA) selection")
+    p.add_argument("--joint-topk", type=int, default=None, help="joint stage: k of that selection (default seq-len/16)")
     p.add_argument("--corpus", action="append", default=[])
     p.add_argument("--max-corpus-mb", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)

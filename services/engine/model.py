@@ -67,6 +67,18 @@ class StepContext:
     ring_c: torch.Tensor
 
 
+def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, T, T] boolean: position t may attend to s when s <= t and s is among the top-k of
+    `q_idx[t] . k_idx[s]` over s <= t (every s <= t when t + 1 <= k) - CLSA's selection for a
+    whole sequence at once."""
+    length = q_idx.shape[1]
+    pos = torch.arange(length, device=q_idx.device)
+    causal = pos[None, :] <= pos[:, None]
+    scores = torch.einsum("btd,bsd->bts", q_idx.float(), k_idx.float()).masked_fill(~causal, float("-inf"))
+    chosen = scores.topk(min(k, length), dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=q_idx.device).scatter_(-1, chosen, True) & causal
+
+
 class CLSAModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -129,22 +141,21 @@ class CLSAModel(nn.Module):
         k, v, k_idx, q_idx = self.shared(x, positions)
         mask = causal.expand(batch, -1, -1)
         if attention == "clsa":
-            topk = index_topk or cfg.index_topk
-            scores = torch.einsum("btd,bsd->bts", q_idx.float(), k_idx.float()).masked_fill(~causal, float("-inf"))
-            chosen = scores.topk(min(topk, length), dim=-1).indices
-            selected = torch.zeros_like(mask).scatter_(-1, chosen, True)
-            mask = selected & causal
+            mask = indexer_topk_mask(q_idx, k_idx, index_topk or cfg.index_topk)
         for cross in self.cross_decoder:
             q = cross.query(x, positions)
             x = cross.finish(x, masked_attention(q, k, v, mask, self.sm_scale))
         return self.logits(x)
 
-    def forward_train(self, tokens: torch.Tensor, collect: bool = False
+    def forward_train(self, tokens: torch.Tensor, collect: bool = False, index_topk: int | None = None
                       ) -> torch.Tensor | tuple[torch.Tensor, CrossInputs]:
         """tokens: [B, T] -> logits [B, T, V] with dense attention, the training path: the same
         function as `forward_full(tokens, "dense")` without T x T masks (sliding-window layers in
         blocks of the window, cross and transformer layers causal through SDPA). `collect=True`
-        also returns the cross decoder's inputs (`CrossInputs`)."""
+        also returns the cross decoder's inputs (`CrossInputs`). `index_topk=k`: the cross layers
+        attend, as CLSA does, to the indexer's top-k positions only - `forward_full(tokens, "clsa",
+        k)` - chosen without gradient (the LM loss trains the backbone to use the selection; the
+        indexer learns from distillation)."""
         cfg = self.cfg
         batch, length = tokens.shape
         positions = torch.arange(length, device=tokens.device).expand(batch, length)
@@ -160,13 +171,19 @@ class CLSAModel(nn.Module):
             if collect:
                 raise ValueError("collect=True needs a YOCO model (cross layers)")
             return self.logits(x)
-        k, v, _, _ = self.shared(x, positions)
+        k, v, k_idx, q_idx = self.shared(x, positions)
+        selected = None
+        if index_topk is not None:
+            with torch.no_grad():
+                selected = indexer_topk_mask(q_idx, k_idx, index_topk)
         queries = []
         boundary = self.shared.kv_norm(x)
         for cross in self.cross_decoder:
             q = cross.query(x, positions)
             queries.append(q)
-            x = cross.finish(x, causal_attention(q, k, v, self.sm_scale))
+            attn = causal_attention(q, k, v, self.sm_scale) if selected is None else masked_attention(
+                q, k, v, selected, self.sm_scale)
+            x = cross.finish(x, attn)
         logits = self.logits(x)
         return (logits, CrossInputs(queries, k, boundary)) if collect else logits
 

@@ -59,7 +59,12 @@ def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
 
 
 def read_text(files: list[Path], max_bytes: int) -> bytes:
-    """The files' bytes, joined by blank lines, up to max_bytes."""
+    """The files' bytes, joined by blank lines, up to max_bytes. When the files hold more than
+    that, every n-th file is read, so that a large tree (a whole site-packages) is sampled across
+    its packages rather than cut after the first ones in sorted order."""
+    total = sum(path.stat().st_size + 2 for path in files)
+    if total > max_bytes:
+        files = files[::-(-total // max_bytes)]
     out = bytearray()
     for path in files:
         out += path.read_bytes() + b"\n\n"

@@ -6,7 +6,10 @@ and heads; the indexer's distribution is the softmax of its scores q_idx . k_idx
 positions; the loss is KL(target || indexer). Stage 1 (`steps`) trains only the indexer's two
 projections with the backbone frozen. Stage 2 (`joint_steps`, optional) trains everything on
 LM loss + `kl_weight` x KL, the KL's target and the indexer's input detached so that the KL
-moves only the indexer and the LM loss only the backbone.
+moves only the indexer and the LM loss only the backbone. The LM loss there is taken both with
+dense cross attention and, as DeepSeek-V3.2's sparse training stage does, through the indexer's
+top-k selection (`sparse_lm` its share; k = `joint_topk`, default seq_len / 16, the paper's
+ratio), so that the backbone learns to do with the positions CLSA gives it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class DistillConfig:
     lr: float = 1e-3
     joint_lr: float = 1e-4
     kl_weight: float = 0.1
+    sparse_lm: float = 0.5  # joint stage: the share of the LM loss taken through the top-k selection
+    joint_topk: int | None = None  # joint stage: k of that selection (None: seq_len // 16)
     corpus: list[str] = field(default_factory=list)
     max_corpus_bytes: int = 64 << 20
     passkey_frac: float = 0.2
@@ -96,6 +101,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     """Distill the indexer of cfg.model into cfg.out/checkpoint; returns that directory."""
     if cfg.save_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"save_dtype must be float32 or bfloat16, got {cfg.save_dtype!r}")
+    if not 0.0 <= cfg.sparse_lm <= 1.0:
+        raise ValueError(f"sparse_lm must be in [0, 1], got {cfg.sparse_lm}")
+    joint_topk = cfg.joint_topk or max(1, cfg.seq_len // 16)
     device = pick_device(cfg.device)
     model = load_checkpoint(cfg.model).to(device).train()
     if model.shared is None:
@@ -128,9 +136,15 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             else:
                 if joint is None:
                     joint = torch.optim.AdamW(model.parameters(), lr=cfg.joint_lr, weight_decay=0.0)
+                ones = torch.ones_like(tokens[:, 1:], dtype=torch.float32)
                 with autocast:
                     logits, inputs = model.forward_train(tokens[:, :-1], collect=True)  # type: ignore[misc]
-                lm = weighted_lm_loss(logits, tokens[:, 1:], torch.ones_like(tokens[:, 1:], dtype=torch.float32))
+                lm = (1 - cfg.sparse_lm) * weighted_lm_loss(logits, tokens[:, 1:], ones)
+                if cfg.sparse_lm > 0:
+                    with autocast:
+                        sparse_logits = model.forward_train(tokens[:, :-1], index_topk=joint_topk)
+                    sparse = weighted_lm_loss(sparse_logits, tokens[:, 1:], ones)  # type: ignore[arg-type]
+                    lm = lm + cfg.sparse_lm * sparse
                 kl = indexer_kl(model, inputs)
                 loss = lm + cfg.kl_weight * kl
                 optimizer = joint
@@ -150,7 +164,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     (directory / "TRAINING.md").write_text(
         before + f"\n# Indexer distillation\n\n- command: `{cfg.command or 'clsa distill-indexer'}`\n"
         f"- from: {cfg.model}\n- {cfg.steps} indexer steps (backbone frozen, lr {cfg.lr}), {cfg.joint_steps} joint "
-        f"steps (LM + {cfg.kl_weight} x KL, lr {cfg.joint_lr}); batch {cfg.batch_size} x {cfg.seq_len} tokens\n"
+        f"steps (LM, {cfg.sparse_lm:.0%} of it through the top-{joint_topk} selection, + {cfg.kl_weight} x KL, "
+        f"lr {cfg.joint_lr}); batch {cfg.batch_size} x {cfg.seq_len} tokens\n"
         f"- time {(time.time() - t0) / 60:.1f} min; fingerprint {fp}\n"
         f"- config: `{json.dumps(dataclasses.asdict(cfg))}`\n")
     return directory

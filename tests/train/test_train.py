@@ -58,6 +58,20 @@ def test_forward_train_equals_the_whole_sequence_spec(arch: str) -> None:
     torch.testing.assert_close(model.forward_train(tokens), model.forward_full(tokens, "dense"), atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_training_forward_is_clsa_and_trains_only_the_backbone() -> None:
+    """The joint stage's LM loss through the indexer's top-k: the same logits as the CLSA spec,
+    different from dense once the sequence is longer than k, and no gradient to the indexer."""
+    model = _sharp_model()
+    tokens = torch.randint(0, 259, (2, 53), generator=torch.Generator().manual_seed(1))
+    sparse = model.forward_train(tokens, index_topk=8)
+    torch.testing.assert_close(sparse, model.forward_full(tokens, "clsa", 8), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sparse[:, 20:], model.forward_full(tokens, "dense")[:, 20:], atol=1e-3)
+    torch.testing.assert_close(sparse[:, :8], model.forward_train(tokens)[:, :8], atol=1e-5, rtol=1e-5)  # t+1 <= k
+    sparse.sum().backward()  # type: ignore[union-attr]
+    assert model.shared is not None and model.shared.wq_idx.weight.grad is None
+    assert model.cross_decoder[0].wq.weight.grad is not None
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 
