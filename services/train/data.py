@@ -27,6 +27,7 @@ from services.evals.passkey import CLASSIC_FILLER, passkey_prompt
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 HELD_OUT_EVERY = 20
+SAMPLED_FILE_LIMIT = 1 << 20
 
 
 def stdlib_files() -> list[Path]:
@@ -61,10 +62,11 @@ def split_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
 def read_text(files: list[Path], max_bytes: int) -> bytes:
     """The files' bytes, joined by blank lines, up to max_bytes. When the files hold more than
     that, every n-th file is read, so that a large tree (a whole site-packages) is sampled across
-    its packages rather than cut after the first ones in sorted order."""
+    its packages rather than cut after the first ones in sorted order, and files over
+    SAMPLED_FILE_LIMIT (data tables, word lists) are left out."""
     total = sum(path.stat().st_size + 2 for path in files)
     if total > max_bytes:
-        files = files[::-(-total // max_bytes)]
+        files = [path for path in files[::-(-total // max_bytes)] if path.stat().st_size <= SAMPLED_FILE_LIMIT]
     out = bytearray()
     for path in files:
         out += path.read_bytes() + b"\n\n"
