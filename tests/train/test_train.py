@@ -241,7 +241,7 @@ def test_a_corpus_larger_than_the_budget_is_sampled_across_its_files(tmp_path: P
     files = []
     for i in range(10):
         files.append(tmp_path / f"f{i}.py")
-        files[-1].write_bytes(f"# file {i}\n".encode() * 100)  # 1,000 bytes each
+        files[-1].write_bytes(f"# file {i}\n".encode() * 100)  # 900 bytes each
     text = read_text(files, 3000)
     assert b"# file 4" in text and b"# file 1" not in text and b"# file 8" in text  # every 4th file
-    assert len(read_text(files, 100_000)) == 10 * 1002  # under the budget: all of it
+    assert len(read_text(files, 100_000)) == 10 * 902  # under the budget: all of it
