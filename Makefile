@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml proto/clsa/v1/generation.proto
 	$(BIN)/python -m services.api.stubs
 	touch $(STAMP)
 
-# The whole service on the tiny model: a private redis-server, a local Ray with one prefill and one
+# The whole service on the shipped model: a private redis-server, a local Ray with one prefill and one
 # decode worker, the gateway on $(PORT) and metrics on $(METRICS_PORT).
 PORT ?= 50051
+# The trained clsa-small shipped in models/ (MODEL=clsa-tiny: random weights, the smallest).
+MODEL ?= models/clsa-small
 METRICS_PORT ?= 9090
 serve: install
-	$(BIN)/clsa serve --model clsa-tiny --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/clsa serve --model $(MODEL) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

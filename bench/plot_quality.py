@@ -30,9 +30,17 @@ def _column(cell: dict) -> str:
     return "DENSE" if k is None else f"CLSA k={k}"
 
 
+STYLE = {"DENSE": dict(color="black", linewidth=5, alpha=0.25, marker="o", markersize=9),
+         "CLSA k=N/16": dict(color="tab:orange", linestyle="--", marker="s"),
+         "CLSA k=512": dict(color="tab:blue", linestyle=":", marker="^")}
+TITLES = {"trained": "before indexer distillation", "distilled": "after indexer distillation"}
+
+
 def plot_passkey(files: list[Path], out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for path in files:
+    """One panel per model file (before / after distillation); DENSE drawn wide and pale, so the
+    CLSA lines on top of it stay visible where they agree."""
+    fig, axes = plt.subplots(1, len(files), figsize=(5.5 * len(files), 4.2), sharey=True, squeeze=False)
+    for ax, path in zip(axes[0], sorted(files, key=lambda p: "distilled" in p.stem)):
         tag = path.stem.removeprefix("passkey-")
         by: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         for cell in json.loads(path.read_text())["cells"]:
@@ -41,13 +49,14 @@ def plot_passkey(files: list[Path], out: Path) -> None:
             acc[1] += cell["trials"]
         for mode, series in by.items():
             xs = sorted(series)
-            ax.plot(xs, [100 * series[x][0] / series[x][1] for x in xs], marker="o", label=f"{tag}: {mode}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("pass-key accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            ax.plot(xs, [100 * series[x][0] / series[x][1] for x in xs], label=mode, **STYLE.get(mode, {}))
+        ax.set_title(TITLES.get(tag, tag), fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(-4, 104)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center right")
+    axes[0][0].set_ylabel("pass-key accuracy (%)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

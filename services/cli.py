@@ -8,10 +8,13 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from services.engine.config import PRESETS
 
-DEFAULT_MODEL = "clsa-tiny"
+# The trained, distilled clsa-small shipped in the repository (models/clsa-small/TRAINING.md).
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "models" / "clsa-small")
+MODEL_HELP = "checkpoint directory or preset name (default: the shipped, trained models/clsa-small)"
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -62,7 +65,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from services.gateway.main import ServeConfig, serve
 
-    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
+    # a checkpoint directory as an absolute path: Ray's workers do not share this shell's directory
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    cfg = ServeConfig(model=model, host=args.host, port=args.port, metrics_port=args.metrics_port,
                       device=args.device, backend=args.backend, prefill_workers=args.prefill_workers,
                       decode_workers=args.decode_workers, redis_url=args.redis_url, ray_address=args.ray_address,
                       max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs)
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("generate", help="generate text in-process (no service)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="run the gRPC service (clsa.v1.Generation)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics over HTTP")
@@ -260,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="quality evals, DENSE vs CLSA on the same weights")
     p.add_argument("name", choices=["passkey", "ppl", "recall"])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens, comma-separated")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, 0 = start")
     p.add_argument("--trials", type=int, default=5, help="passkey: prompts per (length, depth); ppl: windows")

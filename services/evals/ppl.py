@@ -66,10 +66,17 @@ def run_ppl(model: CLSAModel, tokenizer: Tokenizer, data: bytes, lengths: list[i
 
 
 def format_table(cells: list[PplCell]) -> str:
-    columns = list(dict.fromkeys("clsa@N/16" if c.index_topk == max(1, c.length // 16) else c.mode for c in cells))
-    lines = [f"{'length':>8} " + " ".join(f"{m:>12}" for m in columns) + "   bits per byte"]
+    """Bits per byte by length (rows) and mode (columns), and CLSA at N/16 against DENSE in %;
+    "-" where a mode was not run (the fixed k equal to N/16)."""
+    def column(c: PplCell) -> str:
+        return "clsa@N/16" if c.index_topk == max(1, c.length // 16) else c.mode
+
+    columns = list(dict.fromkeys(column(c) for c in cells))
+    lines = [f"{'length':>8} " + " ".join(f"{m:>12}" for m in columns) + f" {'N/16 vs dense':>14}   bits per byte"]
     for length in sorted({c.length for c in cells}):
-        values = {("clsa@N/16" if c.index_topk == max(1, c.length // 16) else c.mode): c.bits_per_byte
-                  for c in cells if c.length == length}
-        lines.append(f"{length:>8} " + " ".join(f"{values.get(m, float('nan')):>12.4f}" for m in columns))
+        values = {column(c): c.bits_per_byte for c in cells if c.length == length}
+        row = " ".join(f"{values[m]:>12.4f}" if m in values else f"{'-':>12}" for m in columns)
+        gap = (f"{100 * (values['clsa@N/16'] / values['dense'] - 1):>+13.2f}%"
+               if "dense" in values and "clsa@N/16" in values else f"{'-':>14}")
+        lines.append(f"{length:>8} {row} {gap}")
     return "\n".join(lines)
