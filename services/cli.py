@@ -140,7 +140,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(recall.format_table(cells))
     elif args.name == "passkey":
         depths = [float(x) for x in args.depths.split(",")]
-        cells = passkey.run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk)
+        text = None if args.filler == "classic" else _eval_text(args, 8 * max(lengths)).decode("latin-1")
+        cells = passkey.run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk,
+                                    text=text)
         print(passkey.format_table(cells))
     else:
         # by default the stdlib files `clsa train` holds out, so a trained model is scored on unseen text
@@ -276,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--corpus", action="append", default=[],
-                   help="ppl/recall: score the files `clsa train --corpus` held out (default: the stdlib's)")
+                   help="ppl/recall (and passkey --filler text): the files `clsa train --corpus` held out "
+                        "(default: the stdlib's)")
+    p.add_argument("--filler", choices=["classic", "text"], default="classic",
+                   help="passkey: the classic repeated sentences or held-out text (or --text) around the key")
     p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                    help="attention kernels of the engine (auto: Triton on CUDA)")
     p.add_argument("--out", default=None, help="write the cells as JSON")

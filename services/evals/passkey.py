@@ -4,7 +4,7 @@ The prompt is the standard format: an instruction line, filler, the line "The pa
 Remember it. NNNNN is the pass key." at `depth` (0 = start, 1 = end of the filler), more filler,
 then "What is the pass key? The pass key is". The answer is the greedy continuation; a trial
 passes when its first five digits are the key. Each (length, depth) cell runs DENSE and CLSA on
-the same prompts and weights.
+the same prompts and weights. The filler is the classic sentences or, with `text`, real text.
 """
 
 from __future__ import annotations
@@ -64,10 +64,20 @@ class PasskeyCell:
 
 
 def run_passkey(engine: LLMEngine, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
-                fixed_topk: int | None = None, max_tokens: int = 8) -> list[PasskeyCell]:
+                fixed_topk: int | None = None, max_tokens: int = 8, text: str | None = None) -> list[PasskeyCell]:
     """DENSE, CLSA at k = N/16 (the paper's ratio) and, if given, CLSA at a fixed k, per cell.
-    The engines share `engine`'s weights; each k gets its own engine configuration."""
+    The engines share `engine`'s weights; each k gets its own engine configuration. Filler: the
+    classic sentences, or - given `text` - a stretch of it from a random offset per prompt."""
+    if text is not None and len(text) < 2 * max(lengths):
+        raise ValueError(f"filler text of {len(text)} characters; lengths up to {max(lengths)} need twice that")
     rng = random.Random(seed)
+
+    def filler() -> str:
+        if text is None:
+            return CLASSIC_FILLER
+        start = rng.randrange(0, len(text) - length)
+        return text[start:start + length]
+
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     cells = []
     for length in lengths:
@@ -76,7 +86,7 @@ def run_passkey(engine: LLMEngine, lengths: list[int], depths: list[float], tria
             modes.append((f"clsa@{fixed_topk}", fixed_topk))
         for depth in depths:
             keys = [rng.randrange(10_000, 100_000) for _ in range(trials)]
-            prompts = [passkey_prompt(length, depth, key) for key in keys]
+            prompts = [passkey_prompt(length, depth, key, filler()) for key in keys]
             for name, k in modes:
                 runner = _engine_with_topk(engine, k)
                 outs = runner.generate(prompts, params, attention="dense" if k is None else "clsa")

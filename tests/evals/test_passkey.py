@@ -68,3 +68,12 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     assert "clsa@N/16" in proc.stdout
     data = json.loads(out.read_text())
     assert [c["mode"] for c in data["cells"]] == ["dense", "clsa@18"] and data["fingerprint"]
+
+
+def test_real_text_filler_varies_per_prompt_and_must_be_long_enough() -> None:
+    engine = LLMEngine.from_model("clsa-tiny")
+    text = "".join(f"line {i} of some real text.\n" for i in range(200))
+    cells = run_passkey(engine, lengths=[400], depths=[0.5], trials=2, max_tokens=2, text=text)
+    assert [c.mode for c in cells] == ["dense", "clsa@25"] and all(c.trials == 2 for c in cells)
+    with pytest.raises(ValueError, match="filler text"):
+        run_passkey(engine, lengths=[4000], depths=[0.5], trials=1, text=text)
