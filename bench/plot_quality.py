@@ -14,6 +14,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,7 +31,7 @@ def _column(cell: dict) -> str:
     return "DENSE" if k is None else f"CLSA k={k}"
 
 
-STYLE = {"DENSE": dict(color="black", linewidth=5, alpha=0.25, marker="o", markersize=9),
+STYLE: dict[str, dict[str, Any]] = {"DENSE": dict(color="black", linewidth=5, alpha=0.25, marker="o", markersize=9),
          "CLSA k=N/16": dict(color="tab:orange", linestyle="--", marker="s"),
          "CLSA k=512": dict(color="tab:blue", linestyle=":", marker="^")}
 TITLES = {"trained": "before indexer distillation", "distilled": "after indexer distillation"}

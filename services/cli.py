@@ -144,6 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cells = passkey.run_passkey(engine, lengths, depths, args.trials, seed=args.seed, fixed_topk=args.index_topk,
                                     text=text)
         print(passkey.format_table(cells))
+        print(passkey.format_depth_table(cells))
     else:
         # by default the stdlib files `clsa train` holds out, so a trained model is scored on unseen text
         data = _eval_text(args, args.trials * (max(lengths) + 1))

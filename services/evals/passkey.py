@@ -116,6 +116,19 @@ def format_table(cells: list[PasskeyCell]) -> str:
     return "\n".join(lines)
 
 
+def format_depth_table(cells: list[PasskeyCell]) -> str:
+    """Accuracy by length (rows) and depth of the key (columns), one block per mode column."""
+    depths = sorted({c.depth for c in cells})
+    lines = []
+    for column in dict.fromkeys(_column(c) for c in cells):
+        lines.append(f"{column + ' by depth':>20} " + " ".join(f"{d:>7.2f}" for d in depths))
+        for length in sorted({c.length for c in cells}):
+            mine = {c.depth: c for c in cells if c.length == length and _column(c) == column}
+            lines.append(f"{length:>20} " + " ".join(
+                f"{mine[d].accuracy:>7.0%}" if d in mine else f"{'-':>7}" for d in depths))
+    return "\n".join(lines)
+
+
 def _column(cell: PasskeyCell) -> str:
     """CLSA at the paper's ratio is one column across lengths (its k varies with N)."""
     if cell.index_topk is not None and cell.index_topk == max(1, cell.length // 16):

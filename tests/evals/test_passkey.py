@@ -15,6 +15,7 @@ from services.evals.passkey import (
     INSTRUCTION,
     QUESTION,
     answer_is_right,
+    format_depth_table,
     format_table,
     key_line,
     passkey_prompt,
@@ -57,6 +58,8 @@ def test_run_reports_every_cell_for_dense_and_both_clsa_ks() -> None:
     table = format_table(cells)
     assert table.splitlines()[0].split() == ["length", "dense", "clsa@N/16", "clsa@16"]
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["400", "600"]
+    by_depth = format_depth_table(cells).splitlines()
+    assert len(by_depth) == 3 * 3 and by_depth[0].split() == ["dense", "by", "depth", "0.00", "1.00"]
 
 
 def test_cli_writes_json(tmp_path: Path) -> None:
