@@ -7,6 +7,7 @@ Every error is an InvalidRequestError naming the field as the client spells it (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -35,6 +36,22 @@ def request_from_proto(pb2: ModuleType, msg: Any, vocab_size: int) -> Generation
     return GenerationRequest(request_id=request_id, prompt=_prompt(msg, vocab_size),
                              params=sampling_from_proto(msg.sampling if msg.HasField("sampling") else None),
                              attention=_attention(pb2, msg.attention))
+
+
+def check_limits(request: GenerationRequest, vocab_size: int, max_seq_len: int,
+                 count_tokens: Callable[[str], int]) -> None:
+    """What the model's sizes forbid, refused at the edge too: a prompt that leaves no room to
+    generate, more new tokens than any sequence can hold, stop token ids outside the vocabulary."""
+    n = len(request.prompt) if isinstance(request.prompt, tuple) else count_tokens(request.prompt)
+    if n >= max_seq_len:
+        raise InvalidRequestError("prompt", f"{n} tokens leave no room to generate: the model's max_seq_len is "
+                                            f"{max_seq_len}")
+    if request.params.max_tokens > max_seq_len:
+        raise InvalidRequestError("sampling.max_tokens", f"at most {max_seq_len} (the model's max_seq_len), "
+                                                         f"got {request.params.max_tokens}")
+    bad = next((t for t in request.params.stop_token_ids if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError("sampling.stop_token_ids", f"token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
 def _prompt(msg: Any, vocab_size: int) -> str | tuple[int, ...]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,13 +21,52 @@ from services.api.stubs import load
 from services.engine import RequestOutput
 from services.engine.errors import InvalidRequestError, OutOfBlocksError
 from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, GenerationBackend
-from services.gateway.convert import finish_reason_to_proto, request_from_proto
+from services.gateway.convert import check_limits, finish_reason_to_proto, request_from_proto
 from services.gateway.metrics import GatewayMetrics
 
 pb2, pb2_grpc = load()
 SERVICE_NAME = "clsa.v1.Generation"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _BACKGROUND: set[asyncio.Task] = set()
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes did not parse (invalid UTF-8 in a string field, not protobuf at all):
+    handed to the servicer, which answers INVALID_ARGUMENT, instead of gRPC's bare INTERNAL."""
+
+    error: str
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError and whatever else the parser raises
+            return Undecodable(f"{type(e).__name__}: {e}")
+
+    return deserialize
+
+
+def add_generation_service(servicer: GenerationServicer, server: Any) -> None:
+    """The generated registration, with request parsers that report bad bytes to the servicer."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb2.GenerateRequest.FromString),
+            response_serializer=pb2.GenerateResponse.SerializeToString),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=_lenient(pb2.GenerateRequest.FromString),
+            response_serializer=pb2.GenerateResponse.SerializeToString),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize, request_deserializer=_lenient(pb2.TokenizeRequest.FromString),
+            response_serializer=pb2.TokenizeResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=pb2.GetModelInfoRequest.FromString,
+            response_serializer=pb2.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, name-defined]
@@ -53,6 +93,9 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
         return last
 
     async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid clsa.v1.TokenizeRequest ({request.error})")
         return pb2.TokenizeResponse(token_ids=self.backend.tokenize(request.text))
 
     async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -81,8 +124,13 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
     async def _generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Validate, generate, convert; every failure becomes a status code with a message."""
         start = time.perf_counter()
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid clsa.v1.GenerateRequest ({request.error})")
+        model = self.backend.model_summary()
         try:
-            req = request_from_proto(pb2, request, self.backend.model_summary().vocab_size)
+            req = request_from_proto(pb2, request, model.vocab_size)
+            check_limits(req, model.vocab_size, model.max_seq_len, lambda text: len(self.backend.tokenize(text)))
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first_token_s: float | None = None
@@ -146,7 +194,7 @@ async def start_server(backend: GenerationBackend, port: int = 0, host: str = "1
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     servicer = GenerationServicer(backend, metrics or GatewayMetrics(backend))
-    pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    add_generation_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, backend)
