@@ -19,7 +19,7 @@ from services.engine.block_manager import BlockManager
 from services.engine.bundle import KVBundle, export_bundle, import_bundle
 from services.engine.cache import KVCache
 from services.engine.checkpoint import load_model
-from services.engine.errors import InvalidRequestError, OutOfBlocksError
+from services.engine.errors import InvalidRequestError, NoRoomNowError, OutOfBlocksError
 from services.engine.model import CLSAModel
 from services.engine.runner import ModelRunner
 from services.engine.sampling import Sampler, SamplingParams
@@ -191,7 +191,7 @@ class LLMEngine:
     def _admit_now(self, seq: Sequence) -> None:
         """Take blocks and a ring slot for `seq` at once, outside the scheduler's queue."""
         if not self.block_manager.can_admit(seq):
-            raise OutOfBlocksError(
+            raise NoRoomNowError(
                 f"request {seq.request_id}: no room now ({self.block_manager.num_available_blocks} KV blocks "
                 f"available, {self.cache.slots.num_free} sequence slots free); retry when requests finish")
         self.block_manager.admit(seq)

@@ -17,5 +17,10 @@ class OutOfBlocksError(EngineError, RuntimeError):
     """The paged KV pool has too few free blocks for the allocation asked for."""
 
 
+class NoRoomNowError(OutOfBlocksError):
+    """Not enough free KV blocks or sequence slots at the moment; there will be once running
+    requests finish (a request that could never fit raises plain OutOfBlocksError)."""
+
+
 class CheckpointError(EngineError, ValueError):
     """A checkpoint is missing, malformed, or does not match its config."""

@@ -17,7 +17,10 @@ from typing import Protocol
 
 from services.engine import LLMEngine, RequestOutput
 from services.engine.bundle import KVBundle
+from services.engine.errors import NoRoomNowError
 from services.gateway.convert import GenerationRequest
+
+ROOM_POLL_S = 0.01  # how often a bundle waiting for KV room tries again
 
 
 class BackendUnavailable(Exception):
@@ -60,6 +63,7 @@ class LocalEngineBackend:
         self.model_name = model_name
         self.max_in_flight = max_in_flight
         self._lock = threading.Lock()  # guards the engine: its loop thread and add/abort callers
+        self._waiting = 0  # bundles waiting for KV room (counted against max_in_flight)
         self._wakeup = threading.Event()
         self._stopped = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | Exception]]] = {}
@@ -92,11 +96,25 @@ class LocalEngineBackend:
     async def _stream(self, request_id: str, add: Callable[[], None]) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        with self._lock:
-            if len(self._streams) >= self.max_in_flight:
-                raise AdmissionQueueFull(f"{len(self._streams)} requests in flight (max {self.max_in_flight})")
-            add()
-            self._streams[request_id] = (loop, queue)
+        while True:
+            with self._lock:
+                if len(self._streams) + self._waiting >= self.max_in_flight:
+                    raise AdmissionQueueFull(f"{len(self._streams) + self._waiting} requests in flight "
+                                             f"(max {self.max_in_flight})")
+                try:
+                    add()
+                except NoRoomNowError:
+                    # A bundle to continue needs its blocks and a slot now: wait in line until
+                    # running requests finish (cancelling the caller ends the wait).
+                    self._waiting += 1
+                else:
+                    self._streams[request_id] = (loop, queue)
+                    break
+            try:
+                await asyncio.sleep(ROOM_POLL_S)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
         self._wakeup.set()
         finished = False
         try:
