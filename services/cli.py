@@ -1,5 +1,5 @@
 """`clsa`: the command line. Subcommands: init, generate, serve, client, eval, train, distill-indexer,
-transfers."""
+bench, transfers."""
 
 from __future__ import annotations
 
@@ -182,6 +182,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from services.bench.serve import main_from_args
+
+    return main_from_args(args)
+
+
 def _cmd_transfers(args: argparse.Namespace) -> int:
     import redis
 
@@ -332,6 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_distill)
 
+    p = sub.add_parser("bench", help="benchmark clients of the service")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("serve", help="a gRPC load generator: TTFT, TPOT, ITL, latency, throughput, goodput")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default inf: all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--input-len", default="fixed:128", help="prompt tokens: fixed:N, uniform:LO,HI or file:PATH")
+    p.add_argument("--output-len", default="fixed:32", help="new tokens: fixed:N, uniform:LO,HI or file:PATH")
+    p.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
+    p.add_argument("--attention", choices=["clsa", "dense"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="each request's deadline in seconds")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT at most this")
+    p.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput: end-to-end latency at most this")
+    p.add_argument("--json", default=None, help="write the summary and every request as JSON")
+    p.add_argument("--plot", default=None, help="directory for ttft_itl.png and timeline.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("transfers", help="list the KV-transfer ledger in Redis")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--prefix", default="clsa:", help="key prefix of the deployment")
@@ -348,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (EngineError, ValueError) as e:
+    except (EngineError, ValueError, ConnectionError) as e:
         print(f"clsa {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Benchmark clients of the service (`clsa bench ...`)."""
