@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from services.engine.config import PRESETS, ModelConfig, preset
 from services.engine.errors import CheckpointError
 from services.engine.model import CLSAModel
+from services.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -118,3 +119,16 @@ def load_model(spec: str, device: str | torch.device = "cpu",
     if not path.exists():
         raise CheckpointError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
     return load_checkpoint(path, device=device, dtype=dtype), path
+
+
+def load_tokenizer_for(spec: str) -> Tokenizer:
+    """The tokenizer `load_model(spec)` would come with, without loading any weights (what a
+    gateway needs to count prompt tokens at the edge)."""
+    if spec in PRESETS:
+        return ByteTokenizer()
+    path = Path(spec)
+    try:
+        cfg = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{spec!r}: no readable {CONFIG} ({e})") from e
+    return load_tokenizer(path, cfg.eos_token_id)

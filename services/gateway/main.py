@@ -116,6 +116,7 @@ def _start_backend(cfg: ServeConfig, stack: ExitStack) -> tuple[GenerationBacken
 
     import ray
 
+    from services.engine.checkpoint import load_tokenizer_for
     from services.gateway.ray_backend import NAMESPACE, RayBackend, start_workers
     from services.transfer import WorkerRegistry
     from services.transfer.ledger import TransferLedger
@@ -134,5 +135,5 @@ def _start_backend(cfg: ServeConfig, stack: ExitStack) -> tuple[GenerationBacken
                                     cfg.device)
     ledger = TransferLedger.from_url(redis_url, prefix=cfg.prefix)
     registry = WorkerRegistry(ledger.client, prefix=cfg.prefix)
-    backend = RayBackend(prefill, decode, registry, ledger, cfg.max_in_flight)
+    backend = RayBackend(prefill, decode, registry, ledger, cfg.max_in_flight, tokenizer=load_tokenizer_for(cfg.model))
     return backend, Reaper(redis_url, cfg.prefix, backend.release)

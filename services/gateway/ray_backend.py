@@ -20,6 +20,7 @@ import ray
 
 from services.decode.worker import DecodeWorker
 from services.engine import RequestOutput
+from services.engine.tokenizer import Tokenizer
 from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, ModelSummary
 from services.gateway.convert import GenerationRequest
 from services.prefill.worker import PrefillWorker
@@ -60,7 +61,9 @@ def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_dec
 
 class RayBackend:
     def __init__(self, prefill: list[Any], decode: list[Any], registry: WorkerRegistry, ledger: TransferLedger,
-                 max_in_flight: int = 256) -> None:
+                 max_in_flight: int = 256, tokenizer: Tokenizer | None = None) -> None:
+        """`tokenizer`: the model's, to count prompt tokens here (else a prefill worker is asked,
+        behind whatever prefill it is running)."""
         if not prefill or not decode:
             raise ValueError("need at least one prefill and one decode worker")
         self.max_in_flight = max_in_flight
@@ -72,6 +75,7 @@ class RayBackend:
         self._handles: dict[str, list[Any]] = {}  # transfer id -> the bundle's handle, while in flight
         self._summary: ModelSummary = ray.get(prefill[0].model_summary.remote())
         self._round_robin = itertools.count()
+        self._tokenizer = tokenizer
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self._in_flight >= self.max_in_flight:
@@ -140,6 +144,8 @@ class RayBackend:
         return workers[least[next(self._round_robin) % len(least)]]
 
     def tokenize(self, text: str) -> list[int]:
+        if self._tokenizer is not None:
+            return self._tokenizer.encode(text)
         return ray.get(next(iter(self.prefill.values())).tokenize.remote(text))
 
     def model_summary(self) -> ModelSummary:

@@ -100,3 +100,14 @@ def test_a_bf16_checkpoint_is_half_the_size_and_keeps_its_fingerprint(tmp_path: 
     assert loaded.fingerprint == bf16_fp
     assert next(loaded.parameters()).dtype == torch.float32
     torch.testing.assert_close(loaded.embed.weight, model.embed.weight.to(torch.bfloat16).float())
+
+
+def test_the_tokenizer_of_a_spec_without_its_weights(tmp_path: Path) -> None:
+    from services.cli import DEFAULT_MODEL
+    from services.engine.checkpoint import load_tokenizer_for
+    from services.engine.errors import CheckpointError
+
+    assert load_tokenizer_for("clsa-tiny").encode("hé") == [104, 195, 169]
+    assert load_tokenizer_for(DEFAULT_MODEL).encode("ab") == [97, 98]  # the shipped model is byte-level
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_tokenizer_for(str(tmp_path))

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import ray
 
+from services.engine.checkpoint import load_tokenizer_for
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ray_backend import NAMESPACE, RayBackend, start_workers
 from services.gateway.server import pb2_grpc
@@ -56,7 +57,7 @@ def service() -> Iterator[Service]:
         prefill, decode = start_workers("clsa-tiny", redis_server.url, PREFIX, 1, 1)
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
         registry = WorkerRegistry(ledger.client, prefix=PREFIX)
-        backend = RayBackend(prefill, decode, registry, ledger)
+        backend = RayBackend(prefill, decode, registry, ledger, tokenizer=load_tokenizer_for("clsa-tiny"))
         metrics = GatewayMetrics(backend, ledger)
         with running_gateway(backend, metrics) as address:
             channel = grpc.insecure_channel(address)
