@@ -49,3 +49,26 @@ def variant(**changes: object) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():  # noqa: ANN201
+    """One local Ray for the whole test session (the service and the fault-injection suites share
+    it, each deployment in its own namespace). A small object store: bundles of the tiny model are
+    ~100 KB. Its raylet has been seen to miss Ray's fixed 30 s start-up window on a loaded 2-core
+    machine: try again."""
+    import ray
+
+    from services.gateway.ray_backend import NAMESPACE
+
+    for attempt in range(1, 4):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR",
+                     log_to_driver=False, object_store_memory=256 * 1024 * 1024)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 3:
+                raise
+    yield ray
+    ray.shutdown()

@@ -6,6 +6,7 @@ request and frees its KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,12 +28,23 @@ class DecodeWorker:
         self.ledger = TransferLedger.from_url(redis_url, prefix=prefix)
         self.registry = WorkerRegistry(self.ledger.client, prefix=prefix, ttl_s=5 * HEARTBEAT_S)
         self.registry.register(worker_id, "decode", engine.fingerprint)
+        self._fault: tuple[str, int] | None = None
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def inject_fault(self, kind: str | None, after_outputs: int = 0) -> None:
+        """For the fault-injection suite (tests/faults): the process exits, as a crash would, during
+        its next request - "crash_in_transfer" once it has claimed the transfer and before the
+        bundle is in, "crash_mid_stream" after streaming `after_outputs` outputs. None clears it."""
+        if kind not in (None, "crash_in_transfer", "crash_mid_stream"):
+            raise ValueError(f"unknown fault {kind!r}")
+        self._fault = None if kind is None else (kind, after_outputs)
 
     async def generate(self, request: GenerationRequest, transfer_id: str,
                        bundle_box: list[Any]) -> AsyncIterator[RequestOutput]:
         self.ledger.claim(transfer_id, self.worker_id)
+        if self._fault is not None and self._fault[0] == "crash_in_transfer":
+            os._exit(1)
         renewing = asyncio.create_task(self._renew(transfer_id))
         try:
             bundle = await bundle_box[0]
@@ -44,8 +56,12 @@ class DecodeWorker:
             self.ledger.fail(transfer_id, f"decode: {type(e).__name__}: {e}")
             raise
         done = False
+        streamed = 0
         try:
             async for out in self.backend.continue_bundle(bundle, request):
+                if self._fault is not None and self._fault[0] == "crash_mid_stream" and streamed >= self._fault[1]:
+                    os._exit(1)
+                streamed += 1
                 if not done:  # the KV is in this worker's cache now: the transfer is done
                     renewing.cancel()
                     self.ledger.complete(transfer_id, self.worker_id)

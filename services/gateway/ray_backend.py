@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 import ray
+import redis
 
 from services.decode.worker import DecodeWorker
 from services.engine import RequestOutput
@@ -31,32 +32,49 @@ NAMESPACE = "clsa"
 
 
 def start_prefill_worker(i: int, model: str, redis_url: str, prefix: str, device: str = "cpu",
-                         max_restarts: int = 2) -> Any:
+                         max_restarts: int = 2, namespace: str = NAMESPACE) -> Any:
     """The named actor `clsa-prefill-<i>` (namespace `clsa`); Ray restarts it up to `max_restarts`."""
     cls: Any = ray.remote(num_cpus=0, num_gpus=1 if device == "cuda" else 0, max_restarts=max_restarts)(PrefillWorker)
-    return cls.options(name=f"clsa-prefill-{i}", namespace=NAMESPACE).remote(
+    return cls.options(name=f"clsa-prefill-{i}", namespace=namespace).remote(
         f"clsa-prefill-{i}", model, redis_url, prefix, device)
 
 
 def start_decode_worker(i: int, model: str, redis_url: str, prefix: str, device: str = "cpu",
-                        max_restarts: int = 2) -> Any:
+                        max_restarts: int = 2, namespace: str = NAMESPACE) -> Any:
     """The named async actor `clsa-decode-<i>` (Ray runs up to 1,000 of its calls at once)."""
     cls: Any = ray.remote(num_cpus=0, num_gpus=1 if device == "cuda" else 0, max_restarts=max_restarts)(DecodeWorker)
-    return cls.options(name=f"clsa-decode-{i}", namespace=NAMESPACE).remote(
+    return cls.options(name=f"clsa-decode-{i}", namespace=namespace).remote(
         f"clsa-decode-{i}", model, redis_url, prefix, device)
 
 
 def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_decode: int,
-                  device: str = "cpu") -> tuple[list[Any], list[Any]]:
+                  device: str = "cpu", max_restarts: int = 2, namespace: str = NAMESPACE
+                  ) -> tuple[list[Any], list[Any]]:
     """`n_prefill` + `n_decode` workers (ray.init first); refuses workers that disagree on the model.
-    A crashed worker is restarted by Ray; calls in flight on it fail."""
-    prefill = [start_prefill_worker(i, model, redis_url, prefix, device) for i in range(n_prefill)]
-    decode = [start_decode_worker(i, model, redis_url, prefix, device) for i in range(n_decode)]
+    A crashed worker is restarted by Ray (up to `max_restarts` times) and registers again; calls in
+    flight on it fail, and the backend retries a prefill once elsewhere. A second deployment in the
+    same Ray takes its own `namespace` (worker names are unique per namespace)."""
+    prefill = [start_prefill_worker(i, model, redis_url, prefix, device, max_restarts, namespace)
+               for i in range(n_prefill)]
+    decode = [start_decode_worker(i, model, redis_url, prefix, device, max_restarts, namespace)
+              for i in range(n_decode)]
     summaries = ray.get([w.model_summary.remote() for w in prefill])
     fingerprints = {s.fingerprint for s in summaries} | set(ray.get([w.fingerprint.remote() for w in decode]))
     if len(fingerprints) != 1:
         raise RuntimeError(f"workers disagree on the model: fingerprints {sorted(fingerprints)}")
     return prefill, decode
+
+
+def _worker_lost(e: BaseException) -> bool:
+    """A worker process died or restarted, or the bundle went with its owner (as raised here, or
+    raised in a worker and handed on by Ray as the cause of a RayTaskError)."""
+    lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+    return isinstance(e, lost) or isinstance(getattr(e, "cause", None), lost)
+
+
+def _reason(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 class RayBackend:
@@ -74,8 +92,10 @@ class RayBackend:
         self.ledger = ledger
         self._handles: dict[str, list[Any]] = {}  # transfer id -> the bundle's handle, while in flight
         self._summary: ModelSummary = ray.get(prefill[0].model_summary.remote())
-        self._round_robin = itertools.count()
+        self._turns = {"prefill": itertools.count(), "decode": itertools.count()}  # ties take turns, per role
         self._tokenizer = tokenizer
+        self.retries = 0  # prefills tried again on another worker
+        self._lost: dict[str, int] = {}  # worker id -> when a call found it dead (ms)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self._in_flight >= self.max_in_flight:
@@ -84,19 +104,17 @@ class RayBackend:
         try:
             async for out in self._generate(replace(request, request_id=request.request_id or uuid.uuid4().hex)):
                 yield out
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the transfer ledger (Redis) is unreachable: {_reason(e)}") from e
         finally:
             self._in_flight -= 1
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        producer = self._pick("prefill", self.prefill)
         consumer = self._pick("decode", self.decode)  # none alive: UNAVAILABLE before any prefill work
-        transfer_id = self.ledger.create(request.request_id, self._name(producer), self._summary.fingerprint)
+        transfer_id, result = await self._prefill(request)
         stream, finished = None, False
         try:
-            submitted = time.time()
-            result = await producer.prefill.remote(request, transfer_id)
             first = result["first"]
-            first.stage_ms["queue"] = max(0.0, (result["started_at"] - submitted) * 1e3)
             finished = first.finished
             yield first
             if result["bundle"] is None:
@@ -104,24 +122,64 @@ class RayBackend:
             self._handles[transfer_id] = result["bundle"]
             stream = consumer.generate.remote(request, transfer_id, result["bundle"])
             del result
-            async for ref in stream:
-                out = await ref
-                finished = out.finished
-                if finished:
-                    out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
-                yield out
+            try:
+                async for ref in stream:
+                    out = await ref
+                    finished = out.finished
+                    if finished:
+                        out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
+                    yield out
+            except Exception as e:
+                if _worker_lost(e):
+                    self._lost[self._name(consumer, self.decode)] = int(time.time() * 1000)
+                    raise BackendUnavailable(f"decode worker {self._name(consumer, self.decode)} was lost "
+                                             f"({_reason(e)}); the request ended") from e
+                if isinstance(e, LedgerError) or isinstance(getattr(e, "cause", None), LedgerError):
+                    raise BackendUnavailable(f"the transfer ledger lost this request's record ({_reason(e)}; "
+                                             "Redis restarted?)") from e
+                raise
         finally:
             self._handles.pop(transfer_id, None)
             if not finished:
-                # Ended early (cancel, deadline, a failed prefill, no decode worker): stop the decode
-                # side and settle the record now, not when the reaper finds it. A record a worker has
-                # already settled refuses the transition, which is fine.
+                # Ended early (cancel, deadline, a lost worker): stop the decode side and settle the
+                # record now, not when the reaper finds it.
                 if stream is not None:
                     ray.cancel(stream)
-                try:
-                    self.ledger.fail(transfer_id, "gateway: the request ended before it finished")
-                except LedgerError:
-                    pass
+                self._settle(transfer_id, "gateway: the request ended before it finished")
+
+    async def _prefill(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """Prefill on the least-loaded prefill worker; if that worker dies meanwhile, once more on
+        another (the same one, restarted, when it is the only one) before the client hears of it.
+        Returns the transfer id and the worker's result; every failed attempt's record is settled."""
+        tried: list[str] = []
+        while True:
+            producer = self._pick("prefill", self.prefill, avoid=tried)
+            name = self._name(producer, self.prefill)
+            transfer_id = self.ledger.create(request.request_id, name, self._summary.fingerprint)
+            submitted = time.time()
+            try:
+                result = await producer.prefill.remote(request, transfer_id)
+            except BaseException as e:
+                self._settle(transfer_id, f"gateway: prefill on {name} ended: {_reason(e)}")
+                if not (isinstance(e, Exception) and _worker_lost(e)):
+                    raise
+                tried.append(name)
+                self._lost[name] = int(time.time() * 1000)
+                self.retries += 1
+                if len(tried) == 2:
+                    raise BackendUnavailable(f"prefill failed twice, on {' and '.join(tried)}: the worker was lost "
+                                             f"({_reason(e)})") from e
+                continue
+            result["first"].stage_ms["queue"] = max(0.0, (result["started_at"] - submitted) * 1e3)
+            return transfer_id, result
+
+    def _settle(self, transfer_id: str, error: str) -> None:
+        """FAILED, unless a worker already settled it (refused, which is fine) or Redis is away (the
+        record then ends with its deadline, or with Redis)."""
+        try:
+            self.ledger.fail(transfer_id, error)
+        except (LedgerError, redis.RedisError):
+            pass
 
     @property
     def handles_in_flight(self) -> int:
@@ -132,16 +190,27 @@ class RayBackend:
         the object once no one holds it)."""
         self._handles.pop(record.transfer_id, None)
 
-    def _name(self, worker: Any) -> str:
-        return next(name for name, w in self.prefill.items() if w is worker)
+    @staticmethod
+    def _name(worker: Any, workers: dict[str, Any]) -> str:
+        return next(name for name, w in workers.items() if w is worker)
 
-    def _pick(self, role: Role, workers: dict[str, Any]) -> Any:
-        """The least-loaded live worker (by its last heartbeat); ties take turns."""
-        live = [w for w in self.registry.live_workers(role) if w.worker_id in workers]
-        if not live:
+    def _pick(self, role: Role, workers: dict[str, Any], avoid: list[str] | None = None) -> Any:
+        """The least-loaded live worker (by its last heartbeat) that is not one of `avoid`; ties
+        take turns. With none but those left, the last of `avoid`: Ray restarts a dead actor and
+        holds calls to it until it is back."""
+        try:
+            live = [w for w in self.registry.live_workers(role) if w.worker_id in workers]
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the worker registry (Redis) is unreachable: {_reason(e)}") from e
+        # A worker lost in a call stays out until it has registered again (Ray restarted it).
+        fresh = [w for w in live if w.worker_id not in (avoid or [])
+                 and w.heartbeat_ms > self._lost.get(w.worker_id, -1)]
+        if not fresh:
+            if avoid:
+                return workers[avoid[-1]]
             raise BackendUnavailable(f"no {role} worker is alive")
-        least = [w.worker_id for w in live if w.load == live[0].load]
-        return workers[least[next(self._round_robin) % len(least)]]
+        least = [w.worker_id for w in fresh if w.load == fresh[0].load]
+        return workers[least[next(self._turns[role]) % len(least)]]
 
     def tokenize(self, text: str) -> list[int]:
         if self._tokenizer is not None:
@@ -152,11 +221,18 @@ class RayBackend:
         return self._summary
 
     def is_serving(self) -> bool:
-        return bool(self.registry.live_workers("prefill")) and bool(self.registry.live_workers("decode"))
+        try:
+            return bool(self.registry.live_workers("prefill")) and bool(self.registry.live_workers("decode"))
+        except redis.RedisError:
+            return False
 
     def stats(self) -> dict[str, int]:
         total: dict[str, int] = {"requests_in_flight": 0, "kv_blocks_used": 0, "kv_blocks_total": 0}
-        for worker in self.registry.live_workers("decode"):
+        try:
+            decode = self.registry.live_workers("decode")
+        except redis.RedisError:
+            return total
+        for worker in decode:
             for key in total:
                 total[key] += int(worker.stats.get(key, 0))
         return total

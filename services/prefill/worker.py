@@ -7,6 +7,7 @@ One request at a time per worker (a plain actor: Ray queues the calls); scale wi
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -30,6 +31,7 @@ class PrefillWorker:
         self.ledger = TransferLedger.from_url(redis_url, prefix=prefix)
         self.registry = WorkerRegistry(self.ledger.client, prefix=prefix, ttl_s=5 * HEARTBEAT_S)
         self._in_flight = 0
+        self._fault: str | None = None
         self._stop = threading.Event()
         self.registry.register(worker_id, "prefill", self.engine.fingerprint)
         threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -48,6 +50,8 @@ class PrefillWorker:
             except Exception as e:
                 self.ledger.fail(transfer_id, f"prefill: {type(e).__name__}: {e}")
                 raise
+            if self._fault == "crash_in_prefill":
+                os._exit(1)  # the fault-injection suite: die with the prompt run and nothing published
             first.stage_ms["prefill"] = (time.time() - started_at) * 1e3
             result = {"first": first, "bundle": None, "started_at": started_at}
             if bundle is None:
@@ -61,6 +65,13 @@ class PrefillWorker:
             return {**result, "bundle": [handle]}
         finally:
             self._in_flight -= 1
+
+    def inject_fault(self, kind: str | None) -> None:
+        """For the fault-injection suite (tests/faults): "crash_in_prefill" makes the process exit
+        in the middle of its next prefill, as a crash would; None clears it. Ray restarts the actor."""
+        if kind not in (None, "crash_in_prefill"):
+            raise ValueError(f"unknown fault {kind!r}")
+        self._fault = kind
 
     def model_summary(self) -> ModelSummary:
         cfg = self.engine.model_config

@@ -36,6 +36,8 @@ import redis
 DEFAULT_PREFIX = "clsa:"
 
 
+REDIS_TIMEOUT_S = 5.0  # socket timeouts of the clients from_url makes
+
 class TransferState(enum.Enum):
     PENDING = "PENDING"
     READY = "READY"
@@ -178,7 +180,10 @@ class TransferLedger:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> TransferLedger:
-        return cls(redis.Redis.from_url(url, decode_responses=True), **kwargs)  # type: ignore[arg-type]
+        """A client that fails within seconds when Redis is away (no call hangs on a dead server)."""
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S,
+                                      socket_connect_timeout=REDIS_TIMEOUT_S)
+        return cls(client, **kwargs)  # type: ignore[arg-type]
 
     def key(self, transfer_id: str) -> str:
         return f"{self.prefix}xfer:{transfer_id}"

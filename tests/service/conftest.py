@@ -12,7 +12,7 @@ import ray
 
 from services.engine.checkpoint import load_tokenizer_for
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.ray_backend import NAMESPACE, RayBackend, start_workers
+from services.gateway.ray_backend import RayBackend, start_workers
 from services.gateway.server import pb2_grpc
 from services.transfer import TransferLedger, WorkerRegistry
 from services.transfer.local_redis import LocalRedis
@@ -35,25 +35,12 @@ class Service:
         return pb2_grpc.GenerationStub(self.channel)
 
 
-def _start_ray(attempts: int = 3) -> None:
-    """A local Ray with a small object store (bundles of the tiny model are ~100 KB). Its raylet
-    has been seen to miss Ray's fixed 30 s start-up window on a loaded 2-core machine: try again."""
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR",
-                     log_to_driver=False, object_store_memory=256 * 1024 * 1024)
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == attempts:
-                raise
-
-
 @pytest.fixture(scope="session")
-def service() -> Iterator[Service]:
+def service(ray_session: object) -> Iterator[Service]:
     redis_server = LocalRedis()
+    prefill: list = []
+    decode: list = []
     try:
-        _start_ray()
         prefill, decode = start_workers("clsa-tiny", redis_server.url, PREFIX, 1, 1)
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
         registry = WorkerRegistry(ledger.client, prefix=PREFIX)
@@ -64,5 +51,6 @@ def service() -> Iterator[Service]:
             yield Service(address, channel, ledger, backend, redis_server.url, metrics)
             channel.close()
     finally:
-        ray.shutdown()
+        for worker in [*prefill, *decode]:
+            ray.kill(worker, no_restart=True)
         redis_server.stop()

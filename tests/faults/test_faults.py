@@ -1,0 +1,167 @@
+"""Fault injection against the real service, under load from `clsa bench serve`'s engine.
+
+Each case ends with the same invariants (`FaultyService.check_invariants`): every request got
+exactly one terminal status; no transfer record is left outside a terminal state; the decode
+workers' KV blocks in use are back to zero; and the service serves a new request. Worker crashes
+are real process exits (`os._exit` inside the Ray actor, armed through `inject_fault`), which Ray
+answers by restarting the actor; the worker then registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+import ray
+
+from services.bench.serve import BenchConfig, BenchResult, run_bench
+from services.gateway.server import pb2
+from services.transfer import TransferState
+from tests.faults.conftest import MAX_IN_FLIGHT, FaultyService
+
+TERMINAL = {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
+
+
+def load(svc: FaultyService, n: int, **kw: Any) -> BenchResult:
+    cfg = BenchConfig(address=svc.address, num_prompts=n, warmup=0, progress=False, timeout_s=120,
+                      **{"input_len": "uniform:30,120", "output_len": "fixed:24", **kw})
+    return run_bench(cfg)
+
+
+def in_background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", fn()), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def exactly_one_terminal_status(result: BenchResult, n: int) -> dict[str, int]:
+    assert len(result.records) == n and {r.index for r in result.records} == set(range(n))
+    counts = result.status_counts()
+    assert set(counts) <= TERMINAL, counts
+    return counts
+
+
+def test_a_prefill_worker_crash_is_retried_on_the_other_worker(svc: FaultyService) -> None:
+    ray.get(svc.prefill[0].inject_fault.remote("crash_in_prefill"))
+    retries = svc.backend.retries
+    result = load(svc, 8, max_concurrency=4)
+    counts = exactly_one_terminal_status(result, 8)
+    assert counts == {"OK": 8}, [r.detail for r in result.records if r.status != "OK"]
+    # One worker died; the requests it held (those sent before the gateway knew) went to the other
+    # one, and no client heard of it. Until it registers again it gets no new request.
+    assert svc.backend.retries >= retries + 1
+    failed = [r for r in svc.ledger.records([TransferState.FAILED]) if "prefill on clsa-prefill-0" in r.error]
+    assert failed  # the dead attempt's record was settled at once, not left PENDING
+    svc.check_invariants()
+
+
+def test_a_prefill_that_dies_twice_is_unavailable_at_once(svc: FaultyService) -> None:
+    ray.get([w.inject_fault.remote("crash_in_prefill") for w in svc.prefill])
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        svc.stub.Complete(pb2.GenerateRequest(text="doomed", sampling=pb2.SamplingParams(max_tokens=4)), timeout=120)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "prefill failed twice" in (info.value.details() or "")
+    assert time.monotonic() - t0 < 60  # pushed to the client, not a timeout waited out
+    svc.check_invariants()
+
+
+def test_a_decode_worker_crash_mid_stream_ends_its_requests_unavailable(svc: FaultyService) -> None:
+    ray.get([w.inject_fault.remote("crash_mid_stream", 5) for w in svc.decode])
+    result = load(svc, 6, output_len="fixed:60")
+    counts = exactly_one_terminal_status(result, 6)
+    assert counts.get("UNAVAILABLE", 0) >= 1, counts
+    lost = [r for r in result.records if r.status == "UNAVAILABLE"]
+    assert all("decode worker clsa-decode-" in r.detail and "was lost" in r.detail for r in lost), lost[0].detail
+    assert all(r.tokens < 60 for r in lost)
+    svc.check_invariants()
+
+
+def test_a_decode_worker_crash_during_the_transfer(svc: FaultyService) -> None:
+    ray.get([w.inject_fault.remote("crash_in_transfer") for w in svc.decode])
+    with pytest.raises(grpc.RpcError) as info:
+        svc.stub.Complete(pb2.GenerateRequest(text="lost in transit", request_id="transit-1",
+                                              sampling=pb2.SamplingParams(max_tokens=8)), timeout=120)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    [record] = [r for r in svc.ledger.records() if r.request_id == "transit-1"]
+    assert record.state == TransferState.FAILED and record.consumer.startswith("clsa-decode-")  # claimed, then settled
+    svc.check_invariants()
+
+
+def test_a_redis_restart_fails_requests_cleanly_and_the_service_comes_back(svc: FaultyService) -> None:
+    port = svc.redis.port
+    svc.redis.stop()
+    try:
+        t0 = time.monotonic()
+        result = load(svc, 4, max_concurrency=2)
+        counts = exactly_one_terminal_status(result, 4)
+        assert counts == {"UNAVAILABLE": 4}, [r.detail for r in result.records]
+        assert "Redis" in result.records[0].detail
+        assert time.monotonic() - t0 < 30  # each refused within seconds, none hangs
+    finally:
+        from services.transfer.local_redis import LocalRedis
+
+        svc.redis = LocalRedis(port=port)  # empty: the workers register again with their next heartbeat
+    svc.wait_workers_live()
+    after = load(svc, 4, max_concurrency=2)
+    assert exactly_one_terminal_status(after, 4) == {"OK": 4}
+    svc.check_invariants()
+
+
+def test_clients_that_disconnect_at_random_points_leave_nothing(svc: FaultyService) -> None:
+    rng = random.Random(5)
+    statuses: list[str] = []
+
+    async def client(i: int) -> None:
+        request = pb2.GenerateRequest(text=f"client {i} " * rng.randint(2, 30),
+                                      sampling=pb2.SamplingParams(max_tokens=80, ignore_eos=True))
+        quit_after = rng.choice([0.0, 0.01, 0.05, 0.2, 0.5, 2.0, None])
+        async with grpc.aio.insecure_channel(svc.address) as channel:
+            from services.gateway.server import pb2_grpc
+
+            call = pb2_grpc.GenerationStub(channel).Generate(request, timeout=120)
+            try:
+                if quit_after is None:
+                    async for _ in call:
+                        pass
+                    statuses.append("OK")
+                    return
+                await asyncio.sleep(quit_after)
+                call.cancel()
+                statuses.append("CANCELLED")
+            except grpc.aio.AioRpcError as e:
+                statuses.append(e.code().name)
+
+    async def main() -> None:
+        await asyncio.gather(*(client(i) for i in range(16)))
+
+    asyncio.run(main())
+    assert len(statuses) == 16 and set(statuses) <= {"OK", "CANCELLED"}, statuses
+    svc.check_invariants()
+
+
+def test_deadlines_shorter_than_prefill(svc: FaultyService) -> None:
+    long_prompt = "a long prompt " * 500  # 7,000 tokens: a prefill that outlasts the deadline
+    codes = []
+    for timeout in (0.001, 0.05, 0.2):
+        with pytest.raises(grpc.RpcError) as info:
+            svc.stub.Complete(pb2.GenerateRequest(text=long_prompt, sampling=pb2.SamplingParams(max_tokens=50)),
+                              timeout=timeout)
+        codes.append(info.value.code())
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+    svc.check_invariants()
+
+
+def test_a_burst_far_above_the_admission_queue_is_shed(svc: FaultyService) -> None:
+    result = load(svc, 6 * MAX_IN_FLIGHT, output_len="fixed:30")  # 144 at once against a limit of 24
+    counts = exactly_one_terminal_status(result, 6 * MAX_IN_FLIGHT)
+    assert set(counts) == {"OK", "RESOURCE_EXHAUSTED"} and counts["OK"] >= MAX_IN_FLIGHT, counts
+    shed = [r for r in result.records if r.status == "RESOURCE_EXHAUSTED"]
+    assert all(f"(max {MAX_IN_FLIGHT})" in r.detail for r in shed)
+    svc.check_invariants()
