@@ -8,6 +8,7 @@ reps), each checked against its torch reference first; the winners go into kerne
                                                               shapes, programs per SM, time per phase
     python bench/sweep_kernels.py --quick --variants --out DIR   + sparse attention with and without PDL
     python bench/sweep_kernels.py --flush-check --out DIR     write- vs read-flushed L2; sparse configs
+    python bench/sweep_kernels.py --wide --out DIR            the wide sparse kernel's variants vs per-head
 """
 
 from __future__ import annotations
@@ -165,7 +166,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="index_topk variants (and --variants) only")
     parser.add_argument("--variants", action="store_true", help="with --quick: sparse attention variants")
     parser.add_argument("--flush-check", action="store_true", help="write- vs read-flush timings, sparse configs")
+    parser.add_argument("--wide", action="store_true", help="the wide sparse kernel against the per-head one")
+    parser.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     args = parser.parse_args()
+    if args.wide:
+        wide_sweep(args)
+        return
     if args.flush_check:
         flush_check(args)
         return
@@ -364,6 +370,93 @@ def _flush_batch(batch: int, gen: torch.Generator, results: list) -> None:
         print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in results[-1].items()}, flush=True)
     da.SPARSE_CONFIG, da.SPARSE_WAVES, ta.EARLY_TRIGGER = saved
     da.SMALL_BATCH = 8
+
+
+WIDE_VARIANTS = [  # (BLOCK_N, warps, stages, programs per SM, PDL at this batch)
+    (16, 4, 1, 1, False), (16, 8, 1, 1, False), (16, 8, 2, 1, False), (16, 8, 1, 2, False), (16, 4, 1, 2, False),
+    (16, 16, 1, 1, False), (32, 8, 1, 1, False), (32, 16, 1, 1, False), (32, 8, 2, 1, False), (16, 8, 1, 1, True),
+    (32, 16, 1, 1, True),
+]
+
+
+def wide_sweep(args: argparse.Namespace) -> None:
+    """The wide sparse kernel (every KV head of a token in one program) against the per-head one,
+    at N = 128K and B = 1, 8, 32: one call alone (write- and read-flushed L2) and per call in a
+    chain of 16 over distinct caches, each variant checked against the reference first."""
+    gen = torch.Generator().manual_seed(0)
+    results: list[dict] = []
+    read_bw = _read_bw()
+    print(f"read BW (sum over 4 GiB) {read_bw:.0f} GB/s", flush=True)
+    for batch in args.batches:
+        _wide_batch(batch, gen, read_bw, results)
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparse_wide.json").write_text(json.dumps(results, indent=1))
+    print(f"{'B':>3} {'variant':<34} {'err':>8} {'regs':>5} {'spill':>5} {'1 call':>8} {'%BW':>6} "
+          f"{'1 (rd)':>8} {'%BW':>6} {'chain/call':>10} {'%BW':>6}")
+    for r in results:
+        print(f"{r['B']:>3} {r['variant']:<34} {r['err']:>8.1e} {str(r['regs']):>5} {str(r['spills']):>5} "
+              f"{r['us_1']:>8.1f} {r['pct_bw_1']:>6.1f} {r['us_1_readflush']:>8.1f} {r['pct_bw_1_readflush']:>6.1f} "
+              f"{r['us_per_call_of_16']:>10.2f} {r['pct_bw_chain']:>6.1f}")
+
+
+def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list) -> None:
+    ta = importlib.import_module("kernels.triton_attention")
+    scale = 1 / math.sqrt(D)
+    case = paged_case(batch, 131072, gen)
+    ref = sparse_decode_attention_reference(case["q"], case["k"], case["v"], case["table"], case["lens"],
+                                            case["idx"], scale).float()
+    n_caches = {1: 16, 8: 4}.get(batch, 1)
+    caches = [(case["k"], case["v"])] + [(torch.randn_like(case["k"]), torch.randn_like(case["v"]))
+                                         for _ in range(n_caches - 1)]
+    qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
+    nbytes = batch * K * HKV * D * 2 * 2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    saved = da.WIDE_MIN_BATCH, da.WIDE_CONFIG, da.PDL_MAX_BATCH
+    for variant in [None, *WIDE_VARIANTS]:
+        name = "per-head (default)" if variant is None else "wide " + str(list(variant))
+        regs = spills = None
+        w = SparseDecodeWrapper("triton")
+        w.plan(case["table"], case["lens"], case["idx"], PAGE)
+        try:
+            if variant is not None:
+                block_n, warps, stages, waves, pdl = variant
+                da.WIDE_MIN_BATCH, da.WIDE_CONFIG = 0, (block_n, warps, stages, waves)
+                da.PDL_MAX_BATCH = batch if pdl else 0
+            out = w.run(case["q"], case["k"], case["v"], scale)
+            torch.cuda.synchronize()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            if variant is not None:
+                n_splits, split = ta.plan_wide_splits(K, batch, sms, block_n, waves)
+                o_part, lse_part, _ = w._buffers(case["q"], HKV, n_splits)
+                handle = ta.launch_sparse_wide(case["q"], case["k"], case["v"], w._plan["rows"], scale, K, n_splits,
+                                               split, o_part, lse_part, torch.empty_like(out), block_n=block_n,
+                                               num_warps=warps, num_stages=stages, pdl=pdl)
+                regs, spills = getattr(handle, "n_regs", None), getattr(handle, "n_spills", None)
+            g1 = graph_of(lambda w=w: w.run(case["q"], case["k"], case["v"], scale))
+            one = 1000 * triton.testing.do_bench(g1.replay, warmup=25, rep=100, return_mode="median")
+            one_read = flushed_us(g1.replay, "read")
+            chain = graph_us(lambda w=w: [w.run(qs[i], *caches[i % n_caches], scale) for i in range(16)]) / 16
+        except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
+            print(f"B={batch} {name} failed: {repr(e)[:300]}", flush=True)
+            continue
+        finally:
+            da.WIDE_MIN_BATCH, da.WIDE_CONFIG, da.PDL_MAX_BATCH = saved
+        row = {"op": "sparse-wide", "B": batch, "variant": name, "err": round(err, 5), "regs": regs,
+               "spills": spills, "us_1": round(one, 1), "us_1_readflush": round(one_read, 1),
+               "us_per_call_of_16": round(chain, 2), "pct_bw_1": round(100 * nbytes / one / 1e3 / read_bw, 1),
+               "pct_bw_1_readflush": round(100 * nbytes / one_read / 1e3 / read_bw, 1),
+               "pct_bw_chain": round(100 * nbytes / chain / 1e3 / read_bw, 1)}
+        results.append(row)
+        print(row, flush=True)
+
+
+def _read_bw() -> float:
+    """GB/s of torch.sum over 4 GiB of bf16 (as bench/kernels.py measures it)."""
+    x = torch.randn(2 * 1024**3, device="cuda", dtype=torch.bfloat16)
+    us = 1000 * triton.testing.do_bench(x.sum, warmup=25, rep=100, return_mode="median")
+    return 4 * 1024**3 / us / 1e3
 
 
 def quick(args: argparse.Namespace) -> None:

@@ -89,6 +89,12 @@ DENSE_WAVES = 16
 # at B=8 and 32 a lone call costs 3-4 us more with it and a chain gains nothing, so it is off there.
 PDL = True
 PDL_MAX_BATCH = 1
+# The wide sparse kernel (one program per (sequence, split) over every KV head, so each selected
+# token's Hkv x d row is read in one piece) at WIDE_MIN_BATCH sequences or more:
+# (BLOCK_N, num_warps, num_stages, programs per SM).
+WIDE_CONFIG = (16, 8, 1, 1)
+WIDE_MIN_BATCH = 1 << 30
+INTERPRET_WIDE_CONFIG = (16, 1, 1, 1)
 
 
 class SparseDecodeWrapper:
@@ -139,11 +145,19 @@ class SparseDecodeWrapper:
             out.copy_(sparse_decode_attention_reference(q, k_cache, v_cache, p["block_table"], p["seq_lens"],
                                                         p["indices"], sm_scale))
             return out
-        from kernels.triton_attention import launch_decode, plan_splits
+        from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits
 
+        k = p["indices"].shape[1]
+        if q.shape[0] >= WIDE_MIN_BATCH:
+            block_n, warps, stages, waves = INTERPRET_WIDE_CONFIG if interpreting() else WIDE_CONFIG
+            n_splits, split_size = plan_wide_splits(k, q.shape[0], num_sms(q.device), block_n, waves)
+            o_part, lse_part, _ = self._buffers(q, k_cache.shape[2], n_splits)
+            launch_sparse_wide(q, k_cache, v_cache, p["rows"], sm_scale, k, n_splits, split_size, o_part, lse_part,
+                               out, block_n=block_n, num_warps=warps, num_stages=stages,
+                               pdl=_pdl(q.device, q.shape[0]))
+            return out
         small = q.shape[0] <= SMALL_BATCH
         block_n, warps, stages, fused = _config(SPARSE_SMALL_CONFIG if small else SPARSE_CONFIG)
-        k = p["indices"].shape[1]
         n_splits, split_size = plan_splits(k, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
                                            SPARSE_SMALL_WAVES if small else SPARSE_WAVES)
         o_part, lse_part, counters = self._buffers(q, k_cache.shape[2], n_splits)

@@ -14,6 +14,8 @@ the query and to write its outputs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton
 import triton.language as tl
 
@@ -152,6 +154,92 @@ def _decode_partial_kernel(
 
 
 @triton.jit
+def _wide_block(k_ptr, v_ptr, rows_ptr, n0, end, stride_kr, stride_kh, HKV: tl.constexpr, D: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K and V of the selected rows n0 .. n0 + BLOCK_N (< end), every KV head: [BLOCK_H, BLOCK_N,
+    BLOCK_D] each, so a token's heads (Hkv x d contiguous in the cache) are read together."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = offs_n < end
+    rows = tl.load(rows_ptr + offs_n, mask=valid, other=-1)
+    valid = valid & (rows >= 0)
+    rows = tl.where(valid, rows, 0).to(tl.int64)
+    offs = rows[None, :, None] * stride_kr + offs_h[:, None, None] * stride_kh + offs_d[None, None, :]
+    mask = valid[None, :, None] & (offs_h[:, None, None] < HKV) & (offs_d[None, None, :] < D)
+    k = tl.load(k_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attend_wide(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
+    """`_attend` with the KV heads as a batch: q [H, G, d], k and v [H, N, d], state [H, G(, d)]."""
+    kt = tl.permute(k, (0, 2, 1))
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = tl.where(valid[None, None, :], s * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=2))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, axis=2)
+    if IEEE:
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sparse_wide_partial_kernel(
+    q_ptr, k_ptr, v_ptr, rows_ptr, o_part_ptr, lse_part_ptr, sm_scale_log2, n_items, split_size,
+    stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Sparse partial attention, one program per (sequence, split) over EVERY KV head: each selected
+    token's K (and V) row - all Hkv heads, contiguous - is read in one piece, and the next block's
+    rows are in flight while a block is attended. Same partial outputs as `_decode_partial_kernel`."""
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    start = split * split_size
+    end = tl.minimum(start + split_size, n_items)
+    rows_row = rows_ptr + b * stride_rb
+    k, v, valid = _wide_block(k_ptr, v_ptr, rows_row, start, end, stride_kr, stride_kh, HKV, D, BLOCK_H, BLOCK_N,
+                              BLOCK_D)
+    if USE_PDL:  # the rows and the cache are never written by the kernel before: only wait to read q
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = offs_h[:, None] * G + offs_g[None, :]
+    mask_hg = (offs_h[:, None] < HKV) & (offs_g[None, :] < G)
+    mask_q = mask_hg[:, :, None] & (offs_d[None, None, :] < D)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, :, None] * stride_qh + offs_d[None, None, :], mask=mask_q,
+                other=0.0)
+    m_i = tl.full([BLOCK_H, BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+        k_next, v_next, valid_next = _wide_block(k_ptr, v_ptr, rows_row, n0, end, stride_kr, stride_kh, HKV, D,
+                                                 BLOCK_H, BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = _attend_wide(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+        k, v, valid = k_next, v_next, valid_next
+    m_i, l_i, acc = _attend_wide(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, :, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    o_offs = b * stride_ob + heads[:, :, None] * stride_oh + split * stride_os + offs_d[None, None, :]
+    tl.store(o_part_ptr + o_offs, out, mask=mask_q)
+    tl.store(lse_part_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_hg)
+
+
+@triton.jit
 def _merge_splits_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, n_splits,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
@@ -234,6 +322,45 @@ def launch_decode(
             HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl, EARLY=EARLY_TRIGGER, num_warps=4,
             **_pdl(pdl),
         )
+
+
+def plan_wide_splits(n_items: int, batch: int, num_sms: int, block_n: int, waves: int,
+                     max_splits: int = 64) -> tuple[int, int]:
+    """Splits per sequence for the wide kernel (one program per (sequence, split)): as many as fit
+    in `waves` x `num_sms` programs without starting a partial wave, at most `max_splits` (the merge
+    kernel holds every split of a head at once). Returns (n_splits, split_size), split_size a
+    multiple of block_n."""
+    want = max(1, (waves * num_sms) // max(1, batch))
+    n_splits = max(1, min(_cdiv(max(n_items, 1), block_n), want, max_splits))
+    split_size = _cdiv(_cdiv(max(n_items, 1), n_splits), block_n) * block_n
+    return _cdiv(max(n_items, 1), split_size), split_size
+
+
+def launch_sparse_wide(q, k_cache, v_cache, rows, sm_scale: float, n_items: int, n_splits: int, split_size: int,
+                       o_part, lse_part, out, *, block_n: int, num_warps: int, num_stages: int,
+                       pdl: bool = False) -> Any:
+    """Sparse attention by the wide kernel (every KV head of a token in one program) and the merge
+    kernel; buffers as `launch_decode`'s."""
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2]
+    group = n_q_heads // n_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_s = max(2, triton.next_power_of_2(n_splits))
+    part_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+                    out.stride(0), out.stride(1))
+    handle = _sparse_wide_partial_kernel[(batch, n_splits)](
+        q, k_cache, v_cache, rows, o_part, lse_part, sm_scale * LOG2E, n_items, split_size,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), rows.stride(0), *part_strides[:5],
+        HKV=n_kv_heads, G=group, D=head_dim, BLOCK_H=triton.next_power_of_2(n_kv_heads),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        IEEE=q.dtype.itemsize == 4, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
+    )
+    _merge_splits_kernel[(batch * n_q_heads,)](
+        o_part, lse_part, out, n_splits, *part_strides,
+        HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl, EARLY=EARLY_TRIGGER, num_warps=4,
+        **_pdl(pdl),
+    )
+    return handle  # the compiled partial kernel (its n_regs and n_spills, for the sweep)
 
 
 def _pdl(pdl: bool) -> dict[str, bool]:

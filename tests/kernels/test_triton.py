@@ -193,6 +193,24 @@ def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("group", "n_kv_heads"), [(1, 2), (4, 1), (8, 1), (3, 3), (3, 8)])
+def test_sparse_decode_attention_wide_kernel(group: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wide kernel (every KV head of a token in one program), Hkv not a power of two included."""
+    monkeypatch.setattr(decode_attention, "WIDE_MIN_BATCH", 0)
+    lens = [63, 5, 130]
+    k_cache, table, seq_lens = _paged(lens, (n_kv_heads, head_dim), dtype, seed=group + n_kv_heads)
+    v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    q = torch.randn(len(lens), group * n_kv_heads, head_dim).to(dtype).to(DEVICE)
+    indices = _indices(seq_lens, 40, seed=group)
+    out = torch.full_like(q, float("nan"))
+    sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.1, backend="triton", out=out)
+    want = sparse_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, indices, 0.1)
+    torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype, merge_path: None) -> None:
     q, k_cache, v_cache, table, seq_lens = _attention_case(group, head_dim, dtype, seed=3 * group + head_dim)
@@ -220,7 +238,10 @@ def test_wrapper_plans_once_and_runs_every_layer() -> None:
         SparseDecodeWrapper("triton").run(q, k_cache, v_cache, 0.125)
 
 
-def test_row_with_no_valid_index_is_zero() -> None:
+@pytest.mark.parametrize("wide", [False, True], ids=["per-head", "wide"])
+def test_row_with_no_valid_index_is_zero(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if wide:
+        monkeypatch.setattr(decode_attention, "WIDE_MIN_BATCH", 0)
     q, k_cache, v_cache, table, seq_lens = _attention_case(1, 64, torch.float32, seed=2)
     indices = torch.full((3, 8), -1, dtype=torch.int32, device=DEVICE)
     out = sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.125, backend="triton")
