@@ -21,9 +21,10 @@ HEARTBEAT_S = 1.0
 
 class DecodeWorker:
     def __init__(self, worker_id: str, model: str, redis_url: str, prefix: str, device: str = "cpu",
-                 max_num_seqs: int = 16, max_in_flight: int = 256) -> None:
+                 max_num_seqs: int = 16, max_in_flight: int = 256, num_blocks: int | None = None) -> None:
         self.worker_id = worker_id
-        engine = LLMEngine.from_model(model, EngineConfig(max_num_seqs=max_num_seqs), device=device)
+        engine = LLMEngine.from_model(model, EngineConfig(max_num_seqs=max_num_seqs, num_blocks=num_blocks),
+                                      device=device)
         self.backend = LocalEngineBackend(engine, model, max_in_flight=max_in_flight)
         self.ledger = TransferLedger.from_url(redis_url, prefix=prefix)
         self.registry = WorkerRegistry(self.ledger.client, prefix=prefix, ttl_s=5 * HEARTBEAT_S)

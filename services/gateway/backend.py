@@ -143,8 +143,10 @@ class LocalEngineBackend:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"requests_in_flight": len(self._streams),
+                    "requests_waiting": self._waiting,  # bundles in line for KV room
                     "kv_blocks_used": self.engine.cache.blocks.num_used,
-                    "kv_blocks_total": self.engine.cache.num_blocks}
+                    "kv_blocks_total": self.engine.cache.num_blocks,
+                    "kv_block_size": self.engine.config.block_size}
 
     def stop(self) -> None:
         self._stopped.set()

@@ -20,12 +20,12 @@ import ray
 import redis
 
 from services.decode.worker import DecodeWorker
-from services.engine import RequestOutput
+from services.engine import OutOfBlocksError, RequestOutput
 from services.engine.tokenizer import Tokenizer
 from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, ModelSummary
 from services.gateway.convert import GenerationRequest
 from services.prefill.worker import PrefillWorker
-from services.transfer import LedgerError, TransferLedger, TransferRecord, WorkerRegistry
+from services.transfer import LedgerError, TransferLedger, TransferRecord, WorkerInfo, WorkerRegistry
 from services.transfer.registry import Role
 
 NAMESPACE = "clsa"
@@ -40,23 +40,24 @@ def start_prefill_worker(i: int, model: str, redis_url: str, prefix: str, device
 
 
 def start_decode_worker(i: int, model: str, redis_url: str, prefix: str, device: str = "cpu",
-                        max_restarts: int = 2, namespace: str = NAMESPACE) -> Any:
-    """The named async actor `clsa-decode-<i>` (Ray runs up to 1,000 of its calls at once)."""
+                        max_restarts: int = 2, namespace: str = NAMESPACE, num_blocks: int | None = None) -> Any:
+    """The named async actor `clsa-decode-<i>` (Ray runs up to 1,000 of its calls at once);
+    `num_blocks` KV blocks in its pool (None: sized by the engine's default byte budget)."""
     cls: Any = ray.remote(num_cpus=0, num_gpus=1 if device == "cuda" else 0, max_restarts=max_restarts)(DecodeWorker)
     return cls.options(name=f"clsa-decode-{i}", namespace=namespace).remote(
-        f"clsa-decode-{i}", model, redis_url, prefix, device)
+        f"clsa-decode-{i}", model, redis_url, prefix, device, num_blocks=num_blocks)
 
 
 def start_workers(model: str, redis_url: str, prefix: str, n_prefill: int, n_decode: int,
-                  device: str = "cpu", max_restarts: int = 2, namespace: str = NAMESPACE
-                  ) -> tuple[list[Any], list[Any]]:
+                  device: str = "cpu", max_restarts: int = 2, namespace: str = NAMESPACE,
+                  decode_num_blocks: int | None = None) -> tuple[list[Any], list[Any]]:
     """`n_prefill` + `n_decode` workers (ray.init first); refuses workers that disagree on the model.
     A crashed worker is restarted by Ray (up to `max_restarts` times) and registers again; calls in
     flight on it fail, and the backend retries a prefill once elsewhere. A second deployment in the
     same Ray takes its own `namespace` (worker names are unique per namespace)."""
     prefill = [start_prefill_worker(i, model, redis_url, prefix, device, max_restarts, namespace)
                for i in range(n_prefill)]
-    decode = [start_decode_worker(i, model, redis_url, prefix, device, max_restarts, namespace)
+    decode = [start_decode_worker(i, model, redis_url, prefix, device, max_restarts, namespace, decode_num_blocks)
               for i in range(n_decode)]
     summaries = ray.get([w.model_summary.remote() for w in prefill])
     fingerprints = {s.fingerprint for s in summaries} | set(ray.get([w.fingerprint.remote() for w in decode]))
@@ -111,6 +112,7 @@ class RayBackend:
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         consumer = self._pick("decode", self.decode)  # none alive: UNAVAILABLE before any prefill work
+        self._check_fits(request)
         transfer_id, result = await self._prefill(request)
         stream, finished = None, False
         try:
@@ -173,6 +175,22 @@ class RayBackend:
             result["first"].stage_ms["queue"] = max(0.0, (result["started_at"] - submitted) * 1e3)
             return transfer_id, result
 
+    def _check_fits(self, request: GenerationRequest) -> None:
+        """Refuse at once, before any prefill work (OutOfBlocksError: RESOURCE_EXHAUSTED), a request
+        that no live decode worker's KV pool could ever hold; one that fits a pool later waits there
+        in line for room."""
+        pools = [(int(w.stats["kv_blocks_total"]), int(w.stats["kv_block_size"]))
+                 for w in self._live("decode") if w.worker_id in self.decode and "kv_block_size" in w.stats]
+        if not pools:  # no heartbeat with the sizes yet: the decode worker itself refuses it
+            return
+        n_prompt = len(request.prompt) if isinstance(request.prompt, tuple) else len(self.tokenize(request.prompt))
+        tokens = min(n_prompt + request.params.max_tokens, self._summary.max_seq_len)
+        if all(-(-tokens // size) > total for total, size in pools):
+            raise OutOfBlocksError(
+                f"request {request.request_id} needs KV room for {tokens} tokens ({n_prompt} prompt + up to "
+                f"{tokens - n_prompt} new); the largest decode worker's pool holds "
+                f"{max(total * size for total, size in pools)}")
+
     def _settle(self, transfer_id: str, error: str) -> None:
         """FAILED, unless a worker already settled it (refused, which is fine) or Redis is away (the
         record then ends with its deadline, or with Redis)."""
@@ -198,10 +216,7 @@ class RayBackend:
         """The least-loaded live worker (by its last heartbeat) that is not one of `avoid`; ties
         take turns. With none but those left, the last of `avoid`: Ray restarts a dead actor and
         holds calls to it until it is back."""
-        try:
-            live = [w for w in self.registry.live_workers(role) if w.worker_id in workers]
-        except redis.RedisError as e:
-            raise BackendUnavailable(f"the worker registry (Redis) is unreachable: {_reason(e)}") from e
+        live = [w for w in self._live(role) if w.worker_id in workers]
         # A worker lost in a call stays out until it has registered again (Ray restarted it).
         fresh = [w for w in live if w.worker_id not in (avoid or [])
                  and w.heartbeat_ms > self._lost.get(w.worker_id, -1)]
@@ -211,6 +226,12 @@ class RayBackend:
             raise BackendUnavailable(f"no {role} worker is alive")
         least = [w.worker_id for w in fresh if w.load == fresh[0].load]
         return workers[least[next(self._turns[role]) % len(least)]]
+
+    def _live(self, role: Role) -> list[WorkerInfo]:
+        try:
+            return self.registry.live_workers(role)
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the worker registry (Redis) is unreachable: {_reason(e)}") from e
 
     def tokenize(self, text: str) -> list[int]:
         if self._tokenizer is not None:

@@ -1,9 +1,16 @@
 """A second deployment for the fault-injection suite, really started once per session: its own
 redis-server (which a test restarts), 2 prefill + 2 decode Ray workers in their own namespace
-(`clsa-faults`, Ray restarts them after the crashes the tests inject), and the gateway."""
+(`clsa-faults`, Ray restarts them after the crashes the tests inject; each decode worker with a
+pool of DECODE_BLOCKS KV blocks, so long prompts can exhaust it), and the gateway.
+
+With CLSA_FAULT_REPORT=PATH each case's measured outcome (requests sent, by final status, leaked
+transfers and KV blocks when the invariants were checked, how long the service took to settle)
+is written there as JSON at the end of the session: docs/reliability.md's table."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +31,8 @@ from tests.grpc_server import running_gateway
 PREFIX = "clsa-faults:"
 NAMESPACE = "clsa-faults"
 MAX_IN_FLIGHT = 24
+DECODE_BLOCKS = 320  # per decode worker: 5,120 tokens of clsa-tiny at 16 tokens a block
+BLOCK_SIZE = 16
 LIVE = (TransferState.PENDING, TransferState.READY, TransferState.CLAIMED)
 
 
@@ -37,6 +46,7 @@ class FaultyService:
     backend: RayBackend
     prefill: list[Any]
     decode: list[Any]
+    report: list[dict[str, Any]]
 
     @property
     def stub(self):  # noqa: ANN201
@@ -77,24 +87,37 @@ class FaultyService:
         self.wait_workers_live()
         ray.get([w.inject_fault.remote(None) for w in self.prefill + self.decode], timeout=120)
 
-    def check_invariants(self, timeout_s: float = 60) -> None:
+    def decode_stats(self, timeout_s: float = 60) -> list[dict[str, int]]:
+        return ray.get([w.stats.remote() for w in self.decode], timeout=timeout_s)
+
+    def check_invariants(self, timeout_s: float = 60) -> dict[str, Any]:
         """What every fault case ends with: no transfer record outside a terminal state, no KV block
-        in use on any decode worker, no request in flight at the gateway, and a new request served."""
+        in use on any decode worker, no request in flight at the gateway, and a new request served.
+        Returns what was measured: the leaks left (0, or it raised) and the seconds to settle."""
+        t0 = time.monotonic()
         self.clear_faults()
         deadline = time.monotonic() + timeout_s
         while True:
             live = self.ledger.records(LIVE)
-            stats = ray.get([w.stats.remote() for w in self.decode], timeout=timeout_s)  # all up: waited above
-            busy = [s for s in stats if s["kv_blocks_used"] or s["requests_in_flight"]]
+            stats = self.decode_stats(timeout_s)  # all up: waited above
+            busy = [s for s in stats if s["kv_blocks_used"] or s["requests_in_flight"] or s.get("requests_waiting")]
             if not live and not busy and self.backend._in_flight == 0:
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"leaked: transfers {[(r.transfer_id, r.state.name) for r in live]}, "
                                      f"decode stats {stats}, gateway in flight {self.backend._in_flight}")
             time.sleep(0.2)
+        settled = time.monotonic() - t0
         out = self.stub.Complete(pb2.GenerateRequest(text="still serving?", sampling=pb2.SamplingParams(
             max_tokens=4, ignore_eos=True)), timeout=60)
         assert len(out.token_ids) == 4
+        return {"leaked_transfers": len(live), "leaked_kv_blocks": sum(s["kv_blocks_used"] for s in stats),
+                "settle_s": round(settled, 1), "served_after": True}
+
+    def outcome(self, case: str, statuses: dict[str, int], invariants: dict[str, Any], **extra: Any) -> None:
+        """One row of the suite's report."""
+        self.report.append({"case": case, "sent": sum(statuses.values()), "status": dict(sorted(statuses.items())),
+                            **invariants, **extra})
 
 
 @pytest.fixture(scope="session")
@@ -104,18 +127,21 @@ def faulty(ray_session: object) -> Iterator[FaultyService]:
     decode: list[Any] = []
     try:
         prefill, decode = start_workers("clsa-tiny", redis_server.url, PREFIX, 2, 2, max_restarts=20,
-                                        namespace=NAMESPACE)
+                                        namespace=NAMESPACE, decode_num_blocks=DECODE_BLOCKS)
         ledger = TransferLedger.from_url(redis_server.url, prefix=PREFIX)
         registry = WorkerRegistry(ledger.client, prefix=PREFIX)
         backend = RayBackend(prefill, decode, registry, ledger, max_in_flight=MAX_IN_FLIGHT,
                              tokenizer=load_tokenizer_for("clsa-tiny"))
         with running_gateway(backend, GatewayMetrics(backend, ledger)) as address:
             channel = grpc.insecure_channel(address)
-            svc = FaultyService(address, channel, redis_server, ledger, registry, backend, prefill, decode)
+            svc = FaultyService(address, channel, redis_server, ledger, registry, backend, prefill, decode, [])
             svc.wait_workers_live()
             yield svc
             channel.close()
             redis_server = svc.redis
+            if os.environ.get("CLSA_FAULT_REPORT"):
+                with open(os.environ["CLSA_FAULT_REPORT"], "w") as f:
+                    json.dump(svc.report, f, indent=1)
     finally:
         for worker in [*prefill, *decode]:
             ray.kill(worker, no_restart=True)

@@ -22,7 +22,7 @@ import ray
 from services.bench.serve import BenchConfig, BenchResult, run_bench
 from services.gateway.server import pb2
 from services.transfer import TransferState
-from tests.faults.conftest import MAX_IN_FLIGHT, FaultyService
+from tests.faults.conftest import BLOCK_SIZE, DECODE_BLOCKS, MAX_IN_FLIGHT, FaultyService
 
 TERMINAL = {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
 
@@ -58,18 +58,22 @@ def test_a_prefill_worker_crash_is_retried_on_the_other_worker(svc: FaultyServic
     assert svc.backend.retries >= retries + 1
     failed = [r for r in svc.ledger.records([TransferState.FAILED]) if "prefill on clsa-prefill-0" in r.error]
     assert failed  # the dead attempt's record was settled at once, not left PENDING
-    svc.check_invariants()
+    svc.outcome("prefill worker killed mid-prefill", counts, svc.check_invariants(),
+                retried=svc.backend.retries - retries)
 
 
 def test_a_prefill_that_dies_twice_is_unavailable_at_once(svc: FaultyService) -> None:
     ray.get([w.inject_fault.remote("crash_in_prefill") for w in svc.prefill])
     t0 = time.monotonic()
-    with pytest.raises(grpc.RpcError) as info:
-        svc.stub.Complete(pb2.GenerateRequest(text="doomed", sampling=pb2.SamplingParams(max_tokens=4)), timeout=120)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "prefill failed twice" in (info.value.details() or "")
+    result = load(svc, 4, max_concurrency=1)  # one after another: the first meets both crashes
+    counts = exactly_one_terminal_status(result, 4)
+    first = min(result.records, key=lambda r: r.index)
+    assert first.status == "UNAVAILABLE" and "prefill failed twice" in first.detail, (first.status, first.detail)
+    # The rest came while the workers restarted: refused at once or served, never a hang.
+    assert set(counts) <= {"OK", "UNAVAILABLE"}, counts
+    assert all(r.status == "OK" or "prefill" in r.detail for r in result.records), [r.detail for r in result.records]
     assert time.monotonic() - t0 < 60  # pushed to the client, not a timeout waited out
-    svc.check_invariants()
+    svc.outcome("prefill fails on both workers", counts, svc.check_invariants())
 
 
 def test_a_decode_worker_crash_mid_stream_ends_its_requests_unavailable(svc: FaultyService) -> None:
@@ -80,18 +84,24 @@ def test_a_decode_worker_crash_mid_stream_ends_its_requests_unavailable(svc: Fau
     lost = [r for r in result.records if r.status == "UNAVAILABLE"]
     assert all("decode worker clsa-decode-" in r.detail and "was lost" in r.detail for r in lost), lost[0].detail
     assert all(r.tokens < 60 for r in lost)
-    svc.check_invariants()
+    svc.outcome("decode worker killed mid-stream", counts, svc.check_invariants())
 
 
 def test_a_decode_worker_crash_during_the_transfer(svc: FaultyService) -> None:
+    before = {r.transfer_id for r in svc.ledger.records()}
     ray.get([w.inject_fault.remote("crash_in_transfer") for w in svc.decode])
-    with pytest.raises(grpc.RpcError) as info:
-        svc.stub.Complete(pb2.GenerateRequest(text="lost in transit", request_id="transit-1",
-                                              sampling=pb2.SamplingParams(max_tokens=8)), timeout=120)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
-    [record] = [r for r in svc.ledger.records() if r.request_id == "transit-1"]
-    assert record.state == TransferState.FAILED and record.consumer.startswith("clsa-decode-")  # claimed, then settled
-    svc.check_invariants()
+    result = load(svc, 6, max_concurrency=3)
+    counts = exactly_one_terminal_status(result, 6)
+    assert set(counts) <= {"OK", "UNAVAILABLE"} and counts.get("UNAVAILABLE", 0) >= 1, counts
+    # Those on a dying worker hear it was lost; those sent while both restart, that none is alive.
+    lost = [r.detail for r in result.records if r.status == "UNAVAILABLE"]
+    assert any("decode worker clsa-decode-" in d and "was lost" in d for d in lost), lost
+    assert all("was lost" in d or "no decode worker is alive" in d for d in lost), lost
+    # Claimed by the worker that died (CLAIMED), then settled FAILED at once by the gateway.
+    new = [r for r in svc.ledger.records() if r.transfer_id not in before]
+    claimed_then_failed = [r for r in new if r.state == TransferState.FAILED and r.consumer.startswith("clsa-decode-")]
+    assert len(claimed_then_failed) >= 1, [(r.state.name, r.consumer, r.error) for r in new]
+    svc.outcome("decode worker killed during the transfer", counts, svc.check_invariants())
 
 
 def test_a_redis_restart_fails_requests_cleanly_and_the_service_comes_back(svc: FaultyService) -> None:
@@ -103,7 +113,8 @@ def test_a_redis_restart_fails_requests_cleanly_and_the_service_comes_back(svc: 
         counts = exactly_one_terminal_status(result, 4)
         assert counts == {"UNAVAILABLE": 4}, [r.detail for r in result.records]
         assert "Redis" in result.records[0].detail
-        assert time.monotonic() - t0 < 30  # each refused within seconds, none hangs
+        refused_in = time.monotonic() - t0
+        assert refused_in < 30  # each refused within seconds, none hangs
     finally:
         from services.transfer.local_redis import LocalRedis
 
@@ -111,7 +122,9 @@ def test_a_redis_restart_fails_requests_cleanly_and_the_service_comes_back(svc: 
     svc.wait_workers_live()
     after = load(svc, 4, max_concurrency=2)
     assert exactly_one_terminal_status(after, 4) == {"OK": 4}
-    svc.check_invariants()
+    total = {k: counts.get(k, 0) + after.status_counts().get(k, 0) for k in {*counts, *after.status_counts()}}
+    svc.outcome("Redis stopped, then restarted empty", total, svc.check_invariants(),
+                refused_while_down_s=round(refused_in, 1))
 
 
 def test_clients_that_disconnect_at_random_points_leave_nothing(svc: FaultyService) -> None:
@@ -143,19 +156,25 @@ def test_clients_that_disconnect_at_random_points_leave_nothing(svc: FaultyServi
 
     asyncio.run(main())
     assert len(statuses) == 16 and set(statuses) <= {"OK", "CANCELLED"}, statuses
-    svc.check_invariants()
+    counts = {s: statuses.count(s) for s in set(statuses)}
+    svc.outcome("clients disconnect at random points", counts, svc.check_invariants())
 
 
 def test_deadlines_shorter_than_prefill(svc: FaultyService) -> None:
-    long_prompt = "a long prompt " * 500  # 7,000 tokens: a prefill that outlasts the deadline
+    thread, box = in_background(lambda: load(svc, 8, max_concurrency=2))  # the load the deadlines meet
+    long_prompt = "a long prompt " * 285  # 3,990 tokens: a prefill that outlasts the deadlines
     codes = []
     for timeout in (0.001, 0.05, 0.2):
         with pytest.raises(grpc.RpcError) as info:
-            svc.stub.Complete(pb2.GenerateRequest(text=long_prompt, sampling=pb2.SamplingParams(max_tokens=50)),
+            svc.stub.Complete(pb2.GenerateRequest(text=long_prompt, sampling=pb2.SamplingParams(max_tokens=200)),
                               timeout=timeout)
         codes.append(info.value.code())
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
-    svc.check_invariants()
+    thread.join(timeout=180)
+    counts = exactly_one_terminal_status(box["result"], 8)
+    assert counts == {"OK": 8}, counts  # the load around them is untouched
+    counts["DEADLINE_EXCEEDED"] = 3
+    svc.outcome("deadlines shorter than prefill (3, amid 8 others)", counts, svc.check_invariants())
 
 
 def test_a_burst_far_above_the_admission_queue_is_shed(svc: FaultyService) -> None:
@@ -164,4 +183,44 @@ def test_a_burst_far_above_the_admission_queue_is_shed(svc: FaultyService) -> No
     assert set(counts) == {"OK", "RESOURCE_EXHAUSTED"} and counts["OK"] >= MAX_IN_FLIGHT, counts
     shed = [r for r in result.records if r.status == "RESOURCE_EXHAUSTED"]
     assert all(f"(max {MAX_IN_FLIGHT})" in r.detail for r in shed)
-    svc.check_invariants()
+    svc.outcome(f"burst of {6 * MAX_IN_FLIGHT} against an admission limit of {MAX_IN_FLIGHT}", counts,
+                svc.check_invariants())
+
+
+def test_long_prompts_that_exhaust_the_decode_pool_wait_in_line_and_one_that_never_fits_is_refused(
+        svc: FaultyService) -> None:
+    pool = DECODE_BLOCKS * BLOCK_SIZE  # tokens per decode worker
+    peak = {"used": 0, "waiting": 0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            stats = svc.decode_stats()
+            peak["used"] = max(peak["used"], max(s["kv_blocks_used"] for s in stats))
+            peak["waiting"] = max(peak["waiting"], sum(s["requests_waiting"] for s in stats))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # Each needs 114-152 of a worker's 320 blocks: two fit at once, the rest wait for room.
+    result = load(svc, 8, input_len=f"uniform:{pool * 35 // 100},{pool * 47 // 100}", output_len="fixed:24")
+    stop.set()
+    watcher.join()
+    counts = exactly_one_terminal_status(result, 8)
+    assert counts == {"OK": 8}, [r.detail for r in result.records if r.status != "OK"]
+    assert all(r.tokens == 24 for r in result.records)
+    assert peak["used"] >= DECODE_BLOCKS // 2 and peak["waiting"] >= 1, peak
+    assert peak["used"] <= DECODE_BLOCKS
+    # One that no decode pool could ever hold: refused at once, before any prefill (no transfer record).
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        svc.stub.Complete(pb2.GenerateRequest(text="x" * (pool + 1), request_id="too-big-for-decode",
+                                              sampling=pb2.SamplingParams(max_tokens=8)), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert f"needs KV room for {pool + 9} tokens" in (info.value.details() or "")
+    assert f"pool holds {pool}" in (info.value.details() or "")
+    assert time.monotonic() - t0 < 5
+    assert not [r for r in svc.ledger.records() if r.request_id == "too-big-for-decode"]
+    counts["RESOURCE_EXHAUSTED"] = 1
+    svc.outcome("decode pool exhausted by long prompts (+1 that never fits)", counts, svc.check_invariants(),
+                peak_kv_blocks_used=peak["used"], kv_blocks_per_worker=DECODE_BLOCKS, peak_waiting=peak["waiting"])

@@ -95,8 +95,9 @@ def test_client_cancel_and_deadline_free_the_request(gateway: Gateway) -> None:
     next(stream)
     next(stream)
     stream.cancel()
-    assert _wait_idle(gateway) == {"requests_in_flight": 0, "kv_blocks_used": 0,
-                                   "kv_blocks_total": gateway.backend.engine.cache.num_blocks}
+    assert _wait_idle(gateway) == {"requests_in_flight": 0, "requests_waiting": 0, "kv_blocks_used": 0,
+                                   "kv_blocks_total": gateway.backend.engine.cache.num_blocks,
+                                   "kv_block_size": gateway.backend.engine.config.block_size}
     with pytest.raises(grpc.RpcError) as err:
         gateway.stub.Complete(long, timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
