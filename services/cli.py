@@ -344,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests per second, Poisson arrivals (default inf: all at once)")
+                   help="requests per second (default inf: all at once)")
+    p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson",
+                   help="gaps between requests: exponential (Poisson process) or all 1 / rate")
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     p.add_argument("--input-len", default="fixed:128", help="prompt tokens: fixed:N, uniform:LO,HI or file:PATH")
     p.add_argument("--output-len", default="fixed:32", help="new tokens: fixed:N, uniform:LO,HI or file:PATH")

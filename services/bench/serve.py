@@ -1,12 +1,13 @@
 """`clsa bench serve`: a gRPC load generator for the service, in the style of `vllm bench serve`
 and `sglang.bench_serving`.
 
-Requests arrive as a Poisson process at `request_rate` per second (or all at once with `inf`),
-optionally capped at `max_concurrency` in flight; prompt and output lengths are fixed, uniform or
-read from a file. Each request streams through `Generate` with `ignore_eos`, so it produces exactly
-its output length unless it fails. Reported: TTFT, TPOT (time per output token after the first),
-ITL (every gap between streamed messages), end-to-end latency - mean, median, p90, p99 - request
-and token throughput, goodput under the SLOs given, and every request's final status code.
+Requests arrive as a Poisson process at `request_rate` per second (`arrival="fixed"`: evenly
+spaced at that rate instead; `inf`: all at once), optionally capped at `max_concurrency` in
+flight; prompt and output lengths are fixed, uniform or read from a file. Each request streams
+through `Generate` with `ignore_eos`, so it produces exactly its output length unless it fails.
+Reported: TTFT, TPOT (time per output token after the first), ITL (every gap between streamed
+messages), end-to-end latency - mean, median, p90, p99 - request and token throughput, goodput
+under the SLOs given, and every request's final status code.
 
     clsa bench serve --address 127.0.0.1:50051 --num-prompts 200 --request-rate 4 \\
         --input-len uniform:128,1024 --output-len fixed:64 --slo-ttft-ms 2000 --json out.json --plot plots/
@@ -78,7 +79,8 @@ class LengthDist:
 class BenchConfig:
     address: str = "127.0.0.1:50051"
     num_prompts: int = 100
-    request_rate: float = math.inf  # requests per second, Poisson arrivals; inf: all at once
+    request_rate: float = math.inf  # requests per second; inf: all at once
+    arrival: str = "poisson"  # "poisson" (exponential gaps) | "fixed" (every 1 / request_rate s)
     max_concurrency: int | None = None
     input_len: str = "fixed:128"
     output_len: str = "fixed:32"
@@ -96,6 +98,8 @@ class BenchConfig:
             raise ValueError(f"num_prompts must be >= 1 and warmup >= 0, got {self.num_prompts}, {self.warmup}")
         if not self.request_rate > 0:
             raise ValueError(f"request_rate must be > 0 (inf: all at once), got {self.request_rate}")
+        if self.arrival not in ("poisson", "fixed"):
+            raise ValueError(f"arrival must be poisson or fixed, got {self.arrival!r}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.attention not in (None, "clsa", "dense"):
@@ -263,7 +267,8 @@ async def run_bench_async(cfg: BenchConfig, pb2: Any, stub: Any) -> BenchResult:
     for i, (prompt, n_in, n_out) in enumerate(plan):
         tasks.append(asyncio.create_task(one(i, prompt, n_in, n_out)))
         if math.isfinite(cfg.request_rate) and i + 1 < len(plan):
-            await asyncio.sleep(rng.expovariate(cfg.request_rate))
+            gap = rng.expovariate(cfg.request_rate) if cfg.arrival == "poisson" else 1 / cfg.request_rate
+            await asyncio.sleep(gap)
     await asyncio.gather(*tasks)
     duration = time.perf_counter() - t0
     bar.close()
@@ -356,6 +361,7 @@ def write_plots(result: BenchResult, directory: Path) -> list[Path]:
 
 def main_from_args(args: Any) -> int:
     cfg = BenchConfig(address=args.address, num_prompts=args.num_prompts, request_rate=args.request_rate,
+                      arrival=args.arrival,
                       max_concurrency=args.max_concurrency, input_len=args.input_len, output_len=args.output_len,
                       warmup=args.warmup, attention=args.attention, seed=args.seed, timeout_s=args.timeout,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, slo_e2e_ms=args.slo_e2e_ms,

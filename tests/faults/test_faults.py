@@ -202,13 +202,14 @@ def test_long_prompts_that_exhaust_the_decode_pool_wait_in_line_and_one_that_nev
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    # Each needs 114-152 of a worker's 320 blocks: two fit at once, the rest wait for room.
-    result = load(svc, 8, input_len=f"uniform:{pool * 35 // 100},{pool * 47 // 100}", output_len="fixed:24")
+    # Each needs 109-141 of a worker's 320 blocks and stays a while (200 new tokens): two fit at once,
+    # the rest wait in line for room.
+    result = load(svc, 8, input_len=f"uniform:{pool * 30 // 100},{pool * 40 // 100}", output_len="fixed:200")
     stop.set()
     watcher.join()
     counts = exactly_one_terminal_status(result, 8)
     assert counts == {"OK": 8}, [r.detail for r in result.records if r.status != "OK"]
-    assert all(r.tokens == 24 for r in result.records)
+    assert all(r.tokens == 200 for r in result.records)
     assert peak["used"] >= DECODE_BLOCKS // 2 and peak["waiting"] >= 1, peak
     assert peak["used"] <= DECODE_BLOCKS
     # One that no decode pool could ever hold: refused at once, before any prefill (no transfer record).

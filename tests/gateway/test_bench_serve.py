@@ -31,6 +31,17 @@ def test_a_capped_poisson_run_completes_every_request_with_consistent_numbers(ga
     assert "TTFT" in result.table() and "goodput" in result.table()
 
 
+def test_a_fixed_rate_spaces_the_requests_evenly(gateway: Gateway) -> None:
+    cfg = BenchConfig(address=gateway.address, num_prompts=5, request_rate=10.0, arrival="fixed",
+                      input_len="fixed:20", output_len="fixed:2", warmup=0, progress=False)
+    result = run_bench(cfg)
+    assert result.status_counts() == {"OK": 5}
+    starts = [r.start for r in sorted(result.records, key=lambda r: r.index)]
+    assert all(b - a >= 0.08 for a, b in zip(starts, starts[1:])), starts  # 0.1 s apart, never bunched
+    with pytest.raises(ValueError, match="arrival must be poisson or fixed"):
+        BenchConfig(arrival="gamma")
+
+
 def test_a_burst_past_the_admission_limit_is_shed_and_counted(gateway: Gateway,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gateway.backend, "max_in_flight", 3)
