@@ -63,10 +63,13 @@ def read_text(files: list[Path], max_bytes: int) -> bytes:
     """The files' bytes, joined by blank lines, up to max_bytes. When the files hold more than
     that, every n-th file is read, so that a large tree (a whole site-packages) is sampled across
     its packages rather than cut after the first ones in sorted order, and files over
-    SAMPLED_FILE_LIMIT (data tables, word lists) are left out."""
+    SAMPLED_FILE_LIMIT (data tables, word lists) are left out; when those fall short of max_bytes
+    (a few large files), the files skipped are read after them, in order."""
     total = sum(path.stat().st_size + 2 for path in files)
     if total > max_bytes:
-        files = [path for path in files[::-(-total // max_bytes)] if path.stat().st_size <= SAMPLED_FILE_LIMIT]
+        sampled = [path for path in files[::-(-total // max_bytes)] if path.stat().st_size <= SAMPLED_FILE_LIMIT]
+        chosen = set(sampled)
+        files = sampled + [path for path in files if path not in chosen]
     out = bytearray()
     for path in files:
         out += path.read_bytes() + b"\n\n"

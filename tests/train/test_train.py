@@ -243,5 +243,15 @@ def test_a_corpus_larger_than_the_budget_is_sampled_across_its_files(tmp_path: P
         files.append(tmp_path / f"f{i}.py")
         files[-1].write_bytes(f"# file {i}\n".encode() * 100)  # 900 bytes each
     text = read_text(files, 3000)
-    assert b"# file 4" in text and b"# file 1" not in text and b"# file 8" in text  # every 4th file
+    # Every 4th file first (0, 4, 8: 2,706 bytes), then the rest topped up from the files skipped.
+    assert len(text) == 3000 and text.index(b"# file 4") < text.index(b"# file 8") < text.index(b"# file 1")
+    assert b"# file 2" not in text
     assert len(read_text(files, 100_000)) == 10 * 902  # under the budget: all of it
+    # Files of uneven sizes whose every n-th one falls short: topped up from the others.
+    sizes = [100, 5000, 100, 5000, 100, 5000, 100, 5000]
+    uneven = []
+    for i, size in enumerate(sizes):
+        uneven.append(tmp_path / f"u{i}.txt")
+        uneven[-1].write_bytes(bytes([97 + i]) * size)
+    text = read_text(uneven, 8000)
+    assert len(text) == 8000 and text.startswith(b"a" * 100)
