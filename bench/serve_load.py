@@ -17,35 +17,15 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.bench.serve import BenchConfig, run_bench  # noqa: E402
+from services.bench.serve import BenchConfig, run_bench, wait_serving  # noqa: E402
 from services.transfer.local_redis import free_port  # noqa: E402
 
 CLSA = str(Path(sys.executable).parent / "clsa")
-
-
-def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"clsa serve exited with {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.5)
-    raise RuntimeError(f"clsa serve was not SERVING after {timeout_s} s")
 
 
 def main() -> None:
@@ -68,7 +48,7 @@ def main() -> None:
                              str(free_port())], stdout=log, stderr=subprocess.STDOUT)
     runs = []
     try:
-        wait_serving(address, proc)
+        wait_serving(address, proc, timeout_s=180)
         for i, rate in enumerate(rates):
             cfg = BenchConfig(address=address, num_prompts=args.num_prompts, request_rate=rate,
                               input_len=args.input_len, output_len=args.output_len, warmup=2 if i == 0 else 0,

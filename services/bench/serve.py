@@ -22,6 +22,7 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -277,6 +278,27 @@ async def run_bench_async(cfg: BenchConfig, pb2: Any, stub: Any) -> BenchResult:
     if not math.isfinite(cfg.request_rate):
         config["request_rate"] = "inf"  # JSON has no infinity
     return BenchResult(config, duration, records)
+
+
+def wait_serving(address: str, process: subprocess.Popen | None = None, timeout_s: float = 60) -> None:
+    """Block until the gRPC health service at `address` reports SERVING (all workers up). Raises
+    RuntimeError when `process` (the server, if we started it) exits first or time runs out."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode} before it was SERVING")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} was not SERVING after {timeout_s} s")
 
 
 def run_bench(cfg: BenchConfig) -> BenchResult:

@@ -6,30 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from services.bench.serve import wait_serving
 from services.transfer.local_redis import free_port
 
 CLSA = str(Path(sys.executable).parent / "clsa")
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "clsa serve exited"
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    raise AssertionError("clsa serve did not become SERVING")
 
 
 def test_serve_then_client_matches_generate_and_stops_on_sigterm() -> None:
@@ -39,7 +21,7 @@ def test_serve_then_client_matches_generate_and_stops_on_sigterm() -> None:
                              str(free_port()), "--backend", "local"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_serving(address, proc)
+        wait_serving(address, proc)
         args = ["--prompt", "hello", "--max-tokens", "10", "--temperature", "0.7", "--seed", "5", "--ignore-eos"]
         want = json.loads(subprocess.run([CLSA, "generate", "--model", "clsa-tiny", "--json", *args],
                                          capture_output=True, text=True, timeout=120).stdout)["text"]
