@@ -9,6 +9,7 @@ cancelled on the decode worker, which aborts the request and frees its KV.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
@@ -29,6 +30,10 @@ from services.transfer import LedgerError, TransferLedger, TransferRecord, Worke
 from services.transfer.registry import Role
 
 NAMESPACE = "clsa"
+# A request whose decode worker is lost continues on another one from its bundle, at most this many
+# times (two decode workers dying together: the second resume finds the first restarted).
+MAX_RESUMES = 2
+RESUME_WAIT_S = 30.0  # how long a resume waits for a decode worker to be back
 
 
 def start_prefill_worker(i: int, model: str, redis_url: str, prefix: str, device: str = "cpu",
@@ -78,6 +83,26 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
+def _continue_after(sent: RequestOutput, out: RequestOutput, lost: str, now_on: str) -> RequestOutput | None:
+    """An output of a resumed stream as the client must see it: None while it only makes again the
+    tokens the client already has (`sent`), then the output with just what is new. The decode is
+    deterministic (greedy, or seeded by the bundle's sampler state), but another worker batches
+    differently; should its tokens differ from those already streamed, the request ends (never a
+    stream that contradicts itself)."""
+    have, got = sent.token_ids, out.token_ids
+    n = min(len(have), len(got))
+    if got[:n] != have[:n] or (len(got) < len(have) and out.finished):
+        at = next((i for i in range(n) if got[i] != have[i]), n)
+        raise BackendUnavailable(f"decode worker {lost} was lost; resumed on {now_on}, whose tokens differ from "
+                                 f"those already streamed at token {at}: the request ended")
+    if len(got) < len(have) or (len(got) == len(have) and not out.finished):
+        return None
+    if not out.text.startswith(sent.text):
+        raise BackendUnavailable(f"decode worker {lost} was lost; resumed on {now_on}, whose text differs from "
+                                 "the text already streamed: the request ended")
+    return replace(out, new_token_ids=got[len(have):], text_delta=out.text[len(sent.text):])
+
+
 class RayBackend:
     def __init__(self, prefill: list[Any], decode: list[Any], registry: WorkerRegistry, ledger: TransferLedger,
                  max_in_flight: int = 256, tokenizer: Tokenizer | None = None) -> None:
@@ -96,6 +121,7 @@ class RayBackend:
         self._turns = {"prefill": itertools.count(), "decode": itertools.count()}  # ties take turns, per role
         self._tokenizer = tokenizer
         self.retries = 0  # prefills tried again on another worker
+        self.resumes = 0  # requests continued on another decode worker after theirs was lost
         self._lost: dict[str, int] = {}  # worker id -> when a call found it dead (ms)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -121,25 +147,49 @@ class RayBackend:
             yield first
             if result["bundle"] is None:
                 return
-            self._handles[transfer_id] = result["bundle"]
-            stream = consumer.generate.remote(request, transfer_id, result["bundle"])
+            bundle = result["bundle"]
+            self._handles[transfer_id] = bundle
             del result
-            try:
-                async for ref in stream:
-                    out = await ref
-                    finished = out.finished
-                    if finished:
-                        out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
-                    yield out
-            except Exception as e:
-                if _worker_lost(e):
-                    self._lost[self._name(consumer, self.decode)] = int(time.time() * 1000)
-                    raise BackendUnavailable(f"decode worker {self._name(consumer, self.decode)} was lost "
-                                             f"({_reason(e)}); the request ended") from e
-                if isinstance(e, LedgerError) or isinstance(getattr(e, "cause", None), LedgerError):
-                    raise BackendUnavailable(f"the transfer ledger lost this request's record ({_reason(e)}; "
-                                             "Redis restarted?)") from e
-                raise
+            sent = first  # the last output the client has
+            lost: list[str] = []  # decode workers whose process died under this request
+            broken: str | None = None  # the worker whose stream broke last (None: none has)
+            broke_at = 0.0
+            while True:
+                stream = consumer.generate.remote(request, transfer_id, bundle)
+                try:
+                    async for ref in stream:
+                        out = await ref
+                        if broken is not None:  # resumed: the tokens the client already has are made again
+                            out = _continue_after(sent, out, broken, self._name(consumer, self.decode))
+                            if out is None:
+                                continue
+                        finished = out.finished
+                        if finished:
+                            out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
+                        sent = out
+                        yield out
+                    return
+                except Exception as e:
+                    if not _worker_lost(e):
+                        if isinstance(e, LedgerError) or isinstance(getattr(e, "cause", None), LedgerError):
+                            raise BackendUnavailable(f"the transfer ledger lost this request's record "
+                                                     f"({_reason(e)}; Redis restarted?)") from e
+                        raise
+                    broken = self._name(consumer, self.decode)
+                    self._lost[broken] = int(time.time() * 1000)
+                    broke_at = broke_at or time.monotonic()
+                    if isinstance(e, ray.exceptions.ActorUnavailableError):
+                        await asyncio.sleep(0.25)  # Ray is restarting it, or has just: not a loss of its own
+                    else:
+                        lost.append(broken)
+                    if len(lost) > MAX_RESUMES or time.monotonic() - broke_at > RESUME_WAIT_S:
+                        raise BackendUnavailable(f"decode worker {broken} was lost ({_reason(e)}), after "
+                                                 f"{', '.join(lost[:-1]) or 'a resume'}; the request ended") from e
+                    # Resume from the same bundle, which the prefill worker still holds: a new transfer
+                    # record, READY at once, to another decode worker or to one restarted by Ray.
+                    transfer_id = self._transfer_again(request, transfer_id, bundle, broken, e)
+                    consumer = await self._resume_target([*lost, broken], broke_at + RESUME_WAIT_S)
+                    self.resumes += 1
         finally:
             self._handles.pop(transfer_id, None)
             if not finished:
@@ -212,20 +262,50 @@ class RayBackend:
     def _name(worker: Any, workers: dict[str, Any]) -> str:
         return next(name for name, w in workers.items() if w is worker)
 
-    def _pick(self, role: Role, workers: dict[str, Any], avoid: list[str] | None = None) -> Any:
+    def _pick(self, role: Role, workers: dict[str, Any], avoid: list[str] | None = None,
+              fallback: bool = True) -> Any:
         """The least-loaded live worker (by its last heartbeat) that is not one of `avoid`; ties
-        take turns. With none but those left, the last of `avoid`: Ray restarts a dead actor and
-        holds calls to it until it is back."""
+        take turns. A worker lost in a call stays out until it has registered again (Ray restarted
+        it); with none but `avoid` left, one of those that has; failing that, when `fallback`, the
+        last of `avoid` (a call to it fails or waits while Ray restarts it)."""
         live = [w for w in self._live(role) if w.worker_id in workers]
-        # A worker lost in a call stays out until it has registered again (Ray restarted it).
-        fresh = [w for w in live if w.worker_id not in (avoid or [])
-                 and w.heartbeat_ms > self._lost.get(w.worker_id, -1)]
-        if not fresh:
-            if avoid:
+        fresh = [w for w in live if w.heartbeat_ms > self._lost.get(w.worker_id, -1)]
+        pick = [w for w in fresh if w.worker_id not in (avoid or [])] or fresh
+        if not pick:
+            if avoid and fallback:
                 return workers[avoid[-1]]
             raise BackendUnavailable(f"no {role} worker is alive")
-        least = [w.worker_id for w in fresh if w.load == fresh[0].load]
+        least = [w.worker_id for w in pick if w.load == pick[0].load]
         return workers[least[next(self._turns[role]) % len(least)]]
+
+    async def _resume_target(self, broken: list[str], deadline: float) -> Any:
+        """A decode worker to resume on: a live one not in `broken` (the workers this request's
+        streams broke on, oldest first), else the oldest of those once Ray has restarted it and it
+        has registered again; waits until `deadline` (time.monotonic) at most."""
+        while True:
+            try:
+                return self._pick("decode", self.decode, avoid=broken[::-1], fallback=False)
+            except BackendUnavailable as e:
+                if time.monotonic() > deadline:
+                    raise BackendUnavailable(f"decode worker {broken[-1]} was lost and none came back within "
+                                             f"{RESUME_WAIT_S:g} s to resume on ({e}); the request ended") from e
+                await asyncio.sleep(0.2)
+
+    def _transfer_again(self, request: GenerationRequest, transfer_id: str, bundle: list[Any], broken: str,
+                        error: Exception) -> str:
+        """Settle the transfer whose decode worker was lost (FAILED, unless it got to DONE) and
+        publish the same bundle in a new record (READY); returns its id."""
+        self._settle(transfer_id, f"gateway: decode worker {broken} was lost; resumed elsewhere")
+        self._handles.pop(transfer_id, None)
+        try:
+            old = self.ledger.get(transfer_id)
+            again = self.ledger.create(request.request_id, old.producer, old.fingerprint)
+            self.ledger.mark_ready(again, old.n_tokens, old.nbytes)
+        except LedgerError as e:
+            raise BackendUnavailable(f"decode worker {broken} was lost ({_reason(error)}) and the request could "
+                                     f"not be resumed ({_reason(e)})") from error
+        self._handles[again] = bundle
+        return again
 
     def _live(self, role: Role) -> list[WorkerInfo]:
         try:
