@@ -185,10 +185,10 @@ class RayBackend:
                     if len(lost) > MAX_RESUMES or time.monotonic() - broke_at > RESUME_WAIT_S:
                         raise BackendUnavailable(f"decode worker {broken} was lost ({_reason(e)}), after "
                                                  f"{', '.join(lost[:-1]) or 'a resume'}; the request ended") from e
-                    # Resume from the same bundle, which the prefill worker still holds: a new transfer
-                    # record, READY at once, to another decode worker or to one restarted by Ray.
-                    transfer_id = self._transfer_again(request, transfer_id, bundle, broken, e)
+                    # Resume from the same bundle, which the prefill worker still holds, on another
+                    # decode worker or on one restarted by Ray: a new transfer record, READY at once.
                     consumer = await self._resume_target([*lost, broken], broke_at + RESUME_WAIT_S)
+                    transfer_id = self._transfer_again(request, transfer_id, bundle, broken, e)
                     self.resumes += 1
         finally:
             self._handles.pop(transfer_id, None)
