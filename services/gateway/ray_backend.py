@@ -183,8 +183,9 @@ class RayBackend:
                     else:
                         lost.append(broken)
                     if len(lost) > MAX_RESUMES or time.monotonic() - broke_at > RESUME_WAIT_S:
-                        raise BackendUnavailable(f"decode worker {broken} was lost ({_reason(e)}), after "
-                                                 f"{', '.join(lost[:-1]) or 'a resume'}; the request ended") from e
+                        raise BackendUnavailable(
+                            f"decode worker {broken} was lost ({_reason(e)}); {len(lost)} decode workers lost and "
+                            f"{time.monotonic() - broke_at:.0f} s of resuming this request: it ended") from e
                     # Resume from the same bundle, which the prefill worker still holds, on another
                     # decode worker or on one restarted by Ray: a new transfer record, READY at once.
                     consumer = await self._resume_target([*lost, broken], broke_at + RESUME_WAIT_S)
