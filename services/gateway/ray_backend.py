@@ -137,8 +137,9 @@ class RayBackend:
             self._in_flight -= 1
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        consumer = self._pick("decode", self.decode)  # none alive: UNAVAILABLE before any prefill work
-        self._check_fits(request)
+        live = self._live("decode")  # one registry read for both
+        consumer = self._pick("decode", self.decode, live=live)  # none alive: UNAVAILABLE before any prefill
+        self._check_fits(request, live)
         transfer_id, result = await self._prefill(request)
         stream, finished = None, False
         try:
@@ -226,12 +227,12 @@ class RayBackend:
             result["first"].stage_ms["queue"] = max(0.0, (result["started_at"] - submitted) * 1e3)
             return transfer_id, result
 
-    def _check_fits(self, request: GenerationRequest) -> None:
+    def _check_fits(self, request: GenerationRequest, live_decode: list[WorkerInfo]) -> None:
         """Refuse at once, before any prefill work (OutOfBlocksError: RESOURCE_EXHAUSTED), a request
         that no live decode worker's KV pool could ever hold; one that fits a pool later waits there
         in line for room."""
         pools = [(int(w.stats["kv_blocks_total"]), int(w.stats["kv_block_size"]))
-                 for w in self._live("decode") if w.worker_id in self.decode and "kv_block_size" in w.stats]
+                 for w in live_decode if w.worker_id in self.decode and "kv_block_size" in w.stats]
         if not pools:  # no heartbeat with the sizes yet: the decode worker itself refuses it
             return
         n_prompt = len(request.prompt) if isinstance(request.prompt, tuple) else len(self.tokenize(request.prompt))
@@ -264,13 +265,14 @@ class RayBackend:
         return next(name for name, w in workers.items() if w is worker)
 
     def _pick(self, role: Role, workers: dict[str, Any], avoid: list[str] | None = None,
-              fallback: bool = True) -> Any:
+              fallback: bool = True, live: list[WorkerInfo] | None = None) -> Any:
         """The least-loaded live worker (by its last heartbeat) that is not one of `avoid`; ties
         take turns. A worker lost in a call stays out until it has registered again (Ray restarted
         it); with none but `avoid` left, one of those that has; failing that, when `fallback`, the
-        last of `avoid` (a call to it fails or waits while Ray restarts it)."""
-        live = [w for w in self._live(role) if w.worker_id in workers]
-        fresh = [w for w in live if w.heartbeat_ms > self._lost.get(w.worker_id, -1)]
+        last of `avoid` (a call to it fails or waits while Ray restarts it). `live`: the registry's
+        workers of `role`, when the caller has just read them."""
+        mine = [w for w in (self._live(role) if live is None else live) if w.worker_id in workers]
+        fresh = [w for w in mine if w.heartbeat_ms > self._lost.get(w.worker_id, -1)]
         pick = [w for w in fresh if w.worker_id not in (avoid or [])] or fresh
         if not pick:
             if avoid and fallback:
@@ -281,11 +283,11 @@ class RayBackend:
 
     async def _resume_target(self, broken: list[str], deadline: float) -> Any:
         """A decode worker to resume on: a live one not in `broken` (the workers this request's
-        streams broke on, oldest first), else the oldest of those once Ray has restarted it and it
-        has registered again; waits until `deadline` (time.monotonic) at most."""
+        streams broke on), else one of those once Ray has restarted it and it has registered
+        again; waits until `deadline` (time.monotonic) at most."""
         while True:
             try:
-                return self._pick("decode", self.decode, avoid=broken[::-1], fallback=False)
+                return self._pick("decode", self.decode, avoid=broken, fallback=False)
             except BackendUnavailable as e:
                 if time.monotonic() > deadline:
                     raise BackendUnavailable(f"decode worker {broken[-1]} was lost and none came back within "
