@@ -60,7 +60,8 @@ class FaultyService:
         self.redis = LocalRedis(port=port)
 
     def wait_workers_live(self, timeout_s: float = 90) -> None:
-        """Every worker answers (restarted where it crashed) and heartbeats in the registry."""
+        """Every worker answers (restarted where it crashed) and heartbeats in the registry, so that
+        the gateway routes to it again."""
         deadline = time.monotonic() + timeout_s
         while True:  # a restarting actor refuses calls (ActorUnavailableError) until it is back
             try:
@@ -72,8 +73,9 @@ class FaultyService:
                     raise
                 time.sleep(0.5)
         while time.monotonic() < deadline:
-            try:
-                live = {w.worker_id for w in self.registry.live_workers()}
+            try:  # live, and heartbeating since the gateway last found it lost: it gets work again
+                live = {w.worker_id for w in self.registry.live_workers()
+                        if w.heartbeat_ms > self.backend._lost.get(w.worker_id, -1)}
             except Exception:  # noqa: BLE001 - Redis coming back
                 live = set()
             if live >= {f"clsa-prefill-{i}" for i in range(len(self.prefill))} | {
