@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -107,32 +107,40 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
 
     async def _run(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Count the request under its final status around the generation itself."""
-        status = "OK"
+        status: str | None = "OK"
         try:
             async for message in self._generate(request, context):
                 yield message
         except grpc.aio.AbortError:
-            status = context.code().name if context.code() is not None else "UNKNOWN"
+            status = None  # counted by _abort, before the client heard it
             raise
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         finally:
-            self.metrics.requests.labels(status=status).inc()
+            if status is not None:
+                self.metrics.requests.labels(status=status).inc()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+        """End the request with `code`, counted first: abort sends the status before it raises, so a
+        client that scrapes the metrics as soon as it hears the error must find it counted."""
+        self.metrics.requests.labels(status=code.name).inc()
+        await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")
 
     async def _generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Validate, generate, convert; every failure becomes a status code with a message."""
         start = time.perf_counter()
         if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request: not a valid clsa.v1.GenerateRequest ({request.error})")
         model = self.backend.model_summary()
         try:
             req = request_from_proto(pb2, request, model.vocab_size)
             check_limits(req, model.vocab_size, model.max_seq_len, lambda text: len(self.backend.tokenize(text)))
         except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first_token_s: float | None = None
         last_s = start
         stage_ms: dict[str, float] = {}
@@ -152,15 +160,15 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
                 yield self._message(out, first_token_s, start, stage_ms)
         except InvalidRequestError as e:
             code = grpc.StatusCode.ALREADY_EXISTS if e.param == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(e))
+            await self._abort(context, code, str(e))
         except (AdmissionQueueFull, OutOfBlocksError) as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except BackendUnavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001 -- the client hears which stage failed, not a traceback
-            await context.abort(grpc.StatusCode.INTERNAL, f"decode: {type(e).__name__}: {e}")
+            await self._abort(context, grpc.StatusCode.INTERNAL, f"decode: {type(e).__name__}: {e}")
 
     def _observe_stages(self, stage_ms: dict[str, float], ttft_s: float, total_s: float) -> None:
         self.metrics.prefill.observe(stage_ms.get("prefill", ttft_s * 1e3) / 1e3)
