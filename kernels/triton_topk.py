@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._backend import interpreting
+
 HIST_BINS = 65536  # high 16 bits of the key
 COARSE_BINS = 4096  # high 12 bits: the histogram of lane maxima
 SCAN_BLOCK = 512  # bins scanned per step
@@ -418,7 +420,7 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
                   SWEEP_BLOCK=min(SWEEP_BLOCK, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
                   FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META)
     if cooperative:
-        extra = {"launch_cooperative_grid": True, "maxnreg": max_registers} if device.type == "cuda" else {}
+        extra = {} if interpreting() else {"launch_cooperative_grid": True, "maxnreg": max_registers}
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
                                          **extra)
         return

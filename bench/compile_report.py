@@ -1,0 +1,150 @@
+"""What ptxas makes of every Triton launch configuration, without a GPU (clsa-4b heads, bf16).
+
+Compiles each kernel as the launchers would launch it on an H200 (sm_90, 132 SMs) at B = 1, 8
+and 32 - the default configurations and the wide sparse kernel's sweep variants - and prints the
+registers per thread, the bytes spilled to local memory per thread, the shared memory, and how many
+programs fit on an SM. Spills and occupancy decide a memory-bound kernel's speed before any
+timing; this is the check to run on the CPU before spending device time.
+
+    python bench/compile_report.py [--json FILE] [--check]
+
+--check exits 1 when a default configuration spills registers (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_report: unset TRITON_INTERPRET (it compiles for the GPU, it does not interpret)")
+
+import torch  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels.decode_attention as da  # noqa: E402
+import importlib  # noqa: E402
+
+it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
+import kernels.triton_attention as ta  # noqa: E402
+from kernels.compile_only import Compiled, compiled_for  # noqa: E402
+
+HQ, HKV, D, D_IDX, K, PAGE, N = 24, 8, 128, 128, 2048, 16, 131072
+SMS = 132  # the H200's
+BATCHES = (1, 8, 32)
+CACHE_BLOCKS = 64  # the compiled code does not depend on the cache's size, only on its strides
+
+
+def _case(batch: int) -> dict[str, torch.Tensor]:
+    bf16 = torch.bfloat16
+    return {
+        "q": torch.zeros(batch, HQ, D, dtype=bf16),
+        "k": torch.zeros(CACHE_BLOCKS, PAGE, HKV, D, dtype=bf16),
+        "v": torch.zeros(CACHE_BLOCKS, PAGE, HKV, D, dtype=bf16),
+        "kidx": torch.zeros(CACHE_BLOCKS, PAGE, D_IDX, dtype=bf16),
+        "qidx": torch.zeros(batch, D_IDX, dtype=bf16),
+        "table": torch.zeros(batch, N // PAGE, dtype=torch.int32),
+        "lens": torch.full((batch,), N, dtype=torch.int32),
+        "idx": torch.zeros(batch, K, dtype=torch.int32),
+        "out": torch.zeros(batch, HQ, D, dtype=bf16),
+    }
+
+
+def sparse_default(case: dict, batch: int) -> None:
+    """The per-head sparse kernel as `SparseDecodeWrapper.run` launches it at this batch."""
+    small = batch <= da.SMALL_BATCH
+    block_n, warps, stages, fused = da.SPARSE_SMALL_CONFIG if small else da.SPARSE_CONFIG
+    n_splits, split = ta.plan_splits(K, batch * HKV, SMS, block_n, da.SPARSE_SMALL_WAVES if small else da.SPARSE_WAVES)
+    o_part, lse_part, counters = da._partials(case["q"], HKV, n_splits)
+    ta.launch_decode(case["q"], case["k"], case["v"], case["idx"], case["table"], case["lens"], 1 / math.sqrt(D),
+                     K, n_splits, split, o_part, lse_part, counters, case["out"], sparse=True, block_n=block_n,
+                     num_warps=warps, num_stages=stages, fused_merge=fused, pdl=da.PDL and batch <= da.PDL_MAX_BATCH)
+
+
+def sparse_wide(case: dict, batch: int, variant: tuple) -> None:
+    block_n, warps, stages, waves = variant[:4]
+    pdl = variant[4] if len(variant) > 4 else False
+    n_splits, split = ta.plan_wide_splits(K, batch, SMS, block_n, waves)
+    o_part, lse_part, _ = da._partials(case["q"], HKV, n_splits)
+    ta.launch_sparse_wide(case["q"], case["k"], case["v"], case["idx"], 1 / math.sqrt(D), K, n_splits, split,
+                          o_part, lse_part, case["out"], block_n=block_n, num_warps=warps, num_stages=stages, pdl=pdl)
+
+
+def dense_default(case: dict, batch: int) -> None:
+    block_n, warps, stages, fused = da.DENSE_CONFIG
+    n_splits, split = ta.plan_splits(N, batch * HKV, SMS, block_n, da.DENSE_WAVES)
+    o_part, lse_part, counters = da._partials(case["q"], HKV, n_splits)
+    ta.launch_decode(case["q"], case["k"], case["v"], None, case["table"], case["lens"], 1 / math.sqrt(D), N,
+                     n_splits, split, o_part, lse_part, counters, case["out"], sparse=False, block_n=block_n,
+                     num_warps=warps, num_stages=stages, fused_merge=fused)
+
+
+def topk_default(case: dict, batch: int) -> None:
+    out = torch.zeros(batch, K, dtype=torch.int32)
+    cooperative = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
+    it._launch(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, cooperative, SMS)
+
+
+def collect() -> list[dict]:
+    rows: list[dict] = []
+
+    def record(op: str, batch: int, variant: str, default: bool, launch) -> None:  # noqa: ANN001
+        with compiled_for(90) as compiled:
+            launch()
+        for c in compiled:
+            rows.append(_row(op, batch, variant, default, c))
+
+    for batch in BATCHES:
+        case = _case(batch)
+        record("rows", batch, "default", True,
+               lambda: ta.launch_positions_to_rows(case["idx"], case["table"], case["lens"], case["idx"], PAGE))
+        record("index_topk", batch, "default", True, lambda: topk_default(case, batch))
+        record("sparse", batch, "per-head (default)", da.WIDE_MIN_BATCH > batch, lambda: sparse_default(case, batch))
+        for variant in WIDE_VARIANTS:
+            default = batch >= da.WIDE_MIN_BATCH and tuple(variant[:4]) == tuple(da.WIDE_CONFIG)
+            record("sparse", batch, "wide " + str(list(variant)), default, lambda v=variant: sparse_wide(case, batch, v))
+        record("dense", batch, "default", True, lambda: dense_default(case, batch))
+    return rows
+
+
+WIDE_VARIANTS = [(16, 4, 1, 1), (16, 8, 1, 1), (32, 8, 1, 1), (32, 16, 1, 1)]
+
+
+def _row(op: str, batch: int, variant: str, default: bool, c: Compiled) -> dict:
+    return {"op": op, "B": batch, "variant": variant, "default": default, "kernel": c.kernel,
+            "warps": c.options["num_warps"], "stages": c.options["num_stages"], "maxnreg": c.options.get("maxnreg"),
+            "grid": list(c.grid), "registers": c.registers, "spill_bytes": c.stack_bytes,
+            "shared_bytes": c.shared_bytes, "programs_per_sm": c.programs_per_sm()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a default configuration spills")
+    args = parser.parse_args()
+    rows = collect()
+    print(f"{'op':<11} {'B':>3} {'variant':<22} {'kernel':<30} {'warps':>5} {'st':>3} {'regs':>5} {'spill B':>8} "
+          f"{'smem KB':>8} {'prog/SM':>7} {'grid':>12}")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"{r['op']:<11} {r['B']:>3} {r['variant']:<22} {r['kernel'][:30]:<30} {r['warps']:>5} {r['stages']:>3} "
+              f"{r['registers']:>5} {r['spill_bytes']:>8} {r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>7} "
+              f"{'x'.join(map(str, r['grid'])):>12}{mark}")
+    print("* = the configuration the kernels launch at this batch (sm_90, 132 SMs)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    spilling = [r for r in rows if r["default"] and r["spill_bytes"] > 0]
+    if args.check and spilling:
+        for r in spilling:
+            print(f"SPILLS: {r['op']} B={r['B']} {r['variant']} {r['kernel']}: {r['spill_bytes']} bytes per thread")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
