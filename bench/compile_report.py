@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -28,8 +29,9 @@ import torch  # noqa: E402
 sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.decode_attention as da  # noqa: E402
 import importlib  # noqa: E402
+
+import kernels.decode_attention as da  # noqa: E402
 
 it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
 import kernels.triton_attention as ta  # noqa: E402
@@ -68,12 +70,14 @@ def sparse_default(case: dict, batch: int) -> None:
 
 
 def sparse_wide(case: dict, batch: int, variant: tuple) -> None:
-    block_n, warps, stages, waves = variant[:4]
-    pdl = variant[4] if len(variant) > 4 else False
-    n_splits, split = ta.plan_wide_splits(K, batch, SMS, block_n, waves)
+    """The wide sparse kernel as `SparseDecodeWrapper.run` would launch it with WIDE_CONFIG = variant."""
+    block_n, heads, warps, stages, waves = variant
+    _, block_n, groups = ta.wide_tile(HKV, heads, block_n)
+    n_splits, split = ta.plan_wide_splits(K, batch * groups, SMS, block_n, waves)
     o_part, lse_part, _ = da._partials(case["q"], HKV, n_splits)
     ta.launch_sparse_wide(case["q"], case["k"], case["v"], case["idx"], 1 / math.sqrt(D), K, n_splits, split,
-                          o_part, lse_part, case["out"], block_n=block_n, num_warps=warps, num_stages=stages, pdl=pdl)
+                          o_part, lse_part, case["out"], block_n=block_n, heads_per_program=heads, num_warps=warps,
+                          num_stages=stages, pdl=da.PDL and batch <= da.PDL_MAX_BATCH)
 
 
 def dense_default(case: dict, batch: int) -> None:
@@ -85,42 +89,47 @@ def dense_default(case: dict, batch: int) -> None:
                      num_warps=warps, num_stages=stages, fused_merge=fused)
 
 
-def topk_default(case: dict, batch: int) -> None:
+def topk(case: dict, batch: int, cooperative: bool) -> None:
+    """index_topk as one cooperative launch (what it does when the grid fits: B <= 4 x 132) or as
+    four (the fallback)."""
     out = torch.zeros(batch, K, dtype=torch.int32)
-    cooperative = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
     it._launch(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, cooperative, SMS)
 
 
 def collect() -> list[dict]:
     rows: list[dict] = []
 
-    def record(op: str, batch: int, variant: str, default: bool, launch) -> None:  # noqa: ANN001
+    def record(op: str, batch: int, variant: str, default: bool, launch: Callable[..., None], *args: object) -> None:
         with compiled_for(90) as compiled:
-            launch()
-        for c in compiled:
-            rows.append(_row(op, batch, variant, default, c))
+            launch(*args)
+        rows.extend(_row(op, batch, variant, default, c) for c in compiled)
 
     for batch in BATCHES:
         case = _case(batch)
-        record("rows", batch, "default", True,
-               lambda: ta.launch_positions_to_rows(case["idx"], case["table"], case["lens"], case["idx"], PAGE))
-        record("index_topk", batch, "default", True, lambda: topk_default(case, batch))
-        record("sparse", batch, "per-head (default)", da.WIDE_MIN_BATCH > batch, lambda: sparse_default(case, batch))
+        record("rows", batch, "default", True, ta.launch_positions_to_rows, case["idx"], case["table"], case["lens"],
+               case["idx"], PAGE)
+        coop = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
+        record("index_topk", batch, "one launch", coop, topk, case, batch, True)
+        record("index_topk", batch, "four launches", not coop, topk, case, batch, False)
+        record("sparse", batch, "per-head (default)", da.WIDE_MIN_BATCH > batch, sparse_default, case, batch)
         for variant in WIDE_VARIANTS:
-            default = batch >= da.WIDE_MIN_BATCH and tuple(variant[:4]) == tuple(da.WIDE_CONFIG)
-            record("sparse", batch, "wide " + str(list(variant)), default, lambda v=variant: sparse_wide(case, batch, v))
-        record("dense", batch, "default", True, lambda: dense_default(case, batch))
+            default = batch >= da.WIDE_MIN_BATCH and tuple(variant) == tuple(da.WIDE_CONFIG)
+            record("sparse", batch, "wide " + str(list(variant)), default, sparse_wide, case, batch, variant)
+        record("dense", batch, "default", True, dense_default, case, batch)
     return rows
 
 
-WIDE_VARIANTS = [(16, 4, 1, 1), (16, 8, 1, 1), (32, 8, 1, 1), (32, 16, 1, 1)]
+WIDE_VARIANTS = [  # (BLOCK_N tokens, KV heads per program, warps, stages, programs per SM)
+    (8, 8, 4, 2, 2), (8, 8, 4, 3, 2), (4, 8, 4, 3, 2), (16, 8, 4, 2, 1), (16, 8, 8, 2, 1), (8, 4, 4, 3, 4),
+    (16, 4, 4, 2, 4), (16, 2, 4, 3, 4), (32, 2, 4, 2, 4),
+]
 
 
 def _row(op: str, batch: int, variant: str, default: bool, c: Compiled) -> dict:
     return {"op": op, "B": batch, "variant": variant, "default": default, "kernel": c.kernel,
             "warps": c.options["num_warps"], "stages": c.options["num_stages"], "maxnreg": c.options.get("maxnreg"),
             "grid": list(c.grid), "registers": c.registers, "spill_bytes": c.stack_bytes,
-            "shared_bytes": c.shared_bytes, "programs_per_sm": c.programs_per_sm()}
+            "shared_bytes": c.shared_bytes, "async_copies": c.async_copies, "programs_per_sm": c.programs_per_sm()}
 
 
 def main() -> None:
@@ -129,13 +138,13 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 when a default configuration spills")
     args = parser.parse_args()
     rows = collect()
-    print(f"{'op':<11} {'B':>3} {'variant':<22} {'kernel':<30} {'warps':>5} {'st':>3} {'regs':>5} {'spill B':>8} "
-          f"{'smem KB':>8} {'prog/SM':>7} {'grid':>12}")
+    print(f"{'op':<11} {'B':>3} {'variant':<22} {'kernel':<30} {'warps':>5} {'st':>3} {'regs':>5} "
+          f"{'spill B':>8} {'smem KB':>8} {'cp.async':>8} {'prog/SM':>7} {'grid':>12}")
     for r in rows:
         mark = "*" if r["default"] else " "
-        print(f"{r['op']:<11} {r['B']:>3} {r['variant']:<22} {r['kernel'][:30]:<30} {r['warps']:>5} {r['stages']:>3} "
-              f"{r['registers']:>5} {r['spill_bytes']:>8} {r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>7} "
-              f"{'x'.join(map(str, r['grid'])):>12}{mark}")
+        print(f"{r['op']:<11} {r['B']:>3} {r['variant']:<22} {r['kernel'][:30]:<30} {r['warps']:>5} "
+              f"{r['stages']:>3} {r['registers']:>5} {r['spill_bytes']:>8} {r['shared_bytes'] / 1024:>8.1f} "
+              f"{r['async_copies']:>8} {r['programs_per_sm']:>7} {'x'.join(map(str, r['grid'])):>12}{mark}")
     print("* = the configuration the kernels launch at this batch (sm_90, 132 SMs)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -40,6 +40,7 @@ class Compiled:
     registers: int  # per thread
     stack_bytes: int  # local memory per thread: spills (0 when everything fits in registers)
     shared_bytes: int  # dynamic (Triton's) + static
+    async_copies: int  # cp.async instructions in the PTX: loads the pipeliner made asynchronous
 
     @property
     def threads(self) -> int:
@@ -86,7 +87,8 @@ def compiled_for(capability: int = 90, warp_size: int = 32) -> Iterator[list[Com
             | {"num_warps": options.num_warps, "num_stages": options.num_stages},
             constexprs={names[path[0]]: value for path, value in constexprs.items() if len(path) == 1},
             grid=tuple(grid(bound_args) if callable(grid) else grid),
-            registers=registers, stack_bytes=stack, shared_bytes=int(compiled.metadata.shared)))
+            registers=registers, stack_bytes=stack, shared_bytes=int(compiled.metadata.shared),
+            async_copies=compiled.asm["ptx"].count("cp.async.c")))
 
     jit.JITFunction.run = run
     try:

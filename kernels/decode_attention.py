@@ -89,12 +89,12 @@ DENSE_WAVES = 16
 # at B=8 and 32 a lone call costs 3-4 us more with it and a chain gains nothing, so it is off there.
 PDL = True
 PDL_MAX_BATCH = 1
-# The wide sparse kernel (one program per (sequence, split) over every KV head, so each selected
-# token's Hkv x d row is read in one piece) at WIDE_MIN_BATCH sequences or more:
-# (BLOCK_N, num_warps, num_stages, programs per SM).
-WIDE_CONFIG = (16, 8, 1, 1)
+# The wide sparse kernel at WIDE_MIN_BATCH sequences or more: one program per (sequence, group of
+# KV heads, split), each selected token's rows of the group's heads read as one contiguous piece.
+# (BLOCK_N tokens, KV heads per program, num_warps, num_stages, programs per SM).
+WIDE_CONFIG = (8, 8, 4, 3, 2)
 WIDE_MIN_BATCH = 1 << 30
-INTERPRET_WIDE_CONFIG = (16, 1, 1, 1)
+INTERPRET_WIDE_CONFIG = (4, 4, 1, 1, 1)
 
 
 class SparseDecodeWrapper:
@@ -145,15 +145,16 @@ class SparseDecodeWrapper:
             out.copy_(sparse_decode_attention_reference(q, k_cache, v_cache, p["block_table"], p["seq_lens"],
                                                         p["indices"], sm_scale))
             return out
-        from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits
+        from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits, wide_tile
 
         k = p["indices"].shape[1]
         if q.shape[0] >= WIDE_MIN_BATCH:
-            block_n, warps, stages, waves = INTERPRET_WIDE_CONFIG if interpreting() else WIDE_CONFIG
-            n_splits, split_size = plan_wide_splits(k, q.shape[0], num_sms(q.device), block_n, waves)
+            block_n, heads, warps, stages, waves = INTERPRET_WIDE_CONFIG if interpreting() else WIDE_CONFIG
+            _, block_n, groups = wide_tile(k_cache.shape[2], heads, block_n)
+            n_splits, split_size = plan_wide_splits(k, q.shape[0] * groups, num_sms(q.device), block_n, waves)
             o_part, lse_part, _ = self._buffers(q, k_cache.shape[2], n_splits)
             launch_sparse_wide(q, k_cache, v_cache, p["rows"], sm_scale, k, n_splits, split_size, o_part, lse_part,
-                               out, block_n=block_n, num_warps=warps, num_stages=stages,
+                               out, block_n=block_n, heads_per_program=heads, num_warps=warps, num_stages=stages,
                                pdl=_pdl(q.device, q.shape[0]))
             return out
         small = q.shape[0] <= SMALL_BATCH

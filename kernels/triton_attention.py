@@ -14,8 +14,6 @@ the query and to write its outputs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import triton
 import triton.language as tl
 
@@ -23,24 +21,40 @@ LOG2E = 1.4426950408889634
 # The merge kernel lets the next PDL-launched kernel start before it waits on its own inputs: the
 # next layer's partial kernel then has its K/V rows in flight while this layer finishes.
 EARLY_TRIGGER = True
+MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by the merge (a global the kernels read)
 
 
 @triton.jit
 def _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, head, n_splits,
                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
                 D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, head] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when no split saw a key."""
+    """out[b, head] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when no split saw a key.
+    The partial outputs are summed MERGE_CHUNK splits at a time (all 256 of a dense B=1 call at
+    once spilled registers)."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_splits
     mask_d = offs_d < D
-    lse = tl.load(lse_part_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    lse_row = lse_part_ptr + b * stride_lb + head * stride_lh
+    o_row = o_part_ptr + b * stride_ob + head * stride_oh
+    lse = tl.load(lse_row + offs_s, mask=offs_s < n_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    total = tl.sum(w, axis=0)
-    o = tl.load(o_part_ptr + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(lse - m), axis=0)
+    if BLOCK_S <= MERGE_CHUNK:
+        w = tl.exp2(lse - m)
+        o = tl.load(o_row + offs_s[:, None] * stride_os + offs_d[None, :],
+                    mask=(offs_s < n_splits)[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.sum(o * w[:, None], axis=0)
+    else:
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, n_splits, MERGE_CHUNK):
+            offs_c = s0 + tl.arange(0, MERGE_CHUNK)
+            mask_c = offs_c < n_splits
+            w = tl.exp2(tl.load(lse_row + offs_c, mask=mask_c, other=float("-inf")) - m)
+            o = tl.load(o_row + offs_c[:, None] * stride_os + offs_d[None, :],
+                        mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+            acc += tl.sum(o * w[:, None], axis=0)
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -69,11 +83,17 @@ def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, st
 @triton.jit
 def _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
     """One block of the online softmax (base 2, fp32): returns the updated (m_i, l_i, acc)."""
+    return _attend_masked(q, k, v, valid[None, :], m_i, l_i, acc, sm_scale_log2, IEEE)
+
+
+@triton.jit
+def _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
+    """`_attend` where `visible` [rows of q or 1, rows of k] says which query sees which key."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+    s = tl.where(visible, s * sm_scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # Until a row has seen a valid key its max is -inf; shift by 0 then so exp2 stays finite.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -154,89 +174,76 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _wide_block(k_ptr, v_ptr, rows_ptr, n0, end, stride_kr, stride_kh, HKV: tl.constexpr, D: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """K and V of the selected rows n0 .. n0 + BLOCK_N (< end), every KV head: [BLOCK_H, BLOCK_N,
-    BLOCK_D] each, so a token's heads (Hkv x d contiguous in the cache) are read together."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, BLOCK_H)
+def _packed_block(k_ptr, v_ptr, rows_ptr, n0, end, h0, stride_kr, stride_kh, HKV: tl.constexpr, D: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K and V of selected tokens n0 .. n0 + BLOCK_N (< end) for KV heads h0 .. h0 + BLOCK_H, as
+    [BLOCK_N * BLOCK_H, BLOCK_D] tiles whose row r is (token r // BLOCK_H, head h0 + r % BLOCK_H):
+    a token's heads are adjacent in the cache, so each token is one contiguous BLOCK_H x d read."""
+    offs_r = tl.arange(0, BLOCK_N * BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    valid = offs_n < end
-    rows = tl.load(rows_ptr + offs_n, mask=valid, other=-1)
+    tok = n0 + offs_r // BLOCK_H
+    head = h0 + offs_r % BLOCK_H
+    valid = (tok < end) & (head < HKV)
+    rows = tl.load(rows_ptr + tok, mask=valid, other=-1)
     valid = valid & (rows >= 0)
     rows = tl.where(valid, rows, 0).to(tl.int64)
-    offs = rows[None, :, None] * stride_kr + offs_h[:, None, None] * stride_kh + offs_d[None, None, :]
-    mask = valid[None, :, None] & (offs_h[:, None, None] < HKV) & (offs_d[None, None, :] < D)
+    offs = rows[:, None] * stride_kr + head[:, None] * stride_kh + offs_d[None, :]
+    mask = valid[:, None] & (offs_d[None, :] < D)
     k = tl.load(k_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    return k, v, valid
-
-
-@triton.jit
-def _attend_wide(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
-    """`_attend` with the KV heads as a batch: q [H, G, d], k and v [H, N, d], state [H, G(, d)]."""
-    kt = tl.permute(k, (0, 2, 1))
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
-    s = tl.where(valid[None, None, :], s * sm_scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=2))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, :, None])
-    l_i = l_i * alpha + tl.sum(p, axis=2)
-    if IEEE:
-        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)  # issued with K: both in flight at once
+    return k, v, valid, head
 
 
 @triton.jit
 def _sparse_wide_partial_kernel(
     q_ptr, k_ptr, v_ptr, rows_ptr, o_part_ptr, lse_part_ptr, sm_scale_log2, n_items, split_size,
     stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Sparse partial attention, one program per (sequence, split) over EVERY KV head: each selected
-    token's K (and V) row - all Hkv heads, contiguous - is read in one piece, and the next block's
-    rows are in flight while a block is attended. Same partial outputs as `_decode_partial_kernel`."""
+    """Sparse partial attention, one program per (sequence, group of BLOCK_H KV heads, split): each
+    selected token's K (and V) rows of all the group's heads - contiguous in the cache - are read
+    as one piece. The scores of the group's BLOCK_H x G query heads against its BLOCK_N x BLOCK_H
+    (token, head) rows are one [BLOCK_Q, BLOCK_N * BLOCK_H] tensor-core product masked to its
+    block diagonal (a query head sees only its own KV head's rows): BLOCK_H times the FLOPs of the
+    diagonal, which a kernel doing ~1 FLOP per byte can spend. Same partials as `_decode_partial_kernel`."""
     b = tl.program_id(0)
-    split = tl.program_id(1)
+    h0 = tl.program_id(1) * BLOCK_H
+    split = tl.program_id(2)
     start = split * split_size
     end = tl.minimum(start + split_size, n_items)
     rows_row = rows_ptr + b * stride_rb
-    k, v, valid = _wide_block(k_ptr, v_ptr, rows_row, start, end, stride_kr, stride_kh, HKV, D, BLOCK_H, BLOCK_N,
-                              BLOCK_D)
-    if USE_PDL:  # the rows and the cache are never written by the kernel before: only wait to read q
+    # The first block's rows are in flight before waiting on the previous kernel (as in
+    # `_decode_partial_kernel`: only the query and the outputs are written by the kernel before).
+    k, v, valid, kv_head = _packed_block(k_ptr, v_ptr, rows_row, start, end, h0, stride_kr, stride_kh, HKV, D,
+                                         BLOCK_H, BLOCK_N, BLOCK_D)
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = offs_h[:, None] * G + offs_g[None, :]
-    mask_hg = (offs_h[:, None] < HKV) & (offs_g[None, :] < G)
-    mask_q = mask_hg[:, :, None] & (offs_d[None, None, :] < D)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, :, None] * stride_qh + offs_d[None, None, :], mask=mask_q,
-                other=0.0)
-    m_i = tl.full([BLOCK_H, BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_G, BLOCK_D], tl.float32)
+    q_head = h0 * G + offs_q  # query heads h0*G .. (h0 + BLOCK_H)*G, of KV heads h0 + offs_q // G
+    mask_q = (offs_q < BLOCK_H * G) & (q_head < HKV * G)
+    q = tl.load(q_ptr + b * stride_qb + q_head[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_q[:, None] & (offs_d[None, :] < D), other=0.0)
+    own = (h0 + offs_q // G)[:, None]  # each query row's KV head
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend_masked(q, k, v, valid[None, :] & (own == kv_head[None, :]), m_i, l_i, acc,
+                                   sm_scale_log2, IEEE)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        k_next, v_next, valid_next = _wide_block(k_ptr, v_ptr, rows_row, n0, end, stride_kr, stride_kh, HKV, D,
-                                                 BLOCK_H, BLOCK_N, BLOCK_D)
-        m_i, l_i, acc = _attend_wide(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
-        k, v, valid = k_next, v_next, valid_next
-    m_i, l_i, acc = _attend_wide(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+        k, v, valid, kv_head = _packed_block(k_ptr, v_ptr, rows_row, n0, end, h0, stride_kr, stride_kh, HKV, D,
+                                             BLOCK_H, BLOCK_N, BLOCK_D)
+        m_i, l_i, acc = _attend_masked(q, k, v, valid[None, :] & (own == kv_head[None, :]), m_i, l_i, acc,
+                                       sm_scale_log2, IEEE)
 
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, :, None]
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    o_offs = b * stride_ob + heads[:, :, None] * stride_oh + split * stride_os + offs_d[None, None, :]
-    tl.store(o_part_ptr + o_offs, out, mask=mask_q)
-    tl.store(lse_part_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_hg)
+    o_offs = b * stride_ob + q_head[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_part_ptr + o_offs, out, mask=mask_q[:, None] & (offs_d[None, :] < D))
+    tl.store(lse_part_ptr + b * stride_lb + q_head * stride_lh + split, lse, mask=mask_q)
 
 
 @triton.jit
@@ -324,43 +331,55 @@ def launch_decode(
         )
 
 
-def plan_wide_splits(n_items: int, batch: int, num_sms: int, block_n: int, waves: int,
+def plan_wide_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves: int,
                      max_splits: int = 64) -> tuple[int, int]:
-    """Splits per sequence for the wide kernel (one program per (sequence, split)): as many as fit
-    in `waves` x `num_sms` programs without starting a partial wave, at most `max_splits` (the merge
-    kernel holds every split of a head at once). Returns (n_splits, split_size), split_size a
-    multiple of block_n."""
-    want = max(1, (waves * num_sms) // max(1, batch))
+    """Splits for the wide kernel, whose programs are `n_programs` (sequence, head group) pairs
+    times the splits: as many splits as fit in `waves` x `num_sms` programs without starting a
+    partial wave, at most `max_splits` (the merge kernel holds every split of a head at once).
+    Returns (n_splits, split_size), split_size a multiple of block_n."""
+    want = max(1, (waves * num_sms) // max(1, n_programs))
     n_splits = max(1, min(_cdiv(max(n_items, 1), block_n), want, max_splits))
     split_size = _cdiv(_cdiv(max(n_items, 1), n_splits), block_n) * block_n
     return _cdiv(max(n_items, 1), split_size), split_size
 
 
+def wide_tile(n_kv_heads: int, heads_per_program: int, block_n: int) -> tuple[int, int, int]:
+    """(KV heads per program, tokens per block, head groups per sequence) of the wide kernel: the
+    heads a power of two (at most the next one above Hkv), the tile at least 16 (token, head) rows
+    (tl.dot's smallest K)."""
+    if heads_per_program < 1 or heads_per_program & (heads_per_program - 1):
+        raise ValueError(f"wide sparse kernel: heads_per_program must be a power of two, got {heads_per_program}")
+    block_h = min(heads_per_program, triton.next_power_of_2(n_kv_heads))
+    return block_h, max(block_n, 16 // block_h), _cdiv(n_kv_heads, block_h)
+
+
 def launch_sparse_wide(q, k_cache, v_cache, rows, sm_scale: float, n_items: int, n_splits: int, split_size: int,
-                       o_part, lse_part, out, *, block_n: int, num_warps: int, num_stages: int,
-                       pdl: bool = False) -> Any:
-    """Sparse attention by the wide kernel (every KV head of a token in one program) and the merge
-    kernel; buffers as `launch_decode`'s."""
+                       o_part, lse_part, out, *, block_n: int, heads_per_program: int, num_warps: int,
+                       num_stages: int, pdl: bool = False) -> None:
+    """Sparse attention by the wide kernel (`heads_per_program` KV heads of a token - a power of
+    two - read in one piece) and the merge kernel; buffers as `launch_decode`'s."""
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
     group = n_q_heads // n_kv_heads
+    block_h, block_n, n_groups = wide_tile(n_kv_heads, heads_per_program, block_n)
+    if split_size % block_n:
+        raise ValueError(f"wide sparse kernel: split_size {split_size} is not a multiple of {block_n} tokens")
     block_d = triton.next_power_of_2(head_dim)
     block_s = max(2, triton.next_power_of_2(n_splits))
     part_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
                     out.stride(0), out.stride(1))
-    handle = _sparse_wide_partial_kernel[(batch, n_splits)](
+    _sparse_wide_partial_kernel[(batch, n_groups, n_splits)](
         q, k_cache, v_cache, rows, o_part, lse_part, sm_scale * LOG2E, n_items, split_size,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), rows.stride(0), *part_strides[:5],
-        HKV=n_kv_heads, G=group, D=head_dim, BLOCK_H=triton.next_power_of_2(n_kv_heads),
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE=q.dtype.itemsize == 4, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
+        HKV=n_kv_heads, G=group, D=head_dim, BLOCK_H=block_h, BLOCK_Q=max(16, triton.next_power_of_2(block_h * group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype.itemsize == 4, USE_PDL=pdl, num_warps=num_warps,
+        num_stages=num_stages, **_pdl(pdl),
     )
     _merge_splits_kernel[(batch * n_q_heads,)](
         o_part, lse_part, out, n_splits, *part_strides,
         HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl, EARLY=EARLY_TRIGGER, num_warps=4,
         **_pdl(pdl),
     )
-    return handle  # the compiled partial kernel (its n_regs and n_spills, for the sweep)
 
 
 def _pdl(pdl: bool) -> dict[str, bool]:

@@ -46,8 +46,9 @@ COARSE_BINS = 4096  # high 12 bits: the histogram of lane maxima
 SCAN_BLOCK = 512  # bins scanned per step
 LOW_BINS = 256  # each of the two low 8-bit digits
 RANK_BLOCK = 128  # candidates at the threshold digit resolved by pairwise rank (else by digits)
+RANK_CHUNK = tl.constexpr(32)  # of them ranked at a time (a global the kernels read)
 FINISH_BLOCK = 1024
-SWEEP_BLOCK = 2048  # scores per step of the histogram phase
+SWEEP_BLOCK = 1024  # scores per step of the histogram phase (2,048 spilled at 128 registers)
 # Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
 # 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
 # digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
@@ -243,16 +244,21 @@ def _candidates(cand_row, scores_row, n0, n_cand, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _resolve_by_rank(cand_row, scores_row, out_row, n_cand, written, need, RANK: tl.constexpr):
+def _resolve_by_rank(cand_row, scores_row, out_row, n_cand, written, need, RANK: tl.constexpr,
+                     CHUNK: tl.constexpr):
     """At most RANK candidates: each one's rank among them (larger key first, ties by list order)
-    from all pairwise comparisons at once; those ranked below `need` take the remaining slots."""
-    pos, key, valid = _candidates(cand_row, scores_row, 0, n_cand, RANK)
-    idx = tl.arange(0, RANK)
-    key_j = tl.where(valid, key, -2147483648)
-    before = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
-    rank = tl.sum((before & valid[None, :]).to(tl.int32), axis=1)
-    take = valid & (rank < need)
-    tl.store(out_row + written + tl.cumsum(take.to(tl.int32), axis=0) - 1, pos, mask=take)
+    from all pairwise comparisons, CHUNK candidates against all RANK at a time (a [CHUNK, RANK]
+    comparison in registers: the whole [RANK, RANK] one spilled); those ranked below `need` take
+    the remaining slots, slot = rank (ranks are distinct, so the taken ones fill them exactly)."""
+    _, key_j, valid_j = _candidates(cand_row, scores_row, 0, n_cand, RANK)
+    idx_j = tl.arange(0, RANK)
+    key_j = tl.where(valid_j, key_j, -2147483648)
+    for c in tl.static_range(RANK // CHUNK):
+        pos, key, valid = _candidates(cand_row, scores_row, c * CHUNK, n_cand, CHUNK)
+        idx = c * CHUNK + tl.arange(0, CHUNK)
+        before = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (idx_j[None, :] < idx[:, None]))
+        rank = tl.sum((before & valid_j[None, :]).to(tl.int32), axis=1)
+        tl.store(out_row + written + rank, pos, mask=valid & (rank < need))
 
 
 @triton.jit
@@ -311,7 +317,10 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
             tl.store(out_row + slot, tl.where(slot < seq_len, slot, -1), mask=slot < k)
     else:
         if n_cand <= RANK:
-            _resolve_by_rank(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK)
+            if RANK <= RANK_CHUNK:
+                _resolve_by_rank(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK, RANK)
+            else:
+                _resolve_by_rank(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK, RANK_CHUNK)
         else:
             _resolve_by_digits(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, BLOCK, BINS)
         _zero(hist_row, bound, max_digit + 1, BLOCK)

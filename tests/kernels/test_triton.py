@@ -209,6 +209,35 @@ def test_sparse_decode_attention_wide_kernel(group: int, n_kv_heads: int, head_d
     torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("heads", [1, 2, 8])
+def test_sparse_wide_kernel_any_heads_per_program(heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each KV head group of a token read as one piece: one head (the tile widened to 16 tokens),
+    two, or all eight - with splits merged MERGE_CHUNK at a time past 32 of them."""
+    monkeypatch.setattr(decode_attention, "WIDE_MIN_BATCH", 0)
+    monkeypatch.setattr(decode_attention, "INTERPRET_WIDE_CONFIG", (4, heads, 1, 1, 64))
+    lens = [700, 5, 300]
+    k_cache, table, seq_lens = _paged(lens, (8, 64), torch.float32, seed=heads)
+    v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    q = torch.randn(len(lens), 24, 64).to(DEVICE)
+    indices = _indices(seq_lens, 200, seed=heads)
+    out = torch.full_like(q, float("nan"))
+    sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.125, backend="triton", out=out)
+    want = sparse_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, indices, 0.125)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_decode_attention_merges_many_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # More splits than the merge sums at once (MERGE_CHUNK): the chunked merge path.
+    monkeypatch.setattr(decode_attention, "DENSE_WAVES", 1000)
+    k_cache, table, seq_lens = _paged([1000, 40, 700], (2, 64), torch.float32, seed=11)
+    v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    q = torch.randn(3, 8, 64).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    dense_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, backend="triton", out=out)
+    want = dense_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, 0.125)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
