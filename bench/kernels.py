@@ -22,12 +22,15 @@ Python launch overhead, as a graph-captured decode step runs), eager is shown be
 GPU (about 35 s on H200): python bench/kernels.py --out bench/results
 CPU smoke (tiny sizes): TRITON_INTERPRET=1 python bench/kernels.py --smoke --out /tmp/bench_smoke
 Subsets:                --only topk --only dense   --ns 8K 32K   --bs 1 8   --block-size 32
+With the wide sparse kernel where its sweep found it faster (bench/sweep_kernels.py --wide):
+                        --wide-from DIR/sparse_wide.json
 Writes DIR/kernels.json (every number) and DIR/kernels.txt (the printed report).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import importlib
 import json
@@ -961,7 +964,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--rep-ms", type=int, default=REP_MS, help="do_bench repetition time per measurement")
     p.add_argument("--budget-s", type=float, default=360.0, help="skip remaining configs after this many seconds")
+    p.add_argument("--wide-from", type=Path, help="sparse_wide.json of bench/sweep_kernels.py --wide: use the wide "
+                                                   "sparse kernel from the batch where it won")
     return p.parse_args(argv)
+
+
+def choose_wide(rows: list[dict], pdl_max_batch: int) -> tuple[int, tuple[int, ...]] | None:
+    """(WIDE_MIN_BATCH, WIDE_CONFIG) from the wide sweep's rows: the smallest swept batch from which
+    some wide configuration is faster alone (`us_1`) than the per-head kernel at that batch and at
+    every larger one, and the configuration with the least total time relative to per-head over
+    those batches; None when per-head wins at the largest batch. A variant counts at a batch only
+    with PDL on exactly where the kernels use it (B <= pdl_max_batch)."""
+    per_head = {r["B"]: r["us_1"] for r in rows if not r["variant"].startswith("wide")}
+    wide: dict[tuple[int, ...], dict[int, float]] = {}
+    for r in rows:
+        if r["variant"].startswith("wide"):
+            variant = ast.literal_eval(r["variant"].removeprefix("wide "))  # the sweep writes str(list)
+            if bool(variant[5]) == (r["B"] <= pdl_max_batch):
+                wide.setdefault(tuple(variant[:5]), {})[r["B"]] = r["us_1"]
+    batches = sorted(per_head)
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    for i in range(len(batches)):
+        upper = batches[i:]
+        for config, times in wide.items():
+            if all(b in times and times[b] < per_head[b] for b in upper):
+                score = sum(times[b] / per_head[b] for b in upper) / len(upper)
+                if best is None or (-len(upper), score) < (-len(batches[best[1]:]), best[0]):
+                    best = (score, i, config)
+    return None if best is None else (batches[best[1]], best[2])
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -1048,6 +1078,14 @@ def main(argv: list[str] | None = None) -> int:
     ops = [op for op in OPS if not args.only or op in args.only]
     report, env = Report(), environment(device)
     print_header(report, env, shape, ns, bs)
+    if args.wide_from:
+        da = importlib.import_module("kernels.decode_attention")
+        choice = choose_wide(json.loads(args.wide_from.read_text()), da.PDL_MAX_BATCH)
+        if choice is not None:
+            da.WIDE_MIN_BATCH, da.WIDE_CONFIG = choice
+        report.line(f"sparse kernel from {args.wide_from}: " + (
+            f"wide {list(choice[1])} (tokens, heads, warps, stages, programs/SM) at B >= {choice[0]}, per-head below"
+            if choice else "per-head at every batch (the wide kernel won nowhere)"))
     backends = ["torch", "triton"] if args.smoke or device.type != "cuda" else ["triton"]
     ctx = Ctx(load_api(), Timer(device, args.rep_ms), shape, device, report, backends)
     report_availability(ctx)

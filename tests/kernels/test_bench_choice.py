@@ -1,0 +1,35 @@
+"""bench/kernels.py --wide-from: which sparse kernel the benchmark runs, from the wide sweep's table."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+choose_wide = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "kernels.py"),
+                             run_name="bench_kernels")["choose_wide"]
+
+
+def _rows(per_head: dict[int, float], wide: dict[str, dict[int, float]]) -> list[dict]:
+    rows = [{"B": b, "variant": "per-head (default)", "us_1": us} for b, us in per_head.items()]
+    for variant, times in wide.items():
+        rows += [{"B": b, "variant": f"wide {variant}", "us_1": us} for b, us in times.items()]
+    return rows
+
+
+@pytest.mark.parametrize(("wide", "want"), [
+    # faster from B=8 up; two configurations: the lower mean ratio over B = 8, 32 wins
+    ({"[8, 8, 4, 3, 2, False]": {8: 25.0, 32: 80.0}, "[16, 8, 4, 2, 1, False]": {8: 24.0, 32: 79.0},
+      "[8, 8, 4, 3, 2, True]": {1: 14.0}}, (8, (16, 8, 4, 2, 1))),
+    # faster everywhere, with PDL at B=1 (where the kernels use it): from B=1
+    ({"[8, 8, 4, 3, 2, True]": {1: 12.0}, "[8, 8, 4, 3, 2, False]": {1: 99.0, 8: 25.0, 32: 80.0}},
+     (1, (8, 8, 4, 3, 2))),
+    # faster at B=8 only: not at every larger batch, so never
+    ({"[8, 8, 4, 3, 2, False]": {8: 25.0, 32: 90.0}}, None),
+    # faster only at B=32
+    ({"[8, 8, 4, 3, 2, False]": {8: 35.0, 32: 80.0}}, (32, (8, 8, 4, 3, 2))),
+    ({}, None),
+])
+def test_wide_kernel_chosen_from_the_batch_where_it_wins(wide: dict, want: tuple | None) -> None:
+    assert choose_wide(_rows({1: 13.0, 8: 34.0, 32: 86.0}, wide), pdl_max_batch=1) == want
