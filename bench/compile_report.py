@@ -58,35 +58,28 @@ def _case(batch: int) -> dict[str, torch.Tensor]:
     }
 
 
-def sparse_default(case: dict, batch: int) -> None:
-    """The per-head sparse kernel as `SparseDecodeWrapper.run` launches it at this batch."""
-    small = batch <= da.SMALL_BATCH
-    block_n, warps, stages, fused = da.SPARSE_SMALL_CONFIG if small else da.SPARSE_CONFIG
-    n_splits, split = ta.plan_splits(K, batch * HKV, SMS, block_n, da.SPARSE_SMALL_WAVES if small else da.SPARSE_WAVES)
-    o_part, lse_part, counters = da._partials(case["q"], HKV, n_splits)
-    ta.launch_decode(case["q"], case["k"], case["v"], case["idx"], case["table"], case["lens"], 1 / math.sqrt(D),
-                     K, n_splits, split, o_part, lse_part, counters, case["out"], sparse=True, block_n=block_n,
-                     num_warps=warps, num_stages=stages, fused_merge=fused, pdl=da.PDL and batch <= da.PDL_MAX_BATCH)
+def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
+    """The sparse kernels as `SparseDecodeWrapper.run` launches them at this batch on the H200; with
+    `wide`, as it would with WIDE_CONFIG = wide."""
+    saved = da.WIDE_MIN_BATCH, da.WIDE_CONFIG
+    if wide is not None:
+        da.WIDE_MIN_BATCH, da.WIDE_CONFIG = 0, wide
+    elif batch >= da.WIDE_MIN_BATCH:
+        da.WIDE_MIN_BATCH = 1 << 30  # the per-head kernel's row, even where the wide one is the default
+    try:
+        da.launch_sparse(case["q"], case["k"], case["v"], case["idx"], case["table"], case["lens"], 1 / math.sqrt(D),
+                         case["out"], sms=SMS, pdl=_pdl(batch))
+    finally:
+        da.WIDE_MIN_BATCH, da.WIDE_CONFIG = saved
 
 
-def sparse_wide(case: dict, batch: int, variant: tuple) -> None:
-    """The wide sparse kernel as `SparseDecodeWrapper.run` would launch it with WIDE_CONFIG = variant."""
-    block_n, heads, warps, stages, waves = variant
-    _, block_n, groups = ta.wide_tile(HKV, heads, block_n)
-    n_splits, split = ta.plan_wide_splits(K, batch * groups, SMS, block_n, waves)
-    o_part, lse_part, _ = da._partials(case["q"], HKV, n_splits)
-    ta.launch_sparse_wide(case["q"], case["k"], case["v"], case["idx"], 1 / math.sqrt(D), K, n_splits, split,
-                          o_part, lse_part, case["out"], block_n=block_n, heads_per_program=heads, num_warps=warps,
-                          num_stages=stages, pdl=da.PDL and batch <= da.PDL_MAX_BATCH)
+def dense(case: dict, batch: int) -> None:
+    da.launch_dense(case["q"], case["k"], case["v"], case["table"], case["lens"], 1 / math.sqrt(D), case["out"],
+                    sms=SMS, pdl=_pdl(batch))
 
 
-def dense_default(case: dict, batch: int) -> None:
-    block_n, warps, stages, fused = da.DENSE_CONFIG
-    n_splits, split = ta.plan_splits(N, batch * HKV, SMS, block_n, da.DENSE_WAVES)
-    o_part, lse_part, counters = da._partials(case["q"], HKV, n_splits)
-    ta.launch_decode(case["q"], case["k"], case["v"], None, case["table"], case["lens"], 1 / math.sqrt(D), N,
-                     n_splits, split, o_part, lse_part, counters, case["out"], sparse=False, block_n=block_n,
-                     num_warps=warps, num_stages=stages, fused_merge=fused)
+def _pdl(batch: int) -> bool:
+    return da.PDL and batch <= da.PDL_MAX_BATCH  # on sm_90, as `decode_attention._pdl` decides on the card
 
 
 def topk(case: dict, batch: int, cooperative: bool) -> None:
@@ -111,11 +104,11 @@ def collect() -> list[dict]:
         coop = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
         record("index_topk", batch, "one launch", coop, topk, case, batch, True)
         record("index_topk", batch, "four launches", not coop, topk, case, batch, False)
-        record("sparse", batch, "per-head (default)", da.WIDE_MIN_BATCH > batch, sparse_default, case, batch)
+        record("sparse", batch, "per-head (default)", da.WIDE_MIN_BATCH > batch, sparse, case, batch)
         for variant in WIDE_VARIANTS:
             default = batch >= da.WIDE_MIN_BATCH and tuple(variant) == tuple(da.WIDE_CONFIG)
-            record("sparse", batch, "wide " + str(list(variant)), default, sparse_wide, case, batch, variant)
-        record("dense", batch, "default", True, dense_default, case, batch)
+            record("sparse", batch, "wide " + str(list(variant)), default, sparse, case, batch, variant)
+        record("dense", batch, "default", True, dense, case, batch)
     return rows
 
 

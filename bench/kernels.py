@@ -983,15 +983,13 @@ def choose_wide(rows: list[dict], pdl_max_batch: int) -> tuple[int, tuple[int, .
             if bool(variant[5]) == (r["B"] <= pdl_max_batch):
                 wide.setdefault(tuple(variant[:5]), {})[r["B"]] = r["us_1"]
     batches = sorted(per_head)
-    best: tuple[float, int, tuple[int, ...]] | None = None
-    for i in range(len(batches)):
+    for i, low in enumerate(batches):
         upper = batches[i:]
-        for config, times in wide.items():
-            if all(b in times and times[b] < per_head[b] for b in upper):
-                score = sum(times[b] / per_head[b] for b in upper) / len(upper)
-                if best is None or (-len(upper), score) < (-len(batches[best[1]:]), best[0]):
-                    best = (score, i, config)
-    return None if best is None else (batches[best[1]], best[2])
+        scores = {config: sum(times[b] / per_head[b] for b in upper) for config, times in wide.items()
+                  if all(b in times and times[b] < per_head[b] for b in upper)}
+        if scores:
+            return low, min(scores, key=scores.__getitem__)
+    return None
 
 
 def environment(device: torch.device) -> dict[str, str]:

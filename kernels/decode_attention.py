@@ -7,6 +7,7 @@ the query's dtype.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -145,26 +146,9 @@ class SparseDecodeWrapper:
             out.copy_(sparse_decode_attention_reference(q, k_cache, v_cache, p["block_table"], p["seq_lens"],
                                                         p["indices"], sm_scale))
             return out
-        from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits, wide_tile
-
-        k = p["indices"].shape[1]
-        if q.shape[0] >= WIDE_MIN_BATCH:
-            block_n, heads, warps, stages, waves = INTERPRET_WIDE_CONFIG if interpreting() else WIDE_CONFIG
-            _, block_n, groups = wide_tile(k_cache.shape[2], heads, block_n)
-            n_splits, split_size = plan_wide_splits(k, q.shape[0] * groups, num_sms(q.device), block_n, waves)
-            o_part, lse_part, _ = self._buffers(q, k_cache.shape[2], n_splits)
-            launch_sparse_wide(q, k_cache, v_cache, p["rows"], sm_scale, k, n_splits, split_size, o_part, lse_part,
-                               out, block_n=block_n, heads_per_program=heads, num_warps=warps, num_stages=stages,
-                               pdl=_pdl(q.device, q.shape[0]))
-            return out
-        small = q.shape[0] <= SMALL_BATCH
-        block_n, warps, stages, fused = _config(SPARSE_SMALL_CONFIG if small else SPARSE_CONFIG)
-        n_splits, split_size = plan_splits(k, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
-                                           SPARSE_SMALL_WAVES if small else SPARSE_WAVES)
-        o_part, lse_part, counters = self._buffers(q, k_cache.shape[2], n_splits)
-        launch_decode(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, k, n_splits,
-                      split_size, o_part, lse_part, counters, out, sparse=True, block_n=block_n,
-                      num_warps=warps, num_stages=stages, fused_merge=fused, pdl=_pdl(q.device, q.shape[0]))
+        launch_sparse(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, out,
+                      sms=num_sms(q.device), pdl=_pdl(q.device, q.shape[0]),
+                      buffers=self._buffers)
         return out
 
     def _buffers(self, q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
@@ -258,14 +242,49 @@ def dense_decode_attention(
     if resolve_backend(backend, q.device, op) == "torch":
         out.copy_(dense_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, sm_scale))
         return out
+    launch_dense(q, k_cache, v_cache, block_table, seq_lens, sm_scale, out, sms=num_sms(q.device),
+                 pdl=_pdl(q.device, q.shape[0]))
+    return out
+
+
+def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *,
+                  sms: int, pdl: bool,
+                  buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials) -> None:
+    """The Triton sparse kernels over planned `rows` [B, k], in the configuration this batch takes on
+    a card of `sms` multiprocessors; `buffers(q, n_kv_heads, n_splits)` gives the partials (as `_partials`).
+    `SparseDecodeWrapper.run` launches through it, and so does bench/compile_report.py."""
+    from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits, wide_tile
+
+    batch, k, n_kv_heads = q.shape[0], rows.shape[1], k_cache.shape[2]
+    if batch >= WIDE_MIN_BATCH:
+        block_n, heads, warps, stages, waves = INTERPRET_WIDE_CONFIG if interpreting() else WIDE_CONFIG
+        _, block_n, groups = wide_tile(n_kv_heads, heads, block_n)
+        n_splits, split_size = plan_wide_splits(k, batch * groups, sms, block_n, waves)
+        o_part, lse_part, _ = buffers(q, n_kv_heads, n_splits)
+        launch_sparse_wide(q, k_cache, v_cache, rows, sm_scale, k, n_splits, split_size, o_part, lse_part, out,
+                           block_n=block_n, heads_per_program=heads, num_warps=warps, num_stages=stages, pdl=pdl)
+        return
+    small = batch <= SMALL_BATCH
+    block_n, warps, stages, fused = _config(SPARSE_SMALL_CONFIG if small else SPARSE_CONFIG)
+    waves = SPARSE_SMALL_WAVES if small else SPARSE_WAVES
+    n_splits, split_size = plan_splits(k, batch * n_kv_heads, sms, block_n, waves)
+    o_part, lse_part, counters = buffers(q, n_kv_heads, n_splits)
+    launch_decode(q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale, k, n_splits, split_size, o_part,
+                  lse_part, counters, out, sparse=True, block_n=block_n, num_warps=warps, num_stages=stages,
+                  fused_merge=fused, pdl=pdl)
+
+
+def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *, sms: int, pdl: bool) -> None:
+    """The Triton dense kernels in the configuration this batch takes on a card of `sms`
+    multiprocessors (`dense_decode_attention` and bench/compile_report.py launch through it)."""
     from kernels.triton_attention import launch_decode, plan_splits
 
     block_n, warps, stages, fused = _config(DENSE_CONFIG)
     max_len = block_table.shape[1] * k_cache.shape[1]
-    n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], num_sms(q.device), block_n,
-                                       DENSE_WAVES)
+    n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], sms, block_n, DENSE_WAVES)
     o_part, lse_part, counters = _partials(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
-                  num_stages=stages, fused_merge=fused, pdl=_pdl(q.device, q.shape[0]))
-    return out
+                  num_stages=stages, fused_merge=fused, pdl=pdl)
