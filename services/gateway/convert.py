@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ class GenerationRequest:
     prompt: str | tuple[int, ...]
     params: SamplingParams
     attention: Literal["clsa", "dense"] | None  # None: the model's default
+    prompt_tokens: int | None = None  # counted once at the edge (check_limits); None where no one has
 
 
 def request_from_proto(pb2: ModuleType, msg: Any, vocab_size: int) -> GenerationRequest:
@@ -39,10 +40,11 @@ def request_from_proto(pb2: ModuleType, msg: Any, vocab_size: int) -> Generation
 
 
 def check_limits(request: GenerationRequest, vocab_size: int, max_seq_len: int,
-                 count_tokens: Callable[[str], int]) -> None:
+                 count_tokens: Callable[[str], int]) -> GenerationRequest:
     """What the model's sizes forbid, refused at the edge too: a prompt that leaves no room to
-    generate, more new tokens than any sequence can hold, stop token ids outside the vocabulary."""
-    n = len(request.prompt) if isinstance(request.prompt, tuple) else count_tokens(request.prompt)
+    generate, more new tokens than any sequence can hold, stop token ids outside the vocabulary.
+    Returns the request with its prompt's token count, so that no one downstream counts again."""
+    n = prompt_tokens(request, count_tokens)
     if n >= max_seq_len:
         raise InvalidRequestError("prompt", f"{n} tokens leave no room to generate: the model's max_seq_len is "
                                             f"{max_seq_len}")
@@ -52,6 +54,14 @@ def check_limits(request: GenerationRequest, vocab_size: int, max_seq_len: int,
     bad = next((t for t in request.params.stop_token_ids if t >= vocab_size), None)
     if bad is not None:
         raise InvalidRequestError("sampling.stop_token_ids", f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    return replace(request, prompt_tokens=n)
+
+
+def prompt_tokens(request: GenerationRequest, count_tokens: Callable[[str], int]) -> int:
+    """The prompt's length in tokens: as counted at the edge, else counted now."""
+    if request.prompt_tokens is not None:
+        return request.prompt_tokens
+    return len(request.prompt) if isinstance(request.prompt, tuple) else count_tokens(request.prompt)
 
 
 def _prompt(msg: Any, vocab_size: int) -> str | tuple[int, ...]:

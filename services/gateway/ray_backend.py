@@ -24,7 +24,7 @@ from services.decode.worker import DecodeWorker
 from services.engine import OutOfBlocksError, RequestOutput
 from services.engine.tokenizer import Tokenizer
 from services.gateway.backend import AdmissionQueueFull, BackendUnavailable, ModelSummary
-from services.gateway.convert import GenerationRequest
+from services.gateway.convert import GenerationRequest, prompt_tokens
 from services.prefill.worker import PrefillWorker
 from services.transfer import LedgerError, TransferLedger, TransferRecord, WorkerInfo, WorkerRegistry
 from services.transfer.registry import Role
@@ -235,7 +235,7 @@ class RayBackend:
                  for w in live_decode if w.worker_id in self.decode and "kv_block_size" in w.stats]
         if not pools:  # no heartbeat with the sizes yet: the decode worker itself refuses it
             return
-        n_prompt = len(request.prompt) if isinstance(request.prompt, tuple) else len(self.tokenize(request.prompt))
+        n_prompt = prompt_tokens(request, lambda text: len(self.tokenize(text)))
         tokens = min(n_prompt + request.params.max_tokens, self._summary.max_seq_len)
         if all(-(-tokens // size) > total for total, size in pools):
             raise OutOfBlocksError(

@@ -134,11 +134,11 @@ class GenerationServicer(pb2_grpc.GenerationServicer):  # type: ignore[misc, nam
         start = time.perf_counter()
         if isinstance(request, Undecodable):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request: not a valid clsa.v1.GenerateRequest ({request.error})")
+                              f"request: not a valid clsa.v1.GenerateRequest ({request.error})")
         model = self.backend.model_summary()
         try:
             req = request_from_proto(pb2, request, model.vocab_size)
-            check_limits(req, model.vocab_size, model.max_seq_len, lambda text: len(self.backend.tokenize(text)))
+            req = check_limits(req, model.vocab_size, model.max_seq_len, lambda text: len(self.backend.tokenize(text)))
         except InvalidRequestError as e:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first_token_s: float | None = None
