@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import redis
 
 DEFAULT_PREFIX = "clsa:"
-
-
 REDIS_TIMEOUT_S = 5.0  # socket timeouts of the clients from_url makes
+
 
 class TransferState(enum.Enum):
     PENDING = "PENDING"
