@@ -18,11 +18,11 @@ chunk of positions, in four phases:
    from the row's largest digit, a window of SCAN bins at a time (usually one); scores above T go
    to the output and the few at T (~90 for 128K positions and k = 2,048) into a candidate list,
    one atomic per block reserving slots.
-4. finish, one program per row: up to RANK_BLOCK candidates are ranked by comparing all pairs at
-   once, more by a radix select on the two low 8-bit digits; exact ties fill in any order. A row
-   of at most k positions is copied whole and padded with -1. It then zeroes the histogram bins
-   and counters the row touched, so the workspace is all zeros again for the next call (no
-   memset launch).
+4. finish, one program per row: up to RANK_BLOCK candidates are sorted in registers (key and
+   position packed in an int64), more are resolved by a radix select on the two low 8-bit
+   digits; exact ties fill in any order. A row of at most k positions is copied whole and
+   padded with -1. It then zeroes the histogram bins and counters the row touched, so the
+   workspace is all zeros again for the next call (no memset launch).
 
 Cooperative mode runs the four phases in ONE launch: B x G programs all resident at once (a
 cooperative launch, sized to fit), the members of a row meet at two barriers (an atomic counter
@@ -45,10 +45,9 @@ HIST_BINS = 65536  # high 16 bits of the key
 COARSE_BINS = 4096  # high 12 bits: the histogram of lane maxima
 SCAN_BLOCK = 512  # bins scanned per step
 LOW_BINS = 256  # each of the two low 8-bit digits
-RANK_BLOCK = 128  # candidates at the threshold digit resolved by pairwise rank (else by digits)
-RANK_CHUNK = tl.constexpr(32)  # of them ranked at a time (a global the kernels read)
+RANK_BLOCK = 128  # candidates at the threshold digit resolved by a sort in registers (else by digits)
 FINISH_BLOCK = 1024
-SWEEP_BLOCK = 1024  # scores per step of the histogram phase (2,048 spilled at 128 registers)
+SWEEP_BLOCK = 512  # scores per step of the histogram phase (1,024 spilled 8 B at 128 registers)
 # Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
 # 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
 # digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
@@ -136,23 +135,44 @@ def _publish_lanes(coarse_row, meta_row, lane_max):
 
 
 @triton.jit
-def _full_keys(kidx_ptr, block_table_row, pos, stride_kr, D: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """Indexer keys of positions `pos`, all valid (unmasked, wide loads)."""
+def _block_rows(block_table_row, pos, PAGE: tl.constexpr):
+    """Physical cache rows of positions `pos` (all valid), int32 while they wait in registers."""
+    return tl.load(block_table_row + pos // PAGE) * PAGE + pos % PAGE
+
+
+@triton.jit
+def _keys_at(kidx_ptr, rows, stride_kr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Indexer keys of physical rows `rows`, all valid (unmasked, wide loads)."""
     offs_d = tl.arange(0, BLOCK_D)
-    rows = (tl.load(block_table_row + pos // PAGE) * PAGE + pos % PAGE).to(tl.int64)
+    ptrs = kidx_ptr + rows.to(tl.int64)[:, None] * stride_kr + offs_d[None, :]
     if D == BLOCK_D:
-        return tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :])
+        return tl.load(ptrs)
     else:
-        return tl.load(kidx_ptr + rows[:, None] * stride_kr + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _score_full(keys, q, scores_row, n0, lane_max, coarse_row, meta_row, flush, BLOCK_N: tl.constexpr):
+    """Score one full block, store it, fold it into the lane maxima; publish them at a sub-chunk's end."""
+    scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
+    tl.store(scores_row + n0 + tl.arange(0, BLOCK_N), scores)
+    lane_max = tl.maximum(lane_max, _digit(scores))
+    if flush:
+        _publish_lanes(coarse_row, meta_row, lane_max)
+    return tl.where(flush, -1, lane_max)
 
 
 @triton.jit
 def _score_phase(q_row, kidx_ptr, block_table_row, scores_row, coarse_row, meta_row, start, end, sub_chunk,
-                 stride_kr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 stride_kr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 AHEAD: tl.constexpr):
     """Scores of positions start .. end, stored, with the lane maxima of every sub-chunk published.
-    One loop over the full blocks keeps the next block's keys in flight while a block is scored
-    (the last block is fetched twice rather than masked); a partial last block is masked."""
+
+    The loop over the full blocks keeps AHEAD (1 or 2) later blocks' keys in flight while a block
+    is scored, and the block-table entries of the block after those, so that a block's key load
+    never waits for its own table lookup (blocks past the last are clamped to it: fetched twice
+    rather than masked). A partial last block is masked."""
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_row + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
     full_end = start + (end - start) // BLOCK_N * BLOCK_N
@@ -161,21 +181,30 @@ def _score_phase(q_row, kidx_ptr, block_table_row, scores_row, coarse_row, meta_
     last = full_end - BLOCK_N
     lane_max = tl.full([BLOCK_N], -1, tl.int32)
     if n_full > 0:
-        keys = _full_keys(kidx_ptr, block_table_row, start + tl.arange(0, BLOCK_N), stride_kr, D, PAGE, BLOCK_D)
-        for i in range(0, n_full):
-            n0 = start + i * BLOCK_N
-            nxt = tl.minimum(n0 + BLOCK_N, last) + tl.arange(0, BLOCK_N)
-            keys_next = _full_keys(kidx_ptr, block_table_row, nxt, stride_kr, D, PAGE, BLOCK_D)
-            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
-            tl.store(scores_row + n0 + tl.arange(0, BLOCK_N), scores)
-            lane_max = tl.maximum(lane_max, _digit(scores))
-            flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
-            if flush:
-                _publish_lanes(coarse_row, meta_row, lane_max)
-            lane_max = tl.where(flush, -1, lane_max)
-            keys = keys_next
+        keys = _keys_at(kidx_ptr, _block_rows(block_table_row, start + offs_n, PAGE), stride_kr, D, BLOCK_D)
+        if AHEAD == 1:
+            rows_next = _block_rows(block_table_row, tl.minimum(start + BLOCK_N, last) + offs_n, PAGE)
+            for i in range(0, n_full):
+                n0 = start + i * BLOCK_N
+                keys_next = _keys_at(kidx_ptr, rows_next, stride_kr, D, BLOCK_D)
+                rows_next = _block_rows(block_table_row, tl.minimum(n0 + 2 * BLOCK_N, last) + offs_n, PAGE)
+                flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
+                lane_max = _score_full(keys, q, scores_row, n0, lane_max, coarse_row, meta_row, flush, BLOCK_N)
+                keys = keys_next
+        else:
+            keys_1 = _keys_at(kidx_ptr, _block_rows(block_table_row, tl.minimum(start + BLOCK_N, last) + offs_n, PAGE),
+                              stride_kr, D, BLOCK_D)
+            rows_next = _block_rows(block_table_row, tl.minimum(start + 2 * BLOCK_N, last) + offs_n, PAGE)
+            for i in range(0, n_full):
+                n0 = start + i * BLOCK_N
+                keys_2 = _keys_at(kidx_ptr, rows_next, stride_kr, D, BLOCK_D)
+                rows_next = _block_rows(block_table_row, tl.minimum(n0 + 3 * BLOCK_N, last) + offs_n, PAGE)
+                flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
+                lane_max = _score_full(keys, q, scores_row, n0, lane_max, coarse_row, meta_row, flush, BLOCK_N)
+                keys = keys_1
+                keys_1 = keys_2
     if full_end < end:
-        lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + tl.arange(0, BLOCK_N), end,
+        lane_max = _score_block(q, kidx_ptr, block_table_row, scores_row, full_end + offs_n, end,
                                 tl.full([BLOCK_N], -1, tl.int32), stride_kr, D, PAGE, BLOCK_D)
         _publish_lanes(coarse_row, meta_row, lane_max)
 
@@ -244,21 +273,15 @@ def _candidates(cand_row, scores_row, n0, n_cand, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _resolve_by_rank(cand_row, scores_row, out_row, n_cand, written, need, RANK: tl.constexpr,
-                     CHUNK: tl.constexpr):
-    """At most RANK candidates: each one's rank among them (larger key first, ties by list order)
-    from all pairwise comparisons, CHUNK candidates against all RANK at a time (a [CHUNK, RANK]
-    comparison in registers: the whole [RANK, RANK] one spilled); those ranked below `need` take
-    the remaining slots, slot = rank (ranks are distinct, so the taken ones fill them exactly)."""
-    _, key_j, valid_j = _candidates(cand_row, scores_row, 0, n_cand, RANK)
-    idx_j = tl.arange(0, RANK)
-    key_j = tl.where(valid_j, key_j, -2147483648)
-    for c in tl.static_range(RANK // CHUNK):
-        pos, key, valid = _candidates(cand_row, scores_row, c * CHUNK, n_cand, CHUNK)
-        idx = c * CHUNK + tl.arange(0, CHUNK)
-        before = (key_j[None, :] > key[:, None]) | ((key_j[None, :] == key[:, None]) & (idx_j[None, :] < idx[:, None]))
-        rank = tl.sum((before & valid_j[None, :]).to(tl.int32), axis=1)
-        tl.store(out_row + written + rank, pos, mask=valid & (rank < need))
+def _resolve_by_sort(cand_row, scores_row, out_row, n_cand, written, need, RANK: tl.constexpr):
+    """At most RANK candidates: sorted in registers by (order key, position) packed into one
+    int64, largest first; the first `need` take the remaining slots. One read of the candidate
+    list and of their scores, then no memory traffic until the stores."""
+    pos, key, valid = _candidates(cand_row, scores_row, 0, n_cand, RANK)
+    packed = (key.to(tl.int64) << 32) | pos.to(tl.int64)  # ordered by key, then position
+    packed = tl.sort(tl.where(valid, packed, -9223372036854775808), descending=True)
+    slot = tl.arange(0, RANK)
+    tl.store(out_row + written + slot, packed.to(tl.int32), mask=slot < need)  # the low 32 bits: position
 
 
 @triton.jit
@@ -317,10 +340,7 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
             tl.store(out_row + slot, tl.where(slot < seq_len, slot, -1), mask=slot < k)
     else:
         if n_cand <= RANK:
-            if RANK <= RANK_CHUNK:
-                _resolve_by_rank(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK, RANK)
-            else:
-                _resolve_by_rank(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK, RANK_CHUNK)
+            _resolve_by_sort(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK)
         else:
             _resolve_by_digits(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, BLOCK, BINS)
         _zero(hist_row, bound, max_digit + 1, BLOCK)
@@ -336,7 +356,7 @@ def _topk_kernel(
     stride_qb, stride_kr, stride_btb, stride_sb, stride_wb, stride_cb, stride_nb, stride_ob,
     PHASE: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SWEEP_BLOCK: tl.constexpr, SCAN: tl.constexpr, RANK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
-    BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr,
+    BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """PHASE 0: all four phases in one cooperative launch, grid (B, n_members), every program
     resident at once. PHASE 1, 2, 3: that phase alone, grid (B, n_members); PHASE 4: grid (B, 1)."""
@@ -358,7 +378,7 @@ def _topk_kernel(
     if (PHASE == 0) | (PHASE == 1):
         if busy:
             _score_phase(q_ptr + b * stride_qb, kidx_ptr, block_table_ptr + b * stride_btb, scores_row, coarse_row,
-                         meta_row, start, end, sub_chunk, stride_kr, D, PAGE, BLOCK_N, BLOCK_D)
+                         meta_row, start, end, sub_chunk, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, AHEAD)
     if PHASE == 0:
         _arrive_and_wait(meta_row + 7, n_members)
     if (PHASE == 0) | (PHASE == 2):
@@ -399,13 +419,14 @@ def workspace(batch: int, device: torch.device) -> torch.Tensor:
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, n_members: int, cooperative: bool,
                       block_n: int, num_warps: int, num_stages: int, finish_warps: int, lanes_per_row: int,
-                      max_registers: int | None = None, last_phase: int = 4) -> None:
+                      max_registers: int | None = None, last_phase: int = 4, ahead: int = 1) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32.
 
     `n_members` programs per row, each a chunk of whole BLOCK_N blocks. `cooperative`: one launch,
     B x n_members programs all resident (the caller sizes it to the SM count; `max_registers` caps
     the registers per thread so that they fit); otherwise four. Sub-chunks are sized so that a
-    full row publishes about `lanes_per_row` lane maxima. `last_phase` < 4 (four launches only,
+    full row publishes about `lanes_per_row` lane maxima; `ahead` (1 or 2) blocks of keys are in
+    flight while one is scored. `last_phase` < 4 (four launches only,
     for timing the phases) stops early and leaves the workspace for the caller to zero."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
@@ -427,7 +448,8 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
             listed.stride(0), kept_counts.stride(0), out.stride(0))
     consts = dict(D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim),
                   SWEEP_BLOCK=min(SWEEP_BLOCK, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
-                  FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META)
+                  FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META,
+                  AHEAD=ahead)
     if cooperative:
         extra = {} if interpreting() else {"launch_cooperative_grid": True, "maxnreg": max_registers}
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
