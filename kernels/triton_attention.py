@@ -59,6 +59,32 @@ def _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, head, n_splits,
 
 
 @triton.jit
+def _merge_group(o_part_ptr, lse_part_ptr, out_ptr, b, h0, n_splits,
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                 G: tl.constexpr, D: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """`_merge_head` for the G query heads h0 .. h0 + G at once (BLOCK_GM >= G): every split's
+    log-sum-exp and partial output of the group is one load, so the fused merge's tail is one
+    memory round trip, not one per head. Needs BLOCK_S <= MERGE_CHUNK."""
+    offs_g = tl.arange(0, BLOCK_GM)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = h0 + offs_g
+    mask_gs = (offs_g < G)[:, None] & (offs_s < n_splits)[None, :]
+    lse = tl.load(lse_part_ptr + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :], mask=mask_gs,
+                  other=float("-inf"))
+    o = tl.load(o_part_ptr + b * stride_ob + heads[:, None, None] * stride_oh + offs_s[None, :, None] * stride_os
+                + offs_d[None, None, :], mask=mask_gs[:, :, None] & (offs_d < D)[None, None, :], other=0.0)
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m[:, None])
+    total = tl.sum(w, axis=1)
+    out = tl.sum(o * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
 def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, stride_kh,
               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               SPARSE: tl.constexpr):
@@ -116,6 +142,7 @@ def _decode_partial_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_GM: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -166,10 +193,15 @@ def _decode_partial_kernel(
         tl.debug_barrier()
         done = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
         if done == n_splits - 1:
-            for g in range(G):
-                _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, h * G + g, n_splits,
-                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                            D, BLOCK_S, BLOCK_D)
+            if BLOCK_S <= MERGE_CHUNK:
+                _merge_group(o_part_ptr, lse_part_ptr, out_ptr, b, h * G, n_splits,
+                             stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                             G, D, BLOCK_GM, BLOCK_S, BLOCK_D)
+            else:
+                for g in range(G):
+                    _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, h * G + g, n_splits,
+                                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                                D, BLOCK_S, BLOCK_D)
             tl.store(counter_ptr + pid_bh, 0)
 
 
@@ -320,7 +352,8 @@ def launch_decode(
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), stride_rb, block_table.stride(0),
         *part_strides,
         HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse, IEEE=q.dtype.itemsize == 4,
+        BLOCK_GM=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse,
+        IEEE=q.dtype.itemsize == 4,
         FUSED_MERGE=fused_merge, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:

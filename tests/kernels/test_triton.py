@@ -82,6 +82,20 @@ def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.usefixtures("topk_path")
+@pytest.mark.parametrize(("case", "k"), [("long-4231", 300), ("ragged", 64), ("one-63", 7)])
+def test_index_topk_with_two_blocks_of_keys_in_flight(case: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scoring loop's deeper prefetch (TOPK_AHEAD = 2) selects the same positions."""
+    monkeypatch.setattr(index_topk_module, "TOPK_AHEAD", 2)
+    lens = LENGTH_CASES[case]
+    cache, table, seq_lens = _paged(lens, (24,), torch.float32, seed=k + 1)
+    q = torch.randn(len(lens), 24).to(DEVICE)
+    out = index_topk(q, cache, table, seq_lens, k, backend="triton")
+    want = index_topk_reference(q, cache, table, seq_lens, k)
+    for b in range(len(lens)):
+        assert sorted(out[b].tolist()) == sorted(want[b].tolist()), f"row {b} (len {lens[b]})"
+
+
+@pytest.mark.usefixtures("topk_path")
 def test_index_topk_with_exact_ties_and_negative_scores() -> None:
     cache = torch.ones(8, BLOCK, 32, device=DEVICE)
     cache[2] = -3.0  # positions 32-47 score lower
@@ -125,7 +139,7 @@ def test_index_topk_lower_bound_filter_keeps_the_exact_set(shift: float) -> None
 
 @pytest.mark.usefixtures("topk_path")
 def test_index_topk_resolves_many_candidates_by_their_low_digits(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Past RANK_BLOCK candidates at the threshold digit, the finish switches from pairwise ranking
+    # Past RANK_BLOCK candidates at the threshold digit, the finish switches from a sort in registers
     # to a radix select on the low digits: force it, and check the same exact sets.
     monkeypatch.setattr(importlib.import_module("kernels.triton_topk"), "RANK_BLOCK", 2)
     cache, table, seq_lens = _paged([1000, 290, 3000], (16,), torch.float32, seed=9)
@@ -180,7 +194,7 @@ def _indices(seq_lens: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
 def test_sparse_decode_attention(group: int, head_dim: int, dtype: torch.dtype, merge_path: None) -> None:
     q, k_cache, v_cache, table, seq_lens = _attention_case(group, head_dim, dtype, seed=group + head_dim)
     indices = _indices(seq_lens, 40, seed=group)  # 40 > 5: the short row is mostly -1
