@@ -1076,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = [op for op in OPS if not args.only or op in args.only]
     report, env = Report(), environment(device)
     print_header(report, env, shape, ns, bs)
+    api = load_api()  # puts the repo's `kernels` package ahead of this script on sys.path
     if args.wide_from:
         da = importlib.import_module("kernels.decode_attention")
         choice = choose_wide(json.loads(args.wide_from.read_text()), da.PDL_MAX_BATCH)
@@ -1085,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
             f"wide {list(choice[1])} (tokens, heads, warps, stages, programs/SM) at B >= {choice[0]}, per-head below"
             if choice else "per-head at every batch (the wide kernel won nowhere)"))
     backends = ["torch", "triton"] if args.smoke or device.type != "cuda" else ["triton"]
-    ctx = Ctx(load_api(), Timer(device, args.rep_ms), shape, device, report, backends)
+    ctx = Ctx(api, Timer(device, args.rep_ms), shape, device, report, backends)
     report_availability(ctx)
     bandwidth = measure_bandwidth(ctx.timer, device) if device.type == "cuda" else None
     ctx.read_bw = bandwidth["read_bw_gbps"] if bandwidth else None

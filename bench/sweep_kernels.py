@@ -9,6 +9,9 @@ reps), each checked against its torch reference first; the winners go into kerne
     python bench/sweep_kernels.py --quick --variants --out DIR   + sparse attention with and without PDL
     python bench/sweep_kernels.py --flush-check --out DIR     write- vs read-flushed L2; sparse configs
     python bench/sweep_kernels.py --wide --out DIR            the wide sparse kernel's variants vs per-head
+    python bench/sweep_kernels.py --tune --out DIR            index_topk prefetch depths and shapes (with
+                                                              time per phase); sparse attention: fused or
+                                                              separate merge, splits, PDL, wide shapes
 """
 
 from __future__ import annotations
@@ -167,8 +170,12 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="with --quick: sparse attention variants")
     parser.add_argument("--flush-check", action="store_true", help="write- vs read-flush timings, sparse configs")
     parser.add_argument("--wide", action="store_true", help="the wide sparse kernel against the per-head one")
+    parser.add_argument("--tune", action="store_true", help="index_topk and sparse variants (tune_sweep)")
     parser.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     args = parser.parse_args()
+    if args.tune:
+        tune_sweep(args)
+        return
     if args.wide:
         wide_sweep(args)
         return
@@ -206,18 +213,21 @@ def main() -> None:
             print("sdpa", r)
 
 
-def topk_variants(case: dict, batch: int, n: int, results: list) -> None:
+TOPK_VARIANTS = [("coop", (64, 4, 1), 4, 1), ("coop", (64, 4, 1), 3, 1), ("coop", (32, 4, 1), 4, 1),
+                 ("four", (64, 4, 1), 8, 1), ("four", (64, 4, 1), 16, 1)]
+
+
+def topk_variants(case: dict, batch: int, n: int, results: list, variants: list | None = None) -> None:
     """index_topk in one cooperative launch under several shapes, and in four launches; each
     checked against torch.topk, then timed; the cooperative scoring phase alone for the floor."""
     tt = importlib.import_module("kernels.triton_topk")
     keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
     want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
-    saved = it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES
-    # (mode, (BLOCK_N, warps, stages), programs per SM)
-    variants = [("coop", (64, 4, 1), 4), ("coop", (64, 4, 1), 3), ("coop", (32, 4, 1), 4), ("four", (64, 4, 1), 8),
-                ("four", (64, 4, 1), 16)]
-    for mode, shape, per_sm in variants:
+    saved = it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES, it.TOPK_AHEAD
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
+    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
+        it.TOPK_AHEAD = ahead
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1]), per_sm, True
         else:
@@ -237,11 +247,12 @@ def topk_variants(case: dict, batch: int, n: int, results: list) -> None:
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
+                        "ahead": ahead,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": stages})
         print(results[-1], flush=True)
-    it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES = saved
+    it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES, it.TOPK_AHEAD = saved
 
 
 def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
@@ -261,7 +272,8 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
     def phases(upto: int) -> None:
         tt.launch_index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, n_members=members,
                              cooperative=False, block_n=block_n, num_warps=warps, num_stages=stages,
-                             finish_warps=fwarps, lanes_per_row=it.LANES_PER_K * K, last_phase=upto)
+                             finish_warps=fwarps, lanes_per_row=it.LANES_PER_K * K, last_phase=upto,
+                             ahead=it.TOPK_AHEAD)
         if upto < 4:
             work.zero_()
 
@@ -283,6 +295,7 @@ def sparse_variants(case: dict, batch: int, results: list, n_caches: int) -> Non
     qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
     ta = importlib.import_module("kernels.triton_attention")
     saved = da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL
+    saved_small, saved_early = da.SMALL_BATCH, ta.EARLY_TRIGGER
     da.SMALL_BATCH = 0  # SPARSE_CONFIG at every batch size while sweeping
     for pdl, fused, early, (block_n, warps, stages, waves) in [
             (True, False, True, (64, 4, 1, 8)), (True, False, True, (64, 4, 1, 4)), (True, True, False, (64, 4, 1, 8)),
@@ -307,8 +320,7 @@ def sparse_variants(case: dict, batch: int, results: list, n_caches: int) -> Non
                         "GB/s_1": round(nbytes / one / 1e3), "GB/s_per_call": round(nbytes * 16 / chain / 1e3)})
         print(results[-1], flush=True)
     da.SPARSE_CONFIG, da.SPARSE_WAVES, da.PDL = saved
-    da.SMALL_BATCH = 8
-    ta.EARLY_TRIGGER = False
+    da.SMALL_BATCH, ta.EARLY_TRIGGER = saved_small, saved_early
 
 
 def flush_check(args: argparse.Namespace) -> None:
@@ -356,6 +368,7 @@ def _flush_batch(batch: int, gen: torch.Generator, results: list) -> None:
                                          for _ in range(n_caches - 1)]
     qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
     saved = da.SPARSE_CONFIG, da.SPARSE_WAVES, ta.EARLY_TRIGGER
+    saved_small = da.SMALL_BATCH
     da.SMALL_BATCH = 0  # SPARSE_CONFIG at every batch size while sweeping
     for (block_n, warps, stages, waves), early in itertools.product(
             ((64, 4, 2, 8), (128, 8, 1, 2), (64, 4, 1, 8), (128, 8, 1, 4)), (True, False)):
@@ -369,7 +382,7 @@ def _flush_batch(batch: int, gen: torch.Generator, results: list) -> None:
                         "16_write": flushed_us(g16.replay, "write"), "16_read": flushed_us(g16.replay, "read")})
         print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in results[-1].items()}, flush=True)
     da.SPARSE_CONFIG, da.SPARSE_WAVES, ta.EARLY_TRIGGER = saved
-    da.SMALL_BATCH = 8
+    da.SMALL_BATCH = saved_small
 
 
 WIDE_VARIANTS = [  # (BLOCK_N tokens, KV heads per program, warps, stages, programs per SM, PDL at this batch);
@@ -440,6 +453,97 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
                "pct_bw_chain": round(100 * nbytes / chain / 1e3 / read_bw, 1)}
         results.append(row)
         print(row, flush=True)
+
+
+# index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
+TUNE_TOPK = [("coop", (64, 4, 1), 4, 1), ("coop", (32, 4, 1), 4, 2), ("coop", (128, 8, 1), 2, 1),
+             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
+# sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
+# ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
+TUNE_SPARSE = {
+    1: [("head", (128, 8, 1, False), 2, True), ("head", (128, 8, 1, True), 2, True),
+        ("head", (128, 8, 1, True), 1, True), ("head", (64, 4, 1, True), 2, True), ("head", (64, 4, 1, True), 3, True),
+        ("head", (64, 4, 2, True), 2, True), ("head", (128, 8, 1, True), 2, False),
+        ("head", (64, 4, 1, False), 4, True)],
+    8: [("head", (64, 4, 2, False), 8, False), ("head", (64, 4, 2, True), 8, False),
+        ("head", (64, 4, 2, True), 3, False), ("head", (64, 4, 2, False), 4, False),
+        ("head", (64, 4, 2, True), 3, True), ("head", (128, 8, 1, True), 2, False),
+        ("wide", (32, 2, 4, 2, 4), None, False), ("wide", (64, 2, 4, 2, 4), None, False),
+        ("wide", (32, 2, 4, 3, 4), None, False), ("wide", (64, 1, 4, 2, 4), None, False),
+        ("wide", (32, 4, 4, 2, 4), None, False), ("wide", (16, 4, 4, 2, 4), None, False)],
+}
+TUNE_SPARSE[32] = TUNE_SPARSE[8]
+
+
+def tune_sweep(args: argparse.Namespace) -> None:
+    """index_topk at N = 128K, B = 1, 8, 32 (and 8K, 32K at B=1) over TUNE_TOPK, with the time of
+    each phase; sparse attention over TUNE_SPARSE at B = 1, 8, 32: one call alone and per call in
+    a chain of 16 over distinct caches. Every variant is checked against its reference first."""
+    gen = torch.Generator().manual_seed(0)
+    results: list[dict] = []
+    read_bw = _read_bw()
+    print(f"read BW (sum over 4 GiB) {read_bw:.0f} GB/s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, batch in ((131072, 1), (131072, 8), (131072, 32), (8192, 1), (32768, 1)):
+        case = paged_case(batch, n, gen)
+        topk_variants(case, batch, n, results, TUNE_TOPK if n == 131072 else TUNE_TOPK[:2])
+        if n == 131072 and batch in args.batches:
+            _tune_sparse(case, batch, read_bw, results)
+        (out / "tune.json").write_text(json.dumps(results, indent=1))
+        del case
+        torch.cuda.empty_cache()
+    print(f"{'op':<10} {'B':>3} {'N':>7} {'variant':<44} {'err/ovl':>8} {'1 call':>8} {'%BW':>6} {'chain/call':>10}"
+          f" {'%BW':>6}  phases")
+    for r in results:
+        if r["op"] == "topk-var":
+            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
+            print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
+                  f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
+                  f" {'':>6}  {r['stages_us']}")
+        else:
+            print(f"{'sparse':<10} {r['B']:>3} {131072:>7} {r['variant']:<44} {r['err']:>8.1e} {r['us_1']:>8.1f} "
+                  f"{r['pct_bw_1']:>6.1f} {r['us_per_call_of_16']:>10.2f} {r['pct_bw_chain']:>6.1f}")
+
+
+def _tune_sparse(case: dict, batch: int, read_bw: float, results: list) -> None:
+    scale = 1 / math.sqrt(D)
+    ref = sparse_decode_attention_reference(case["q"], case["k"], case["v"], case["table"], case["lens"],
+                                            case["idx"], scale).float()
+    n_caches = {1: 16, 8: 4}.get(batch, 1)
+    caches = [(case["k"], case["v"])] + [(torch.randn_like(case["k"]), torch.randn_like(case["v"]))
+                                         for _ in range(n_caches - 1)]
+    qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
+    nbytes = batch * K * HKV * D * 2 * 2
+    names = ("SMALL_BATCH", "SPARSE_CONFIG", "SPARSE_WAVES", "WIDE_MIN_BATCH", "WIDE_CONFIG", "PDL_MAX_BATCH")
+    saved = {name: getattr(da, name) for name in names}
+    for kind, cfg, per_sm, pdl in TUNE_SPARSE[batch]:
+        da.SMALL_BATCH, da.PDL_MAX_BATCH = 0, (1 << 30) if pdl else 0
+        if kind == "head":
+            da.SPARSE_CONFIG, da.SPARSE_WAVES, da.WIDE_MIN_BATCH = cfg, per_sm, 1 << 30
+            name = f"head {list(cfg[:3])} {'fused' if cfg[3] else 'merge kernel'} x{per_sm}/SM{' PDL' if pdl else ''}"
+        else:
+            da.WIDE_CONFIG, da.WIDE_MIN_BATCH = cfg, 0
+            name = f"wide {list(cfg)}{' PDL' if pdl else ''}"
+        try:
+            w = SparseDecodeWrapper("triton")
+            w.plan(case["table"], case["lens"], case["idx"], PAGE)
+            out = w.run(case["q"], case["k"], case["v"], scale)
+            torch.cuda.synchronize()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            one = graph_us(lambda w=w: w.run(case["q"], case["k"], case["v"], scale))
+            chain = graph_us(lambda w=w: [w.run(qs[i], *caches[i % n_caches], scale) for i in range(16)]) / 16
+        except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
+            print(f"B={batch} {name} failed: {repr(e)[:300]}", flush=True)
+            continue
+        finally:
+            for key, value in saved.items():
+                setattr(da, key, value)
+        results.append({"op": "sparse-tune", "B": batch, "variant": name, "kind": kind, "cfg": list(cfg),
+                        "per_sm": per_sm, "pdl": pdl, "err": round(err, 5), "us_1": round(one, 1),
+                        "us_per_call_of_16": round(chain, 2), "pct_bw_1": round(100 * nbytes / one / 1e3 / read_bw, 1),
+                        "pct_bw_chain": round(100 * nbytes / chain / 1e3 / read_bw, 1)})
+        print(results[-1], flush=True)
 
 
 def _read_bw() -> float:

@@ -33,3 +33,24 @@ def _rows(per_head: dict[int, float], wide: dict[str, dict[int, float]]) -> list
 ])
 def test_wide_kernel_chosen_from_the_batch_where_it_wins(wide: dict, want: tuple | None) -> None:
     assert choose_wide(_rows({1: 13.0, 8: 34.0, 32: 86.0}, wide), pdl_max_batch=1) == want
+
+
+def test_benchmark_runs_with_the_sweeps_choice(tmp_path: Path) -> None:
+    """The CPU smoke run of bench/kernels.py with --wide-from: the choice is read and reported, and
+    the sparse kernels run (it once failed to import the package when given the flag)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sparse_wide.json"
+    sweep.write_text(json.dumps(_rows({1: 13.0, 8: 34.0, 32: 86.0},
+                                      {"[4, 2, 1, 1, 1, False]": {8: 30.0, 32: 80.0}})))
+    bench = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+    done = subprocess.run([sys.executable, str(bench), "--smoke", "--only", "sparse", "--wide-from", str(sweep),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "kernels.txt").read_text()
+    assert "wide [4, 2, 1, 1, 1] (tokens, heads, warps, stages, programs/SM) at B >= 8" in report
+    assert json.loads((tmp_path / "kernels.json").read_text())
