@@ -104,17 +104,20 @@ def collect() -> list[dict]:
         coop = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
         record("index_topk", batch, "one launch", coop, topk, case, batch, True)
         record("index_topk", batch, "four launches", not coop, topk, case, batch, False)
-        record("sparse", batch, "per-head (default)", da.WIDE_MIN_BATCH > batch, sparse, case, batch)
+        wide_default = batch >= da.WIDE_MIN_BATCH
+        record("sparse", batch, "per-head", not wide_default, sparse, case, batch)
+        if wide_default:
+            record("sparse", batch, "wide " + str(list(da.WIDE_CONFIG)), True, sparse, case, batch, da.WIDE_CONFIG)
         for variant in WIDE_VARIANTS:
-            default = batch >= da.WIDE_MIN_BATCH and tuple(variant) == tuple(da.WIDE_CONFIG)
-            record("sparse", batch, "wide " + str(list(variant)), default, sparse, case, batch, variant)
+            if not (wide_default and tuple(variant) == tuple(da.WIDE_CONFIG)):
+                record("sparse", batch, "wide " + str(list(variant)), False, sparse, case, batch, variant)
         record("dense", batch, "default", True, dense, case, batch)
     return rows
 
 
-WIDE_VARIANTS = [  # (BLOCK_N tokens, KV heads per program, warps, stages, programs per SM)
-    (8, 8, 4, 2, 2), (8, 8, 4, 3, 2), (4, 8, 4, 3, 2), (16, 8, 4, 2, 1), (16, 8, 8, 2, 1), (8, 4, 4, 3, 4),
-    (16, 4, 4, 2, 4), (16, 2, 4, 3, 4), (32, 2, 4, 2, 4),
+WIDE_VARIANTS = [  # (BLOCK_N tokens, KV heads per program, warps, stages, programs per SM): the sweeps' shapes
+    (8, 8, 4, 3, 2), (16, 8, 4, 2, 1), (8, 4, 4, 3, 4), (16, 4, 4, 2, 4), (32, 2, 4, 2, 4), (64, 2, 4, 2, 4),
+    (32, 2, 4, 3, 4), (64, 1, 4, 2, 4),
 ]
 
 

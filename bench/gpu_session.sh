@@ -9,7 +9,7 @@
 #   tests    tests/kernels/test_triton.py compiled (bf16 included), four pytest processes at once
 #            (compilation is most of it; ~3 min)                                 -> tests.txt
 #   wide     bench/sweep_kernels.py --wide: the wide sparse kernel vs per-head (~3 min) -> sparse_wide.json
-#   tune     bench/sweep_kernels.py --tune: index_topk prefetch and shapes with time per phase,
+#   tune     bench/sweep_kernels.py --tune $TUNE_ARGS: index_topk prefetch and shapes with time per phase,
 #            sparse merge / splits / PDL / wide shapes (~4 min)                  -> tune.json, tune.txt
 #   profile  Nsight Compute counters of index_topk and one sparse layer at B = 1, 8 (~1 min) -> ncu.txt
 #   bench    bench/kernels.py, with --wide-from $OUT/sparse_wide.json when the wide step ran (~1 min)
@@ -39,7 +39,7 @@ for step in "$@"; do
         timeout 230 python3 bench/sweep_kernels.py --wide --out "$OUT" 2>&1 | tail -40
         ;;
     tune)
-        timeout 300 python3 bench/sweep_kernels.py --tune --out "$OUT" 2>&1 | tee "$OUT/tune.txt" | grep -v "^{"
+        timeout 300 python3 bench/sweep_kernels.py --tune --out "$OUT" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt" | grep -v "^{"
         ;;
     profile)
         ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -69,6 +69,8 @@ ATTN_REL_TOL = 2e-2
 TOPK_MIN_OVERLAP = 0.99
 LAYER_CACHE_BUDGET = 16 * 2**30  # bytes of extra per-layer K/V caches in the 16-layer run
 BW_TENSOR_BYTES = 4 * 2**30
+# Bare reads the size of one sparse layer's K/V rows at B = 1, 8, 32 (8 MiB a sequence), timed as the ops are
+SIZED_READ_BYTES = (8 * 2**20, 64 * 2**20, 256 * 2**20)
 WARMUP_MS = 25
 REP_MS = 100
 CPU_REPS = 3
@@ -748,12 +750,25 @@ def measure_bandwidth(timer: Timer, device: torch.device) -> dict[str, float]:
     del dst
     sum_us = timer.us(src.sum)
     amax_us = timer.us(src.amax)
+    sized = {nbytes: sized_read_us(timer, src[: nbytes // 2]) for nbytes in SIZED_READ_BYTES}
     del src
     free_device_memory()
     gbps = {name: nbytes / (us * 1e-6) / 1e9 for name, nbytes, us in (
         ("copy_gbps", 2 * BW_TENSOR_BYTES, copy_us), ("sum_gbps", BW_TENSOR_BYTES, sum_us),
         ("amax_gbps", BW_TENSOR_BYTES, amax_us))}
-    return {**gbps, "read_bw_gbps": max(gbps["sum_gbps"], gbps["amax_gbps"]), "tensor_bytes": BW_TENSOR_BYTES}
+    return {**gbps, "read_bw_gbps": max(gbps["sum_gbps"], gbps["amax_gbps"]), "tensor_bytes": BW_TENSOR_BYTES,
+            "sized_read_us": {n: us for n, us in sized.items() if us is not None}}
+
+
+def sized_read_us(timer: Timer, part: torch.Tensor) -> float | None:
+    """A CUDA-graph replay of the better of sum / amax over `part`, timed as every op is (L2
+    cleared first): what reading that many bytes costs alone, launch and ramp-up included."""
+    times = []
+    for fn in (part.sum, part.amax):
+        graph, _, _ = timer.capture(fn)
+        if graph is not None:
+            times.append(timer.us(graph.replay))
+    return min(times) if times else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,12 +858,20 @@ def with_eager(row: Row | None) -> str:
     return f" (eager {row.ours.eager_us:.1f} us)" if not row.ours.eager_only else " (eager: graph capture failed)"
 
 
-def sparse_targets(rows: list[Row], n: int, bs: list[int], read_bw: float | None) -> list[Target]:
+def sparse_targets(rows: list[Row], n: int, bs: list[int], read_bw: float | None,
+                   sized: dict[int, float] | None = None) -> list[Target]:
+    """B >= 8; with `sized` (bytes -> us of a bare read that size), also how the layer compares with
+    reading its bytes contiguously, launch included."""
     out = []
     for b in [b for b in bs if b >= 8]:
         row = find_row(rows, "sparse", n, b)
         pct = row.pct(row.ours_us, read_bw) if row else None
         measured = fmt(pct, 1, "% of read BW") + (f" ({fmt_us(row.ours)} us)" if row else "")
+        near = [(nbytes, us) for nbytes, us in (sized or {}).items() if row and abs(nbytes - row.bytes) < 0.05 * nbytes]
+        if near and read_bw:
+            nbytes, us = near[0]
+            measured += (f"; a bare read of {nbytes / 2**20:.0f} MiB: {us:.1f} us = "
+                         f"{100 * nbytes / (us * 1e-6) / 1e9 / read_bw:.1f}%")
         out.append(Target(f"sparse one layer B={b}", measured, ">= 75%",
                           verdict(pct, pct is not None and pct >= 75.0, row)))
     return out
@@ -886,9 +909,10 @@ def dense_targets(rows: list[Row], n: int, bs: list[int]) -> list[Target]:
     return out
 
 
-def evaluate_targets(rows: list[Row], ns: list[int], bs: list[int], read_bw: float | None) -> tuple[int, list[Target]]:
+def evaluate_targets(rows: list[Row], ns: list[int], bs: list[int], read_bw: float | None,
+                     sized: dict[int, float] | None = None) -> tuple[int, list[Target]]:
     n = TARGET_N if TARGET_N in ns else max(ns)
-    targets = sparse_targets(rows, n, bs, read_bw) + layers_targets(rows, n) + topk_targets(rows, n)
+    targets = sparse_targets(rows, n, bs, read_bw, sized) + layers_targets(rows, n) + topk_targets(rows, n)
     return n, targets + dense_targets(rows, n, bs)
 
 
@@ -1019,6 +1043,10 @@ def print_bandwidth(report: Report, bw: dict[str, float] | None) -> None:
     report.line(f"bandwidth ({bw['tensor_bytes'] / 2**30:.0f} GiB bf16): copy {bw['copy_gbps']:.0f} GB/s "
                 f"(read+write), sum {bw['sum_gbps']:.0f} GB/s, amax {bw['amax_gbps']:.0f} GB/s "
                 f"-> read BW {bw['read_bw_gbps']:.0f} GB/s")
+    for nbytes, us in bw.get("sized_read_us", {}).items():
+        gbps = nbytes / (us * 1e-6) / 1e9
+        report.line(f"  a bare read of {nbytes / 2**20:.0f} MiB alone (sum/amax, CUDA graph): {us:.1f} us = "
+                    f"{gbps:.0f} GB/s = {100 * gbps / bw['read_bw_gbps']:.1f}% of read BW")
 
 
 def config_order(ns: list[int], bs: list[int]) -> list[tuple[int, int]]:
@@ -1093,7 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
     print_bandwidth(report, bandwidth)
     rows, skipped = run_grid(ctx, ns, bs, ops, args.budget_s)
     print_tables(report, rows, ctx.read_bw)
-    target_n, targets = evaluate_targets(rows, ns, bs, ctx.read_bw)
+    target_n, targets = evaluate_targets(rows, ns, bs, ctx.read_bw, (bandwidth or {}).get("sized_read_us"))
     print_targets(report, target_n, targets)
     ratios = step_ratios(rows, ns, bs)
     print_step_ratios(report, ratios)

@@ -224,14 +224,17 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
     keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
     want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
-    saved = it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES, it.TOPK_AHEAD
-    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
-        it.TOPK_AHEAD = ahead
+    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH",
+             "SPIN_LOADS")
+    saved = {name: getattr(it, name) for name in names}
+    it.SMALL_BATCH = 0  # COOP_CONFIG at every batch size while sweeping
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight[, barriers spin on loads])
+    for mode, shape, per_sm, ahead, *spin in variants or TOPK_VARIANTS:
+        it.SPIN_LOADS = spin[0] if spin else saved["SPIN_LOADS"]
         if mode == "coop":
-            it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1]), per_sm, True
+            it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1], ahead), per_sm, True
         else:
-            it.TOPK_CONFIG, it.TOPK_WAVES, it.COOPERATIVE = (*shape, 8), per_sm, False
+            it.TOPK_CONFIG, it.TOPK_WAVES, it.COOPERATIVE = (*shape, 8, ahead), per_sm, False
         try:
             got = index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)
             torch.cuda.synchronize()
@@ -247,12 +250,13 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "ahead": ahead,
+                        "ahead": ahead, "spin_loads": it.SPIN_LOADS,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": stages})
         print(results[-1], flush=True)
-    it.COOP_CONFIG, it.TOPK_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE, it.TOPK_WAVES, it.TOPK_AHEAD = saved
+    for name, value in saved.items():
+        setattr(it, name, value)
 
 
 def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
@@ -261,10 +265,10 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
     zeros a skipped phase 4 would have restored."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if coop:
-        block_n, warps, stages, fwarps = it.COOP_CONFIG
+        block_n, warps, stages, fwarps, ahead = it.COOP_CONFIG
         members = it.COOP_CTAS_PER_SM * sms // batch
     else:
-        block_n, warps, stages, fwarps = it.TOPK_CONFIG
+        block_n, warps, stages, fwarps, ahead = it.TOPK_CONFIG
         members = it._cdiv(it.TOPK_WAVES * sms, batch)
     out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
     work = tt.workspace(batch, out.device)
@@ -273,7 +277,7 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
         tt.launch_index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, n_members=members,
                              cooperative=False, block_n=block_n, num_warps=warps, num_stages=stages,
                              finish_warps=fwarps, lanes_per_row=it.LANES_PER_K * K, last_phase=upto,
-                             ahead=it.TOPK_AHEAD)
+                             ahead=ahead)
         if upto < 4:
             work.zero_()
 
@@ -456,8 +460,8 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
 
 
 # index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-TUNE_TOPK = [("coop", (64, 4, 1), 4, 1), ("coop", (32, 4, 1), 4, 2), ("coop", (128, 8, 1), 2, 1),
-             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
+TUNE_TOPK = [("coop", (64, 4, 1), 4, 1, True), ("coop", (64, 4, 1), 4, 1, False), ("coop", (32, 4, 1), 4, 2, True),
+             ("coop", (32, 4, 1), 4, 2, False), ("coop", (64, 4, 1), 3, 1, True)]
 # sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
 # ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
 TUNE_SPARSE = {
@@ -497,7 +501,8 @@ def tune_sweep(args: argparse.Namespace) -> None:
           f" {'%BW':>6}  phases")
     for r in results:
         if r["op"] == "topk-var":
-            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
+            spin = "loads" if r["spin_loads"] else "atomics"
+            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']} spin {spin}"
             print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
                   f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
                   f" {'':>6}  {r['stages_us']}")

@@ -72,17 +72,18 @@ def _check(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
 
 
-# Launch configurations: (BLOCK_N, num_warps, num_stages, fused_merge), from the sweep on an H200
+# Launch configurations: (BLOCK_N, num_warps, num_stages, fused_merge), from the sweeps on an H200
 # (bench/sweep_kernels.py; docs/kernels.md). One fixed configuration when interpreting (no
 # autotuning there); the tests run both merge paths. Sparse attention at up to SMALL_BATCH
-# sequences takes fewer, longer splits (SPARSE_SMALL_*): its time there is latency, not bytes.
+# sequences (SPARSE_SMALL_*) is latency, not bytes: its splits are merged by the last one to
+# finish, so a layer is one launch (16 layers at B=1: 91 us against 99 with a merge kernel).
 SPARSE_CONFIG = (64, 4, 2, False)
-SPARSE_SMALL_CONFIG = (128, 8, 1, False)
+SPARSE_SMALL_CONFIG = (64, 4, 1, True)
 SMALL_BATCH = 1
 DENSE_CONFIG = (128, 4, 3, False)
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
-SPARSE_SMALL_WAVES = 2
+SPARSE_SMALL_WAVES = 3
 DENSE_WAVES = 16
 # Programmatic dependent launch on Hopper and later, at up to PDL_MAX_BATCH sequences: each kernel
 # is resident, with its first K/V rows in flight, before the kernel ahead of it ends; it waits only
@@ -92,9 +93,13 @@ PDL = True
 PDL_MAX_BATCH = 1
 # The wide sparse kernel at WIDE_MIN_BATCH sequences or more: one program per (sequence, group of
 # KV heads, split), each selected token's rows of the group's heads read as one contiguous piece.
-# (BLOCK_N tokens, KV heads per program, num_warps, num_stages, programs per SM).
-WIDE_CONFIG = (8, 8, 4, 3, 2)
-WIDE_MIN_BATCH = 1 << 30
+# (BLOCK_N tokens, KV heads per program, num_warps, num_stages, programs per SM). Measured on the
+# H200 (bench/sweep_kernels.py --wide, --tune): groups of 2-8 heads lose to one head per program
+# (reading 2 KB per token instead of 256 B bought nothing); with one head, 64 tokens a block and
+# two splits per (sequence, head) at B=32 it beats the per-head kernel's planning (82 us against
+# 87 at 128K), and ties it at B=8; it loses at B=1.
+WIDE_CONFIG = (64, 1, 4, 2, 4)
+WIDE_MIN_BATCH = 8
 INTERPRET_WIDE_CONFIG = (4, 4, 1, 1, 1)
 
 

@@ -12,19 +12,22 @@ from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, 
 from kernels.paged import gather_tokens
 
 OP = "index_topk"
-# (scoring BLOCK_N, num_warps, num_stages, finishing num_warps): the four-launch path, for more rows
-# than fit at once, with TOPK_WAVES programs per SM; the one-launch cooperative path, with
-# COOP_CTAS_PER_SM programs per SM, all resident at once (registers capped at COOP_MAX_REGISTERS
-# per thread so that they fit). From bench/sweep_kernels.py on an H200.
-TOPK_CONFIG = (64, 4, 1, 8)
-COOP_CONFIG = (64, 4, 1, 4)
-INTERPRET_CONFIG = (16, 1, 1, 1)
+# (scoring BLOCK_N, num_warps, num_stages, finishing num_warps, blocks of keys in flight while one
+# is scored): the four-launch path, for more rows than fit at once, with TOPK_WAVES programs per
+# SM; the one-launch cooperative path, with COOP_CTAS_PER_SM programs per SM, all resident at once
+# (registers capped at COOP_MAX_REGISTERS per thread so that they fit), and up to SMALL_BATCH rows
+# with COOP_SMALL_CONFIG. From bench/sweep_kernels.py --tune on an H200 (docs/kernels.md).
+TOPK_CONFIG = (64, 4, 1, 8, 1)
+COOP_CONFIG = (64, 4, 1, 4, 1)
+COOP_SMALL_CONFIG = (32, 4, 1, 4, 2)
+SMALL_BATCH = 1
+INTERPRET_CONFIG = (16, 1, 1, 1, 1)
 COOP_MAX_REGISTERS = 128
 TOPK_WAVES = 8
 COOP_CTAS_PER_SM = 4
 COOPERATIVE = True  # one launch whenever the rows x members fit on the card at once
+SPIN_LOADS = True  # the one launch's barriers spin on loads (else on atomics)
 LANES_PER_K = 4  # lane maxima each row publishes, per k: more give a tighter histogram filter
-TOPK_AHEAD = 1  # blocks of indexer keys in flight while one is scored (1 or 2)
 
 
 def index_topk_reference(
@@ -125,14 +128,16 @@ def _launch(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.T
 
     batch = q_idx.shape[0]
     if interpreting():
-        block_n, num_warps, num_stages, finish_warps = INTERPRET_CONFIG
+        block_n, num_warps, num_stages, finish_warps, ahead = INTERPRET_CONFIG
         members = 1 if cooperative else _cdiv(TOPK_WAVES * sms, batch)
     elif cooperative:
-        block_n, num_warps, num_stages, finish_warps = COOP_CONFIG
+        config = COOP_SMALL_CONFIG if batch <= SMALL_BATCH else COOP_CONFIG
+        block_n, num_warps, num_stages, finish_warps, ahead = config
         members = COOP_CTAS_PER_SM * sms // batch
     else:
-        block_n, num_warps, num_stages, finish_warps = TOPK_CONFIG
+        block_n, num_warps, num_stages, finish_warps, ahead = TOPK_CONFIG
         members = _cdiv(TOPK_WAVES * sms, batch)
     launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, n_members=members, cooperative=cooperative,
                       block_n=block_n, num_warps=num_warps, num_stages=num_stages, finish_warps=finish_warps,
-                      lanes_per_row=LANES_PER_K * k, max_registers=COOP_MAX_REGISTERS, ahead=TOPK_AHEAD)
+                      lanes_per_row=LANES_PER_K * k, max_registers=COOP_MAX_REGISTERS, ahead=ahead,
+                      spin_loads=SPIN_LOADS)

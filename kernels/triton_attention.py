@@ -21,18 +21,20 @@ LOG2E = 1.4426950408889634
 # The merge kernel lets the next PDL-launched kernel start before it waits on its own inputs: the
 # next layer's partial kernel then has its K/V rows in flight while this layer finishes.
 EARLY_TRIGGER = True
-MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by the merge (a global the kernels read)
+MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
+MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
 
 @triton.jit
 def _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, head, n_splits,
                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, head] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when no split saw a key.
-    The partial outputs are summed MERGE_CHUNK splits at a time (all 256 of a dense B=1 call at
-    once spilled registers)."""
+                D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, d0=0):
+    """out[b, head, d0 : d0 + BLOCK_D] = sum_s 2^(lse_s - lse) * o_s over the splits; zeros when
+    no split saw a key. Up to MERGE_ELEMS partial values are read at once (one memory round trip);
+    more are summed MERGE_CHUNK splits at a time (all 256 of a dense B=1 call at once, over the
+    whole head, spilled registers: the merge kernel gives each program a slice of d instead)."""
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     lse_row = lse_part_ptr + b * stride_lb + head * stride_lh
     o_row = o_part_ptr + b * stride_ob + head * stride_oh
@@ -40,7 +42,7 @@ def _merge_head(o_part_ptr, lse_part_ptr, out_ptr, b, head, n_splits,
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp2(lse - m), axis=0)
-    if BLOCK_S <= MERGE_CHUNK:
+    if BLOCK_S * BLOCK_D <= MERGE_ELEMS:
         w = tl.exp2(lse - m)
         o = tl.load(o_row + offs_s[:, None] * stride_os + offs_d[None, :],
                     mask=(offs_s < n_splits)[:, None] & mask_d[None, :], other=0.0)
@@ -285,6 +287,7 @@ def _merge_splits_kernel(
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     EARLY: tl.constexpr,
 ):
+    """Grid (B * HQ, d slices of BLOCK_D): every split of one slice is read at once."""
     pid = tl.program_id(0)
     if USE_PDL:
         if EARLY:  # the next layer's kernel may start prefetching its rows while this one waits
@@ -293,7 +296,7 @@ def _merge_splits_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     _merge_head(o_part_ptr, lse_part_ptr, out_ptr, pid // HQ, pid % HQ, n_splits,
                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                D, BLOCK_S, BLOCK_D)
+                D, BLOCK_S, BLOCK_D, tl.program_id(1) * BLOCK_D)
 
 
 @triton.jit
@@ -357,11 +360,7 @@ def launch_decode(
         FUSED_MERGE=fused_merge, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:
-        _merge_splits_kernel[(batch * n_q_heads,)](
-            o_part, lse_part, out, n_splits, *part_strides,
-            HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl, EARLY=EARLY_TRIGGER, num_warps=4,
-            **_pdl(pdl),
-        )
+        launch_merge(o_part, lse_part, out, n_splits, part_strides, pdl)
 
 
 def plan_wide_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves: int,
@@ -398,7 +397,6 @@ def launch_sparse_wide(q, k_cache, v_cache, rows, sm_scale: float, n_items: int,
     if split_size % block_n:
         raise ValueError(f"wide sparse kernel: split_size {split_size} is not a multiple of {block_n} tokens")
     block_d = triton.next_power_of_2(head_dim)
-    block_s = max(2, triton.next_power_of_2(n_splits))
     part_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
                     out.stride(0), out.stride(1))
     _sparse_wide_partial_kernel[(batch, n_groups, n_splits)](
@@ -408,7 +406,16 @@ def launch_sparse_wide(q, k_cache, v_cache, rows, sm_scale: float, n_items: int,
         BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype.itemsize == 4, USE_PDL=pdl, num_warps=num_warps,
         num_stages=num_stages, **_pdl(pdl),
     )
-    _merge_splits_kernel[(batch * n_q_heads,)](
+    launch_merge(o_part, lse_part, out, n_splits, part_strides, pdl)
+
+
+def launch_merge(o_part, lse_part, out, n_splits: int, part_strides: tuple[int, ...], pdl: bool) -> None:
+    """The merge kernel over `n_splits` partials per head: each program merges a slice of d small
+    enough that all splits of it are read at once (MERGE_ELEMS values)."""
+    batch, n_q_heads, head_dim = out.shape
+    block_s = max(2, triton.next_power_of_2(n_splits))
+    block_d = min(triton.next_power_of_2(head_dim), max(16, MERGE_ELEMS.value // block_s))
+    _merge_splits_kernel[(batch * n_q_heads, triton.cdiv(head_dim, block_d))](
         o_part, lse_part, out, n_splits, *part_strides,
         HQ=n_q_heads, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl, EARLY=EARLY_TRIGGER, num_warps=4,
         **_pdl(pdl),

@@ -84,8 +84,9 @@ def test_index_topk(case: str, k: int, dtype: torch.dtype) -> None:
 @pytest.mark.usefixtures("topk_path")
 @pytest.mark.parametrize(("case", "k"), [("long-4231", 300), ("ragged", 64), ("one-63", 7)])
 def test_index_topk_with_two_blocks_of_keys_in_flight(case: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scoring loop's deeper prefetch (TOPK_AHEAD = 2) selects the same positions."""
-    monkeypatch.setattr(index_topk_module, "TOPK_AHEAD", 2)
+    """The scoring loop's deeper prefetch (two blocks of keys in flight) selects the same positions."""
+    for name in ("INTERPRET_CONFIG", "COOP_CONFIG", "COOP_SMALL_CONFIG", "TOPK_CONFIG"):
+        monkeypatch.setattr(index_topk_module, name, (*getattr(index_topk_module, name)[:4], 2))
     lens = LENGTH_CASES[case]
     cache, table, seq_lens = _paged(lens, (24,), torch.float32, seed=k + 1)
     q = torch.randn(len(lens), 24).to(DEVICE)
