@@ -751,21 +751,25 @@ def measure_bandwidth(timer: Timer, device: torch.device) -> dict[str, float]:
     sum_us = timer.us(src.sum)
     amax_us = timer.us(src.amax)
     sized = {nbytes: sized_read_us(timer, src[: nbytes // 2]) for nbytes in SIZED_READ_BYTES}
+    layer = SIZED_READ_BYTES[0] // 2
+    chain = sized_read_us(timer, *(src[i * layer: (i + 1) * layer] for i in range(LAYERS)))
     del src
     free_device_memory()
     gbps = {name: nbytes / (us * 1e-6) / 1e9 for name, nbytes, us in (
         ("copy_gbps", 2 * BW_TENSOR_BYTES, copy_us), ("sum_gbps", BW_TENSOR_BYTES, sum_us),
         ("amax_gbps", BW_TENSOR_BYTES, amax_us))}
     return {**gbps, "read_bw_gbps": max(gbps["sum_gbps"], gbps["amax_gbps"]), "tensor_bytes": BW_TENSOR_BYTES,
-            "sized_read_us": {n: us for n, us in sized.items() if us is not None}}
+            "sized_read_us": {n: us for n, us in sized.items() if us is not None},
+            "chain_read_us": chain, "chain_read_bytes": SIZED_READ_BYTES[0]}
 
 
-def sized_read_us(timer: Timer, part: torch.Tensor) -> float | None:
-    """A CUDA-graph replay of the better of sum / amax over `part`, timed as every op is (L2
-    cleared first): what reading that many bytes costs alone, launch and ramp-up included."""
+def sized_read_us(timer: Timer, *parts: torch.Tensor) -> float | None:
+    """A CUDA-graph replay of the better of sum / amax over each of `parts` in turn (one kernel
+    each, back to back), timed as every op is (L2 cleared first): what reading those bytes costs
+    alone, launches and ramp-up included."""
     times = []
-    for fn in (part.sum, part.amax):
-        graph, _, _ = timer.capture(fn)
+    for name in ("sum", "amax"):
+        graph, _, _ = timer.capture(lambda name=name: [getattr(part, name)() for part in parts])
         if graph is not None:
             times.append(timer.us(graph.replay))
     return min(times) if times else None
@@ -877,10 +881,12 @@ def sparse_targets(rows: list[Row], n: int, bs: list[int], read_bw: float | None
     return out
 
 
-def layers_targets(rows: list[Row], n: int) -> list[Target]:
+def layers_targets(rows: list[Row], n: int, chain_read_us: float | None = None) -> list[Target]:
+    """With `chain_read_us` (16 bare reads of one layer's bytes back to back), that floor beside it."""
     row = find_row(rows, "layers", n, 1)
     us = row.ours.graph_us if row and row.ours else None
-    return [Target(f"{LAYERS} layers B=1, CUDA graph", fmt(us, 1, " us") + with_eager(row), "< 60 us",
+    floor = f"; {LAYERS} bare reads of its bytes: {chain_read_us:.1f} us" if chain_read_us else ""
+    return [Target(f"{LAYERS} layers B=1, CUDA graph", fmt(us, 1, " us") + with_eager(row) + floor, "< 60 us",
                    verdict(us, us is not None and us < 60.0, row))]
 
 
@@ -910,9 +916,12 @@ def dense_targets(rows: list[Row], n: int, bs: list[int]) -> list[Target]:
 
 
 def evaluate_targets(rows: list[Row], ns: list[int], bs: list[int], read_bw: float | None,
-                     sized: dict[int, float] | None = None) -> tuple[int, list[Target]]:
+                     bandwidth: dict[str, Any] | None = None) -> tuple[int, list[Target]]:
+    """Verdicts at the target N; `bandwidth` (measure_bandwidth's) adds the bare-read floors."""
     n = TARGET_N if TARGET_N in ns else max(ns)
-    targets = sparse_targets(rows, n, bs, read_bw, sized) + layers_targets(rows, n) + topk_targets(rows, n)
+    bw = bandwidth or {}
+    targets = (sparse_targets(rows, n, bs, read_bw, bw.get("sized_read_us"))
+               + layers_targets(rows, n, bw.get("chain_read_us")) + topk_targets(rows, n))
     return n, targets + dense_targets(rows, n, bs)
 
 
@@ -1043,6 +1052,9 @@ def print_bandwidth(report: Report, bw: dict[str, float] | None) -> None:
     report.line(f"bandwidth ({bw['tensor_bytes'] / 2**30:.0f} GiB bf16): copy {bw['copy_gbps']:.0f} GB/s "
                 f"(read+write), sum {bw['sum_gbps']:.0f} GB/s, amax {bw['amax_gbps']:.0f} GB/s "
                 f"-> read BW {bw['read_bw_gbps']:.0f} GB/s")
+    if bw.get("chain_read_us"):
+        report.line(f"  {LAYERS} bare reads of {bw['chain_read_bytes'] / 2**20:.0f} MiB each, back to back in one "
+                    f"graph: {bw['chain_read_us']:.1f} us ({bw['chain_read_us'] / LAYERS:.2f} us each)")
     for nbytes, us in bw.get("sized_read_us", {}).items():
         gbps = nbytes / (us * 1e-6) / 1e9
         report.line(f"  a bare read of {nbytes / 2**20:.0f} MiB alone (sum/amax, CUDA graph): {us:.1f} us = "
@@ -1121,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     print_bandwidth(report, bandwidth)
     rows, skipped = run_grid(ctx, ns, bs, ops, args.budget_s)
     print_tables(report, rows, ctx.read_bw)
-    target_n, targets = evaluate_targets(rows, ns, bs, ctx.read_bw, (bandwidth or {}).get("sized_read_us"))
+    target_n, targets = evaluate_targets(rows, ns, bs, ctx.read_bw, bandwidth)
     print_targets(report, target_n, targets)
     ratios = step_ratios(rows, ns, bs)
     print_step_ratios(report, ratios)

@@ -224,13 +224,11 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
     keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
     want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
-    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH",
-             "SPIN_LOADS")
+    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH")
     saved = {name: getattr(it, name) for name in names}
     it.SMALL_BATCH = 0  # COOP_CONFIG at every batch size while sweeping
-    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight[, barriers spin on loads])
-    for mode, shape, per_sm, ahead, *spin in variants or TOPK_VARIANTS:
-        it.SPIN_LOADS = spin[0] if spin else saved["SPIN_LOADS"]
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
+    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1], ahead), per_sm, True
         else:
@@ -250,7 +248,7 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "ahead": ahead, "spin_loads": it.SPIN_LOADS,
+                        "ahead": ahead,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": stages})
@@ -460,8 +458,8 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
 
 
 # index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-TUNE_TOPK = [("coop", (64, 4, 1), 4, 1, True), ("coop", (64, 4, 1), 4, 1, False), ("coop", (32, 4, 1), 4, 2, True),
-             ("coop", (32, 4, 1), 4, 2, False), ("coop", (64, 4, 1), 3, 1, True)]
+TUNE_TOPK = [("coop", (64, 4, 1), 4, 1), ("coop", (32, 4, 1), 4, 2), ("coop", (128, 8, 1), 2, 1),
+             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
 # sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
 # ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
 TUNE_SPARSE = {
@@ -501,8 +499,7 @@ def tune_sweep(args: argparse.Namespace) -> None:
           f" {'%BW':>6}  phases")
     for r in results:
         if r["op"] == "topk-var":
-            spin = "loads" if r["spin_loads"] else "atomics"
-            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']} spin {spin}"
+            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
             print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
                   f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
                   f" {'':>6}  {r['stages_us']}")
