@@ -171,6 +171,10 @@ def main() -> None:
     parser.add_argument("--flush-check", action="store_true", help="write- vs read-flush timings, sparse configs")
     parser.add_argument("--wide", action="store_true", help="the wide sparse kernel against the per-head one")
     parser.add_argument("--tune", action="store_true", help="index_topk and sparse variants (tune_sweep)")
+    parser.add_argument("--cases", type=lambda v: [tuple(int(x) for x in c.split(":")) for c in v.split(",")],
+                        default=[(131072, 1), (131072, 8), (131072, 32), (8192, 1), (32768, 1)],
+                        help="with --tune: N:B cases for index_topk (sparse runs at N = 128K for --batches)")
+    parser.add_argument("--no-stages", action="store_true", help="with --tune: skip index_topk's time per phase")
     parser.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     args = parser.parse_args()
     if args.tune:
@@ -217,7 +221,8 @@ TOPK_VARIANTS = [("coop", (64, 4, 1), 4, 1), ("coop", (64, 4, 1), 3, 1), ("coop"
                  ("four", (64, 4, 1), 8, 1), ("four", (64, 4, 1), 16, 1)]
 
 
-def topk_variants(case: dict, batch: int, n: int, results: list, variants: list | None = None) -> None:
+def topk_variants(case: dict, batch: int, n: int, results: list, variants: list | None = None,
+                  stages: bool = True) -> None:
     """index_topk in one cooperative launch under several shapes, and in four launches; each
     checked against torch.topk, then timed; the cooperative scoring phase alone for the floor."""
     tt = importlib.import_module("kernels.triton_topk")
@@ -243,7 +248,7 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             chain = graph_us(lambda: [index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)
                                       for _ in range(8)]) / 8
             clean = int(tt._WORKSPACE[got.device].count_nonzero())
-            stages = topk_stages(case, batch, tt, mode == "coop")
+            phases = topk_stages(case, batch, tt, mode == "coop") if stages else []
         except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
@@ -251,7 +256,7 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
                         "ahead": ahead,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
-                        "overlap": overlap, "workspace_nonzero": clean, "stages_us": stages})
+                        "overlap": overlap, "workspace_nonzero": clean, "stages_us": phases})
         print(results[-1], flush=True)
     for name, value in saved.items():
         setattr(it, name, value)
@@ -487,9 +492,9 @@ def tune_sweep(args: argparse.Namespace) -> None:
     print(f"read BW (sum over 4 GiB) {read_bw:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for n, batch in ((131072, 1), (131072, 8), (131072, 32), (8192, 1), (32768, 1)):
+    for n, batch in args.cases:
         case = paged_case(batch, n, gen)
-        topk_variants(case, batch, n, results, TUNE_TOPK if n == 131072 else TUNE_TOPK[:2])
+        topk_variants(case, batch, n, results, TUNE_TOPK if n == 131072 else TUNE_TOPK[:2], stages=not args.no_stages)
         if n == 131072 and batch in args.batches:
             _tune_sparse(case, batch, read_bw, results)
         (out / "tune.json").write_text(json.dumps(results, indent=1))
