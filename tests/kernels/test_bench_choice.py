@@ -54,3 +54,17 @@ def test_benchmark_runs_with_the_sweeps_choice(tmp_path: Path) -> None:
     report = (tmp_path / "kernels.txt").read_text()
     assert "wide [4, 2, 1, 1, 1] (tokens, heads, warps, stages, programs/SM) at B >= 8" in report
     assert json.loads((tmp_path / "kernels.json").read_text())
+
+
+def test_kernel_plot_from_the_committed_h200_run(tmp_path: Path) -> None:
+    """bench/plot_kernels.py draws the committed benchmark JSON (the figure in docs/kernels.md)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "kernels.png"
+    done = subprocess.run([sys.executable, str(root / "bench" / "plot_kernels.py"),
+                           str(root / "bench" / "results" / "kernels.json"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
