@@ -422,16 +422,24 @@ def wide_sweep(args: argparse.Namespace) -> None:
               f"{r['us_per_call_of_16']:>10.2f} {r['pct_bw_chain']:>6.1f}")
 
 
-def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list) -> None:
-    scale = 1 / math.sqrt(D)
-    case = paged_case(batch, 131072, gen)
+def _chain_inputs(case: dict, batch: int) -> tuple[torch.Tensor, list, torch.Tensor, int]:
+    """For timing one sparse layer alone and 16 in a chain: the reference output of the case's
+    layer, the distinct K/V caches the chain cycles through (L2-cold rows, as in a model whose
+    GEMMs evict L2; fewer at large B to bound memory), 16 queries, and one layer's bytes."""
     ref = sparse_decode_attention_reference(case["q"], case["k"], case["v"], case["table"], case["lens"],
-                                            case["idx"], scale).float()
+                                            case["idx"], 1 / math.sqrt(D)).float()
     n_caches = {1: 16, 8: 4}.get(batch, 1)
     caches = [(case["k"], case["v"])] + [(torch.randn_like(case["k"]), torch.randn_like(case["v"]))
                                          for _ in range(n_caches - 1)]
     qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
-    nbytes = batch * K * HKV * D * 2 * 2
+    return ref, caches, qs, batch * K * HKV * D * 2 * 2
+
+
+def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list) -> None:
+    scale = 1 / math.sqrt(D)
+    case = paged_case(batch, 131072, gen)
+    ref, caches, qs, nbytes = _chain_inputs(case, batch)
+    n_caches = len(caches)
     saved = da.WIDE_MIN_BATCH, da.WIDE_CONFIG, da.PDL_MAX_BATCH
     for variant in [None, *WIDE_VARIANTS]:
         name = "per-head (default)" if variant is None else "wide " + str(list(variant))
@@ -515,13 +523,8 @@ def tune_sweep(args: argparse.Namespace) -> None:
 
 def _tune_sparse(case: dict, batch: int, read_bw: float, results: list) -> None:
     scale = 1 / math.sqrt(D)
-    ref = sparse_decode_attention_reference(case["q"], case["k"], case["v"], case["table"], case["lens"],
-                                            case["idx"], scale).float()
-    n_caches = {1: 16, 8: 4}.get(batch, 1)
-    caches = [(case["k"], case["v"])] + [(torch.randn_like(case["k"]), torch.randn_like(case["v"]))
-                                         for _ in range(n_caches - 1)]
-    qs = torch.randn(16, *case["q"].shape, device="cuda", dtype=torch.bfloat16)
-    nbytes = batch * K * HKV * D * 2 * 2
+    ref, caches, qs, nbytes = _chain_inputs(case, batch)
+    n_caches = len(caches)
     names = ("SMALL_BATCH", "SPARSE_CONFIG", "SPARSE_WAVES", "WIDE_MIN_BATCH", "WIDE_CONFIG", "PDL_MAX_BATCH")
     saved = {name: getattr(da, name) for name in names}
     for kind, cfg, per_sm, pdl in TUNE_SPARSE[batch]:
