@@ -76,7 +76,7 @@ def _check(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # (bench/sweep_kernels.py; docs/kernels.md). One fixed configuration when interpreting (no
 # autotuning there); the tests run both merge paths. Sparse attention at up to SMALL_BATCH
 # sequences (SPARSE_SMALL_*) is latency, not bytes: its splits are merged by the last one to
-# finish, so a layer is one launch (16 layers at B=1: 91 us against 99 with a merge kernel).
+# finish, so a layer is one launch (16 layers at B=1: 90 us against 99 with a merge kernel).
 SPARSE_CONFIG = (64, 4, 2, False)
 SPARSE_SMALL_CONFIG = (64, 4, 1, True)
 SMALL_BATCH = 1
@@ -94,8 +94,9 @@ PDL_MAX_BATCH = 1
 # The wide sparse kernel at WIDE_MIN_BATCH sequences or more: one program per (sequence, group of
 # KV heads, split), each selected token's rows of the group's heads read as one contiguous piece.
 # (BLOCK_N tokens, KV heads per program, num_warps, num_stages, programs per SM). Measured on the
-# H200 (bench/sweep_kernels.py --wide, --tune): groups of 2-8 heads lose to one head per program
-# (reading 2 KB per token instead of 256 B bought nothing); with one head, 64 tokens a block and
+# H200 (bench/sweep_kernels.py --wide, --tune): groups of 8 heads lose to one head per program by
+# 17-68%, groups of 2 and 4 tie or lose (reading 2 KB per token instead of 256 B bought nothing);
+# with one head, 64 tokens a block and
 # two splits per (sequence, head) at B=32 it beats the per-head kernel's planning (82 us against
 # 87 at 128K), and ties it at B=8; it loses at B=1.
 WIDE_CONFIG = (64, 1, 4, 2, 4)

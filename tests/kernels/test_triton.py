@@ -241,10 +241,12 @@ def test_sparse_wide_kernel_any_heads_per_program(heads: int, monkeypatch: pytes
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_dense_decode_attention_merges_many_splits(monkeypatch: pytest.MonkeyPatch) -> None:
-    # More splits than the merge sums at once (MERGE_CHUNK): the chunked merge path.
+    # More splits than one program reads at once (MERGE_ELEMS): the fused merge sums them
+    # MERGE_CHUNK at a time, the merge kernel gives each program a narrower slice of d.
     monkeypatch.setattr(decode_attention, "DENSE_WAVES", 1000)
-    k_cache, table, seq_lens = _paged([1000, 40, 700], (2, 64), torch.float32, seed=11)
+    k_cache, table, seq_lens = _paged([2100, 40, 700], (2, 64), torch.float32, seed=11)  # 132 splits of 16
     v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
     q = torch.randn(3, 8, 64).to(DEVICE)
     out = torch.full_like(q, float("nan"))
