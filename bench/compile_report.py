@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import runpy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -115,10 +116,17 @@ def collect() -> list[dict]:
     return rows
 
 
-WIDE_VARIANTS = [  # (BLOCK_N tokens, KV heads per program, warps, stages, programs per SM): the sweeps' shapes
-    (8, 8, 4, 3, 2), (16, 8, 4, 2, 1), (8, 4, 4, 3, 4), (16, 4, 4, 2, 4), (32, 2, 4, 2, 4), (64, 2, 4, 2, 4),
-    (32, 2, 4, 3, 4), (64, 1, 4, 2, 4),
-]
+def _swept_wide_shapes() -> list[tuple[int, ...]]:
+    """(BLOCK_N tokens, KV heads per program, warps, stages, programs per SM) of every wide-kernel
+    variant that bench/sweep_kernels.py times (--wide and --tune), read from that script."""
+    sweep = runpy.run_path(str(Path(__file__).with_name("sweep_kernels.py")))
+    shapes = [tuple(v[:5]) for v in sweep["WIDE_VARIANTS"]]
+    shapes += [tuple(cfg) for variants in sweep["TUNE_SPARSE"].values() for kind, cfg, _, _ in variants
+               if kind == "wide"]
+    return list(dict.fromkeys(shapes))
+
+
+WIDE_VARIANTS = _swept_wide_shapes()
 
 
 def _row(op: str, batch: int, variant: str, default: bool, c: Compiled) -> dict:

@@ -153,8 +153,12 @@ def _keys_at(kidx_ptr, rows, stride_kr, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _score_full(keys, q, scores_row, n0, lane_max, coarse_row, meta_row, flush, BLOCK_N: tl.constexpr):
-    """Score one full block, store it, fold it into the lane maxima; publish them at a sub-chunk's end."""
+def _score_full(keys, q, scores_row, start, i, n_full, per_sub, lane_max, coarse_row, meta_row,
+                BLOCK_N: tl.constexpr):
+    """Score full block i of the chunk at `start`, store it, fold it into the lane maxima; publish
+    them at a sub-chunk's end (every per_sub blocks, and after the last)."""
+    n0 = start + i * BLOCK_N
+    flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
     scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1)
     tl.store(scores_row + n0 + tl.arange(0, BLOCK_N), scores)
     lane_max = tl.maximum(lane_max, _digit(scores))
@@ -186,22 +190,20 @@ def _score_phase(q_row, kidx_ptr, block_table_row, scores_row, coarse_row, meta_
         if AHEAD == 1:
             rows_next = _block_rows(block_table_row, tl.minimum(start + BLOCK_N, last) + offs_n, PAGE)
             for i in range(0, n_full):
-                n0 = start + i * BLOCK_N
                 keys_next = _keys_at(kidx_ptr, rows_next, stride_kr, D, BLOCK_D)
-                rows_next = _block_rows(block_table_row, tl.minimum(n0 + 2 * BLOCK_N, last) + offs_n, PAGE)
-                flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
-                lane_max = _score_full(keys, q, scores_row, n0, lane_max, coarse_row, meta_row, flush, BLOCK_N)
+                rows_next = _block_rows(block_table_row, tl.minimum(start + (i + 2) * BLOCK_N, last) + offs_n, PAGE)
+                lane_max = _score_full(keys, q, scores_row, start, i, n_full, per_sub, lane_max, coarse_row,
+                                       meta_row, BLOCK_N)
                 keys = keys_next
         else:
             keys_1 = _keys_at(kidx_ptr, _block_rows(block_table_row, tl.minimum(start + BLOCK_N, last) + offs_n, PAGE),
                               stride_kr, D, BLOCK_D)
             rows_next = _block_rows(block_table_row, tl.minimum(start + 2 * BLOCK_N, last) + offs_n, PAGE)
             for i in range(0, n_full):
-                n0 = start + i * BLOCK_N
                 keys_2 = _keys_at(kidx_ptr, rows_next, stride_kr, D, BLOCK_D)
-                rows_next = _block_rows(block_table_row, tl.minimum(n0 + 3 * BLOCK_N, last) + offs_n, PAGE)
-                flush = ((i + 1) % per_sub == 0) | (i == n_full - 1)
-                lane_max = _score_full(keys, q, scores_row, n0, lane_max, coarse_row, meta_row, flush, BLOCK_N)
+                rows_next = _block_rows(block_table_row, tl.minimum(start + (i + 3) * BLOCK_N, last) + offs_n, PAGE)
+                lane_max = _score_full(keys, q, scores_row, start, i, n_full, per_sub, lane_max, coarse_row,
+                                       meta_row, BLOCK_N)
                 keys = keys_1
                 keys_1 = keys_2
     if full_end < end:
