@@ -229,28 +229,18 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
     keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
     want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
-    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH",
-             "RANK_MAX_BATCH")
+    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH")
     saved = {name: getattr(it, name) for name in names}
-    saved_cols = tt.RANK_COLS
     it.SMALL_BATCH = 0  # COOP_CONFIG at every batch size while sweeping
-    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight[, rank select's
-    # RANK_COLS, 0 = the histogram select])
-    for mode, shape, per_sm, ahead, *rank in variants or TOPK_VARIANTS:
-        rank_cols = rank[0] if rank else 0
-        it.RANK_MAX_BATCH = (1 << 30) if rank_cols else 0
-        tt.RANK_COLS = rank_cols or saved_cols
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
+    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1], ahead), per_sm, True
         else:
             it.TOPK_CONFIG, it.TOPK_WAVES, it.COOPERATIVE = (*shape, 8, ahead), per_sm, False
-        it._NO_COOP.clear()  # a variant whose grid was refused must not send the next ones to four launches
         try:
             got = index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)
             torch.cuda.synchronize()
-            if mode == "coop" and it._NO_COOP:
-                print("topk variant: the cooperative grid was refused:", shape, per_sm, flush=True)
-                continue
             overlap = min(len(set(got[b].tolist()) & set(want[b].tolist())) / K for b in range(batch))
             us = graph_us(lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K))
             eager = 1000 * triton.testing.do_bench(
@@ -260,23 +250,22 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             clean = int(tt._WORKSPACE[got.device].count_nonzero())
             phases = topk_stages(case, batch, tt, mode == "coop") if stages else []
         except Exception as e:  # noqa: BLE001 -- an experiment: report and go on
-            print("topk variant failed:", mode, shape, per_sm, rank_cols, repr(e)[:300], flush=True)
+            print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "ahead": ahead, "rank_cols": rank_cols,
+                        "ahead": ahead,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": phases})
         print(results[-1], flush=True)
     for name, value in saved.items():
         setattr(it, name, value)
-    tt.RANK_COLS = saved_cols
 
 
 def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
-    """Graph time of index_topk's phases 1..p run as separate launches (p = 1 .. the finish: 4, or
-    5 with the rank select) with the current configuration's grid, minus a graph of only the
-    workspace memset that restores the zeros a skipped finish would have restored."""
+    """Graph time of index_topk's phases 1..p run as separate launches (p = 1, 2, 3, 4) with the
+    current configuration's grid, minus a graph of only the workspace memset that restores the
+    zeros a skipped phase 4 would have restored."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if coop:
         block_n, warps, stages, fwarps, ahead = it.COOP_CONFIG
@@ -286,19 +275,17 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
         members = it._cdiv(it.TOPK_WAVES * sms, batch)
     out = torch.empty((batch, K), dtype=torch.int32, device="cuda")
     work = tt.workspace(batch, out.device)
-    survivors = max(it.RANK_SURVIVORS, K) if batch <= it.RANK_MAX_BATCH else 0
-    finish = 5 if survivors else 4
 
     def phases(upto: int) -> None:
         tt.launch_index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, n_members=members,
                              cooperative=False, block_n=block_n, num_warps=warps, num_stages=stages,
                              finish_warps=fwarps, lanes_per_row=it.LANES_PER_K * K, last_phase=upto,
-                             ahead=ahead, rank_survivors=survivors)
-        if upto < finish:
+                             ahead=ahead)
+        if upto < 4:
             work.zero_()
 
     zero = graph_us(lambda: work.zero_())
-    times = [round(graph_us(lambda p=p: phases(p)) - (zero if p < finish else 0.0), 1) for p in range(1, finish + 1)]
+    times = [round(graph_us(lambda p=p: phases(p)) - (zero if p < 4 else 0.0), 1) for p in (1, 2, 3, 4)]
     work.zero_()
     return times
 
@@ -484,8 +471,8 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
 
 
 # index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-TUNE_TOPK = [("coop", (32, 4, 1), 4, 2), ("coop", (32, 4, 1), 4, 2, 256), ("coop", (32, 4, 1), 4, 2, 1024),
-             ("coop", (64, 4, 1), 4, 1), ("coop", (64, 4, 1), 4, 1, 256), ("coop", (64, 4, 1), 4, 1, 1024)]
+TUNE_TOPK = [("coop", (64, 4, 1), 4, 1), ("coop", (32, 4, 1), 4, 2), ("coop", (128, 8, 1), 2, 1),
+             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
 # sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
 # ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
 TUNE_SPARSE = {
@@ -515,7 +502,7 @@ def tune_sweep(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for n, batch in args.cases:
         case = paged_case(batch, n, gen)
-        topk_variants(case, batch, n, results, TUNE_TOPK if n == 131072 else TUNE_TOPK[:3], stages=not args.no_stages)
+        topk_variants(case, batch, n, results, TUNE_TOPK if n == 131072 else TUNE_TOPK[:2], stages=not args.no_stages)
         if n == 131072 and batch in args.batches:
             _tune_sparse(case, batch, read_bw, results)
         (out / "tune.json").write_text(json.dumps(results, indent=1))
@@ -525,8 +512,7 @@ def tune_sweep(args: argparse.Namespace) -> None:
           f" {'%BW':>6}  phases")
     for r in results:
         if r["op"] == "topk-var":
-            name = (f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
-                    f"{' rank/' + str(r['rank_cols']) if r.get('rank_cols') else ''}")
+            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
             print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
                   f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
                   f" {'':>6}  {r['stages_us']}")

@@ -24,17 +24,7 @@ chunk of positions, in four phases:
    padded with -1. It then zeroes the histogram bins and counters the row touched, so the
    workspace is all zeros again for the next call (no memset launch).
 
-Rank select (`rank_survivors` > 0, for few rows): phases 2-3 become two shorter ones with no
-histogram. 2: each member appends its scores in bins >= c to the row's survivor list as (order key
-<< 32 | position) int64 - about 1.3 k of them for Gaussian-like scores. 3: the members split the
-list, and each counts, for each of its survivors, how many survivors are larger: that rank (unique,
-ties broken by position) is below k exactly for the top k, and is the output slot, so there is
-nothing left to resolve and no atomics. The counting is O(survivors^2) work over all members -
-about 2 us of arithmetic at B=1, 128K - so it is for few rows; a row with more survivors than the
-list holds (all scores nearly equal, say) takes the histogram path instead: hist, select and
-finish, one more barrier.
-
-Cooperative mode runs the phases in ONE launch: B x G programs all resident at once (a
+Cooperative mode runs the four phases in ONE launch: B x G programs all resident at once (a
 cooperative launch, sized to fit), the members of a row meet at two barriers (an atomic counter
 they spin on) and the last one through phase 3 runs phase 4. Otherwise (more rows than fit, or
 the interpreter, which runs programs one by one) each phase is its own launch over the same code.
@@ -58,13 +48,10 @@ LOW_BINS = 256  # each of the two low 8-bit digits
 RANK_BLOCK = 128  # candidates at the threshold digit resolved by a sort in registers (else by digits)
 FINISH_BLOCK = 1024
 SWEEP_BLOCK = 512  # scores per step of the histogram phase (1,024 spilled 8 B at 128 registers)
-RANK_ROWS = 8  # survivors one rank-select step ranks at once
-RANK_COLS = 256  # survivors they are compared against at once
 # Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
 # 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
-# digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound, 10 survivors.
+# digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
 META = 16
-INT64_MIN = tl.constexpr(-9223372036854775808)
 ROW_WORDS = HIST_BINS + COARSE_BINS + META
 
 
@@ -280,42 +267,6 @@ def _select_phase(scores_row, hist_row, meta_row, kept_ptr, n_kept, cand_row, ou
 
 
 @triton.jit
-def _compact_phase(scores_row, surv_row, meta_row, bound, start, end, max_survivors, BLOCK: tl.constexpr):
-    """Scores with digit >= bound onto the row's survivor list as (order key << 32 | position),
-    one atomic per block reserving slots; the count in meta slot 10 goes on past max_survivors
-    (those are not stored: the row then takes the histogram path)."""
-    for n0 in range(start, end, BLOCK):
-        pos = n0 + tl.arange(0, BLOCK)
-        valid = pos < end
-        key = _order_key(tl.load(scores_row + pos, mask=valid, other=0.0))
-        keep = valid & ((key >> 16) + 32768 >= bound)
-        n_keep = tl.sum(keep.to(tl.int32), axis=0)
-        if n_keep > 0:
-            slot = tl.atomic_add(meta_row + 10, n_keep, sem="relaxed") + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            packed = (key.to(tl.int64) << 32) | pos.to(tl.int64)
-            tl.store(surv_row + slot, packed, mask=keep & (slot < max_survivors))
-
-
-@triton.jit
-def _rank_phase(surv_row, out_row, n_surv, k, member, n_members, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """This member's share of the survivors, each written to the output slot of its rank (the
-    number of larger survivors; all are distinct) when that is below k."""
-    share = tl.cdiv(n_surv, n_members)
-    lo = member * share
-    hi = tl.minimum(lo + share, n_surv)
-    for i0 in range(lo, hi, ROWS):
-        offs_i = i0 + tl.arange(0, ROWS)
-        mine_ok = offs_i < hi
-        mine = tl.load(surv_row + offs_i, mask=mine_ok, other=0, cache_modifier=".cg")
-        rank = tl.zeros([ROWS], tl.int32)
-        for j0 in range(0, n_surv, COLS):
-            offs_j = j0 + tl.arange(0, COLS)
-            other = tl.load(surv_row + offs_j, mask=offs_j < n_surv, other=INT64_MIN, cache_modifier=".cg")
-            rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), axis=1)
-        tl.store(out_row + rank, mine.to(tl.int32), mask=mine_ok & (rank < k))  # the low 32 bits: position
-
-
-@triton.jit
 def _candidates(cand_row, scores_row, n0, n_cand, BLOCK: tl.constexpr):
     """Candidates n0 .. n0 + BLOCK of a row: (positions, order keys, valid mask)."""
     j = n0 + tl.arange(0, BLOCK)
@@ -377,11 +328,10 @@ def _zero(ptr, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k, ranked,
+def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
                   RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, META_WORDS: tl.constexpr):
-    """One program per row: the candidates at the threshold digit take the slots left (unless the
-    rank select has filled them all: `ranked`), then what the row touched of the workspace is
-    zeroed for the next call."""
+    """One program per row: the candidates at the threshold digit take the slots left, then what the
+    row touched of the workspace is zeroed for the next call."""
     max_digit = tl.load(meta_row, cache_modifier=".cg")
     n_cand = tl.load(meta_row + 2, cache_modifier=".cg")
     min_lane = 65535 - tl.load(meta_row + 3, cache_modifier=".cg")
@@ -391,8 +341,6 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
         for n0 in range(0, k, BLOCK):
             slot = n0 + tl.arange(0, BLOCK)
             tl.store(out_row + slot, tl.where(slot < seq_len, slot, -1), mask=slot < k)
-    elif ranked:
-        _zero(coarse_row, min_lane >> 4, (max_digit >> 4) + 1, BLOCK)
     else:
         if n_cand <= RANK:
             _resolve_by_sort(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK)
@@ -406,18 +354,15 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
 
 @triton.jit
 def _topk_kernel(
-    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, work_ptr, cand_ptr, kept_count_ptr, surv_ptr,
-    out_ptr, k, chunk_size, sub_chunk, n_members, max_survivors,
-    stride_qb, stride_kr, stride_btb, stride_sb, stride_wb, stride_cb, stride_nb, stride_vb, stride_ob,
+    q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, work_ptr, cand_ptr, kept_count_ptr, out_ptr,
+    k, chunk_size, sub_chunk, n_members,
+    stride_qb, stride_kr, stride_btb, stride_sb, stride_wb, stride_cb, stride_nb, stride_ob,
     PHASE: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SWEEP_BLOCK: tl.constexpr, SCAN: tl.constexpr, RANK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
     BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr, AHEAD: tl.constexpr,
-    RANK_SELECT: tl.constexpr, RANK_ROWS_: tl.constexpr, RANK_COLS_: tl.constexpr,
 ):
-    """PHASE 0: every phase in one cooperative launch, grid (B, n_members), every program resident
-    at once. Otherwise one phase per launch: 1 score, 2 hist, 3 select on grid (B, n_members), 4
-    finish on grid (B, 1); with RANK_SELECT: 1 score, 2 compact, 3 rank (or hist), 4 select (rows
-    that took the histogram path), 5 finish."""
+    """PHASE 0: all four phases in one cooperative launch, grid (B, n_members), every program
+    resident at once. PHASE 1, 2, 3: that phase alone, grid (B, n_members); PHASE 4: grid (B, 1)."""
     b = tl.program_id(0)
     member = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -430,10 +375,8 @@ def _topk_kernel(
     kept_ptr = cand_ptr + b * stride_cb + start  # this member's kept positions: the list's first half
     cand_row = cand_ptr + b * stride_cb + stride_sb  # the threshold digit's candidates: its second half
     kept_count = kept_count_ptr + b * stride_nb + member
-    surv_row = surv_ptr + b * stride_vb
     out_row = out_ptr + b * stride_ob
     busy = (seq_len > k) & (start < seq_len)
-    FINISH: tl.constexpr = 5 if RANK_SELECT else 4
 
     if (PHASE == 0) | (PHASE == 1):
         if busy:
@@ -444,43 +387,21 @@ def _topk_kernel(
     if (PHASE == 0) | (PHASE == 2):
         if busy:
             bound = _row_bound(coarse_row, meta_row, k, SCAN)
-            if member == 0:  # for the histogram path and the finishing program's clean-up
+            if member == 0:  # for the finishing program's clean-up
                 tl.store(meta_row + 9, bound)
-            if RANK_SELECT:
-                _compact_phase(scores_row, surv_row, meta_row, bound, start, end, max_survivors, SWEEP_BLOCK)
-            else:
-                tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK))
+            tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK))
     if PHASE == 0:
         _arrive_and_wait(meta_row + 7, 2 * n_members)
-    ranked = False
-    if RANK_SELECT:
-        n_surv = tl.load(meta_row + 10, cache_modifier=".cg")  # the same for every member
-        overflow = n_surv > max_survivors
-        ranked = n_surv <= max_survivors
-        if (PHASE == 0) | (PHASE == 3):
-            if ranked & (seq_len > k):  # every member ranks a share, also those past the row's end
-                _rank_phase(surv_row, out_row, n_surv, k, member, n_members, RANK_ROWS_, RANK_COLS_)
-            if busy & overflow:
-                bound = tl.load(meta_row + 9, cache_modifier=".cg")
-                tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK))
-        if PHASE == 0:
-            if overflow:
-                _arrive_and_wait(meta_row + 7, 3 * n_members)
-        if (PHASE == 0) | (PHASE == 4):
-            if busy & overflow:
-                _select_phase(scores_row, hist_row, meta_row, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
-                              member == 0, SWEEP_BLOCK, SCAN)
-    else:
-        if (PHASE == 0) | (PHASE == 3):
-            if busy:
-                _select_phase(scores_row, hist_row, meta_row, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
-                              member == 0, SWEEP_BLOCK, SCAN)
-    finisher = PHASE == FINISH
+    if (PHASE == 0) | (PHASE == 3):
+        if busy:
+            _select_phase(scores_row, hist_row, meta_row, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
+                          member == 0, SWEEP_BLOCK, SCAN)
+    finisher = PHASE == 4
     if PHASE == 0:
         tl.debug_barrier()
         finisher = tl.atomic_add(meta_row + 8, 1, sem="acq_rel", scope="gpu") == n_members - 1
-    if finisher:  # the last member of the row to get here, or the single program of the finish launch
-        _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k, ranked,
+    if finisher:  # the last member of the row to get here, or the single program of PHASE 4
+        _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
                       RANK, FINISH_BLOCK, BINS, META_WORDS)
 
 
@@ -501,17 +422,15 @@ def workspace(batch: int, device: torch.device) -> torch.Tensor:
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, n_members: int, cooperative: bool,
                       block_n: int, num_warps: int, num_stages: int, finish_warps: int, lanes_per_row: int,
-                      max_registers: int | None = None, last_phase: int | None = None, ahead: int = 1,
-                      rank_survivors: int = 0) -> None:
+                      max_registers: int | None = None, last_phase: int = 4, ahead: int = 1) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32.
 
     `n_members` programs per row, each a chunk of whole BLOCK_N blocks. `cooperative`: one launch,
     B x n_members programs all resident (the caller sizes it to the SM count; `max_registers` caps
-    the registers per thread so that they fit); otherwise one per phase. Sub-chunks are sized so
-    that a full row publishes about `lanes_per_row` lane maxima; `ahead` (1 or 2) blocks of keys are
-    in flight while one is scored. `rank_survivors` > 0: the rank select, with a survivor list of
-    that many per row. `last_phase` below the finish (phase-by-phase launches only, for timing the
-    phases) stops early and leaves the workspace for the caller to zero."""
+    the registers per thread so that they fit); otherwise four. Sub-chunks are sized so that a
+    full row publishes about `lanes_per_row` lane maxima; `ahead` (1 or 2) blocks of keys are in
+    flight while one is scored. `last_phase` < 4 (four launches only, for timing the phases) stops
+    early and leaves the workspace for the caller to zero."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
     max_len = block_table.shape[1] * page
@@ -525,24 +444,21 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     # per row: each member's kept positions (at its chunk's offset), then the candidates at T
     listed = torch.empty((batch, 2 * scores.stride(0)), dtype=torch.int32, device=device)
     kept_counts = torch.empty((batch, n_members), dtype=torch.int32, device=device)
-    survivors = torch.empty((batch, max(1, rank_survivors)), dtype=torch.int64, device=device)
     work = workspace(batch, device)
-    args = (q_idx, k_idx_cache, block_table, seq_lens, scores, work, listed, kept_counts, survivors, out,
-            k, chunk, sub_chunk, n_members, rank_survivors,
+    args = (q_idx, k_idx_cache, block_table, seq_lens, scores, work, listed, kept_counts, out,
+            k, chunk, sub_chunk, n_members,
             q_idx.stride(0), k_idx_cache.stride(1), block_table.stride(0), scores.stride(0), work.stride(0),
-            listed.stride(0), kept_counts.stride(0), survivors.stride(0), out.stride(0))
+            listed.stride(0), kept_counts.stride(0), out.stride(0))
     consts = dict(D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim),
                   SWEEP_BLOCK=min(SWEEP_BLOCK, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
                   FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META,
-                  AHEAD=ahead, RANK_SELECT=rank_survivors > 0, RANK_ROWS_=RANK_ROWS, RANK_COLS_=RANK_COLS)
+                  AHEAD=ahead)
     if cooperative:
         extra = {} if interpreting() else {"launch_cooperative_grid": True, "maxnreg": max_registers}
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
                                          **extra)
         return
-    finish = 5 if rank_survivors > 0 else 4
-    last_phase = finish if last_phase is None else last_phase
-    for phase in range(1, min(last_phase, finish - 1) + 1):
+    for phase in range(1, min(last_phase, 3) + 1):
         _topk_kernel[(batch, n_members)](*args, PHASE=phase, **consts, num_warps=num_warps, num_stages=num_stages)
-    if last_phase >= finish:
-        _topk_kernel[(batch, 1)](*args, PHASE=finish, **consts, num_warps=finish_warps)
+    if last_phase >= 4:
+        _topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=finish_warps)

@@ -60,14 +60,10 @@ TOPK_GRID = [
 ] + [("long-4231", 64, torch.float32), ("long-4231", 300, torch.float32)]  # the interpreter is slow
 
 
-@pytest.fixture(params=[(True, False), (False, False), (True, True), (False, True)],
-                ids=["one-launch", "four-launches", "one-launch-rank", "five-launches-rank"])
+@pytest.fixture(params=[True, False], ids=["one-launch", "four-launches"])
 def topk_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """index_topk cooperatively in one launch, and phase by phase (more rows than SMs); with the
-    histogram select (many rows) and with the rank select (few rows)."""
-    cooperative, rank = request.param
-    monkeypatch.setattr(index_topk_module, "COOPERATIVE", cooperative)
-    monkeypatch.setattr(index_topk_module, "RANK_MAX_BATCH", 1 << 30 if rank else 0)
+    """index_topk cooperatively in one launch, and phase by phase in four (more rows than SMs)."""
+    monkeypatch.setattr(index_topk_module, "COOPERATIVE", request.param)
 
 
 @pytest.mark.usefixtures("topk_path")
@@ -153,25 +149,6 @@ def test_index_topk_resolves_many_candidates_by_their_low_digits(monkeypatch: py
         out = index_topk(q, cache, table, seq_lens, k, backend="triton")
         want = index_topk_reference(q, cache, table, seq_lens, k)
         assert [sorted(r) for r in out.tolist()] == [sorted(r) for r in want.tolist()]
-
-
-@pytest.mark.parametrize("cooperative", [True, False], ids=["one-launch", "five-launches"])
-def test_index_topk_rank_select_full_survivor_list_takes_the_histogram_path(
-        cooperative: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A survivor list of room k: every row with more than k survivors of the coarse filter (all
-    # of these) falls back to the histogram select in the same launch; poisoned output, exact sets.
-    monkeypatch.setattr(index_topk_module, "COOPERATIVE", cooperative)
-    monkeypatch.setattr(index_topk_module, "RANK_MAX_BATCH", 1 << 30)
-    monkeypatch.setattr(index_topk_module, "RANK_SURVIVORS", 1)
-    triton_topk = importlib.import_module("kernels.triton_topk")
-    cache, table, seq_lens = _paged([1000, 290, 3000], (16,), torch.float32, seed=13)
-    for k in (7, 300):
-        q = torch.randn(3, 16, device=DEVICE)
-        out = torch.full((3, k), POISON, dtype=torch.int32, device=DEVICE)
-        index_topk(q, cache, table, seq_lens, k, backend="triton", out=out)
-        want = index_topk_reference(q, cache, table, seq_lens, k)
-        assert [sorted(r) for r in out.tolist()] == [sorted(r) for r in want.tolist()]
-        assert int(triton_topk._WORKSPACE[q.device].count_nonzero()) == 0
 
 
 @pytest.mark.usefixtures("topk_path")
