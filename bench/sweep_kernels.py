@@ -231,16 +231,22 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
     names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH")
     saved = {name: getattr(it, name) for name in names}
+    saved_backoff = tt.BACKOFF_NS
     it.SMALL_BATCH = 0  # COOP_CONFIG at every batch size while sweeping
-    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight[, barrier backoff ns])
+    for mode, shape, per_sm, ahead, *more in variants or TOPK_VARIANTS:
+        backoff = tt.BACKOFF_NS = more[0] if more else saved_backoff
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1], ahead), per_sm, True
         else:
             it.TOPK_CONFIG, it.TOPK_WAVES, it.COOPERATIVE = (*shape, 8, ahead), per_sm, False
+        it._NO_COOP.clear()  # a variant whose grid was refused must not send the next ones to four launches
         try:
             got = index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K)
             torch.cuda.synchronize()
+            if mode == "coop" and it._NO_COOP:
+                print("topk variant: the cooperative grid was refused:", shape, per_sm, flush=True)
+                continue
             overlap = min(len(set(got[b].tolist()) & set(want[b].tolist())) / K for b in range(batch))
             us = graph_us(lambda: index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K))
             eager = 1000 * triton.testing.do_bench(
@@ -253,13 +259,14 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "ahead": ahead,
+                        "ahead": ahead, "backoff_ns": backoff,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": phases})
         print(results[-1], flush=True)
     for name, value in saved.items():
         setattr(it, name, value)
+    tt.BACKOFF_NS = saved_backoff
 
 
 def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
@@ -471,8 +478,8 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
 
 
 # index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-TUNE_TOPK = [("coop", (64, 4, 1), 4, 1), ("coop", (32, 4, 1), 4, 2), ("coop", (128, 8, 1), 2, 1),
-             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
+TUNE_TOPK = [("coop", (32, 4, 1), 4, 2), ("coop", (32, 4, 1), 4, 2, 64), ("coop", (32, 4, 1), 4, 2, 256),
+             ("coop", (64, 4, 1), 4, 1), ("coop", (64, 4, 1), 4, 1, 64), ("coop", (64, 4, 1), 4, 1, 256)]
 # sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
 # ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
 TUNE_SPARSE = {
@@ -512,7 +519,8 @@ def tune_sweep(args: argparse.Namespace) -> None:
           f" {'%BW':>6}  phases")
     for r in results:
         if r["op"] == "topk-var":
-            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
+            name = (f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
+                    f"{' backoff ' + str(r['backoff_ns']) if r.get('backoff_ns') else ''}")
             print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
                   f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
                   f" {'':>6}  {r['stages_us']}")
