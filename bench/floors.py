@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from sweep_kernels import HKV, HQ, PAGE, D, _chain_inputs, graph_us, paged_case
+from sweep_kernels import HKV, HQ, PAGE, D, _chain_inputs, graph_of, graph_us, paged_case
 
+import kernels.triton_attention as ta
 from kernels import SparseDecodeWrapper
 from kernels.decode_attention import SPARSE_SMALL_CONFIG
 
@@ -38,9 +39,13 @@ G = HQ // HKV
 def _floor_kernel(k_ptr, v_ptr, rows_ptr, q_ptr, part_ptr, counter_ptr, out_ptr, split_size, n_splits,
                   stride_kr, stride_kh, LEVEL: tl.constexpr, HKV_: tl.constexpr, G_: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_GM: tl.constexpr, D_: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
-    """LEVEL 0 empty, 1 read, 2 read + q + partial, 3 + merge (see the module docstring). B = 1."""
+                  BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, EARLY: tl.constexpr):
+    """LEVEL 0 empty, 1 read, 2 read + q + partial, 3 + merge (see the module docstring). B = 1.
+    EARLY: the trigger for the next kernel at the start, not after the wait."""
     h = tl.program_id(0)
+    if USE_PDL:
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(1)
     offs_d = tl.arange(0, D_)
     offs_g = tl.arange(0, BLOCK_G)
@@ -53,7 +58,8 @@ def _floor_kernel(k_ptr, v_ptr, rows_ptr, q_ptr, part_ptr, counter_ptr, out_ptr,
         v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
     if LEVEL == 0:
         tl.store(out_ptr + h * n_splits + split, 1.0)
     elif LEVEL == 1:
@@ -102,38 +108,53 @@ def main() -> None:
     out = torch.empty(HQ * D + HKV * n_splits, device="cuda", dtype=torch.float32)
     k0 = caches[0][0]
 
-    def launch(level: int, pdl: bool, i: int) -> None:
+    def launch(level: int, pdl: bool, i: int, early: bool = False) -> None:
         kc, vc = caches[i % len(caches)]
         extra = {"launch_pdl": True} if pdl else {}
         _floor_kernel[(HKV, n_splits)](kc, vc, rows, qs[i], part, counter, out, block_n, n_splits,
                                        k0.stride(1), k0.stride(2), LEVEL=level, HKV_=HKV, G_=G,
                                        BLOCK_G=max(16, triton.next_power_of_2(G)),
                                        BLOCK_GM=triton.next_power_of_2(G), D_=D, BLOCK_N=block_n,
-                                       BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=pdl,
+                                       BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=pdl, EARLY=early,
                                        num_warps=SPARSE_SMALL_CONFIG[1], num_stages=1, **extra)
 
     rows_out = []
     names = {0: "empty", 1: "read", 2: "read + q + partial", 3: "+ merge (last split)"}
     for level in (0, 1, 2, 3):
-        for pdl in (True, False):
-            per_call = graph_us(lambda level=level, pdl=pdl: [launch(level, pdl, i) for i in range(16)]) / 16
-            one = graph_us(lambda level=level, pdl=pdl: launch(level, pdl, 0))
-            rows_out.append({"what": names[level], "pdl": pdl, "per_call_of_16": round(per_call, 2),
-                             "one": round(one, 2)})
+        for pdl, early in ((True, True), (True, False), (False, False)):
+            per_call = graph_us(lambda level=level, pdl=pdl, early=early:
+                                [launch(level, pdl, i, early) for i in range(16)]) / 16
+            one = graph_us(lambda level=level, pdl=pdl, early=early: launch(level, pdl, 0, early))
+            rows_out.append({"what": names[level], "pdl": "early" if early else pdl,
+                             "per_call_of_16": round(per_call, 2), "one": round(one, 2)})
             print(rows_out[-1], flush=True)
     scale = 1 / math.sqrt(D)
-    per_call = graph_us(lambda: [wrapper.run(qs[i], *caches[i % len(caches)], scale) for i in range(16)]) / 16
-    one = graph_us(lambda: wrapper.run(case["q"], case["k"], case["v"], scale))
-    rows_out.append({"what": "ours (SparseDecodeWrapper.run)", "pdl": True, "per_call_of_16": round(per_call, 2),
-                     "one": round(one, 2)})
+    ref = wrapper.run(case["q"], case["k"], case["v"], scale).float()
+    for early in (False, True):
+        ta.PARTIAL_EARLY_TRIGGER = early
+        chain_out = torch.empty(16, *case["q"].shape, device="cuda", dtype=case["q"].dtype)
+        graph = graph_of(lambda chain_out=chain_out: [
+            wrapper.run(qs[i], *caches[i % len(caches)], scale, out=chain_out[i]) for i in range(16)])
+        graph.replay()
+        want = torch.stack([wrapper.run(qs[i], *caches[i % len(caches)], scale).float() for i in range(16)])
+        err = ((chain_out.float() - want).norm() / want.norm()).item()
+        per_call = graph_us(lambda: [wrapper.run(qs[i], *caches[i % len(caches)], scale) for i in range(16)]) / 16
+        one = graph_us(lambda: wrapper.run(case["q"], case["k"], case["v"], scale))
+        rows_out.append({"what": "ours (SparseDecodeWrapper.run)", "pdl": "early" if early else True,
+                         "per_call_of_16": round(per_call, 2), "one": round(one, 2), "chain_err": err,
+                         "one_err": ((wrapper.run(case["q"], case["k"], case["v"], scale).float() - ref).norm()
+                                     / ref.norm()).item()})
+        print(rows_out[-1], flush=True)
+    ta.PARTIAL_EARLY_TRIGGER = False
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "floors.json").write_text(json.dumps(rows_out, indent=1))
     print(f"\nB=1, N=128K, k=2048, {HKV} KV heads x {n_splits} splits of {block_n} rows; one layer's K/V rows: "
           f"{nbytes / 2**20:.0f} MiB; 60 us for 16 layers = 3.75 us a layer")
-    print(f"{'kernel':<34} {'PDL':>4} {'per call of 16 us':>18} {'alone us':>9}")
+    print(f"{'kernel':<34} {'PDL':>6} {'per call of 16 us':>18} {'alone us':>9}")
     for r in rows_out:
-        print(f"{r['what']:<34} {'yes' if r['pdl'] else 'no':>4} {r['per_call_of_16']:>18.2f} {r['one']:>9.2f}")
+        pdl = {True: "yes", False: "no"}.get(r["pdl"], r["pdl"])
+        print(f"{r['what']:<34} {pdl:>6} {r['per_call_of_16']:>18.2f} {r['one']:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,8 @@ def main() -> None:
                         default=[(131072, 1), (131072, 8), (131072, 32), (8192, 1), (32768, 1)],
                         help="with --tune: N:B cases for index_topk (sparse runs at N = 128K for --batches)")
     parser.add_argument("--no-stages", action="store_true", help="with --tune: skip index_topk's time per phase")
+    parser.add_argument("--topk-defaults", action="store_true",
+                        help="with --tune: index_topk's default configuration only (for A/B runs of two versions)")
     parser.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32])
     args = parser.parse_args()
     if args.tune:
@@ -231,11 +233,9 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
     names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH")
     saved = {name: getattr(it, name) for name in names}
-    saved_backoff = tt.BACKOFF_NS
     it.SMALL_BATCH = 0  # COOP_CONFIG at every batch size while sweeping
-    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight[, barrier backoff ns])
-    for mode, shape, per_sm, ahead, *more in variants or TOPK_VARIANTS:
-        backoff = tt.BACKOFF_NS = more[0] if more else saved_backoff
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
+    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1], ahead), per_sm, True
         else:
@@ -259,14 +259,13 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "ahead": ahead, "backoff_ns": backoff,
+                        "ahead": ahead,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": phases})
         print(results[-1], flush=True)
     for name, value in saved.items():
         setattr(it, name, value)
-    tt.BACKOFF_NS = saved_backoff
 
 
 def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
@@ -478,8 +477,8 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
 
 
 # index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-TUNE_TOPK = [("coop", (32, 4, 1), 4, 2), ("coop", (32, 4, 1), 4, 2, 64), ("coop", (32, 4, 1), 4, 2, 256),
-             ("coop", (64, 4, 1), 4, 1), ("coop", (64, 4, 1), 4, 1, 64), ("coop", (64, 4, 1), 4, 1, 256)]
+TUNE_TOPK = [("coop", (32, 4, 1), 4, 2), ("coop", (64, 4, 1), 4, 1), ("coop", (128, 8, 1), 2, 1),
+             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
 # sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
 # ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
 TUNE_SPARSE = {
@@ -509,7 +508,11 @@ def tune_sweep(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for n, batch in args.cases:
         case = paged_case(batch, n, gen)
-        topk_variants(case, batch, n, results, TUNE_TOPK if n == 131072 else TUNE_TOPK[:2], stages=not args.no_stages)
+        variants = TUNE_TOPK if n == 131072 else TUNE_TOPK[:3]
+        if args.topk_defaults:
+            cfg = it.COOP_SMALL_CONFIG if batch <= it.SMALL_BATCH else it.COOP_CONFIG
+            variants = [("coop", cfg[:3], it.COOP_CTAS_PER_SM, cfg[4])]
+        topk_variants(case, batch, n, results, variants, stages=not args.no_stages)
         if n == 131072 and batch in args.batches:
             _tune_sparse(case, batch, read_bw, results)
         (out / "tune.json").write_text(json.dumps(results, indent=1))
@@ -519,8 +522,7 @@ def tune_sweep(args: argparse.Namespace) -> None:
           f" {'%BW':>6}  phases")
     for r in results:
         if r["op"] == "topk-var":
-            name = (f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
-                    f"{' backoff ' + str(r['backoff_ns']) if r.get('backoff_ns') else ''}")
+            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
             print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
                   f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
                   f" {'':>6}  {r['stages_us']}")

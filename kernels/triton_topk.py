@@ -13,9 +13,7 @@ chunk of positions, in four phases:
    top-k score lies in a bin >= c.
 2. hist: each member finds that bin c (scanning the coarse histogram down until the count of lane
    maxima reaches k) and adds its scores in bins >= c - about 2% of them for Gaussian-like
-   scores - to the row's 65,536-bin histogram of high digits, one atomic each, and keeps them
-   in its stretch of a list as (order key << 32 | position) int64, so that later phases read a
-   kept score and its position in one load.
+   scores - to the row's 65,536-bin histogram of high digits, one atomic each.
 3. select: the threshold digit T (where the count of larger scores reaches k) by a scan down
    from the row's largest digit, a window of SCAN bins at a time (usually one); scores above T go
    to the output and the few at T (~90 for 128K positions and k = 2,048) into a candidate list,
@@ -48,9 +46,9 @@ COARSE_BINS = 4096  # high 12 bits: the histogram of lane maxima
 SCAN_BLOCK = 512  # bins scanned per step
 LOW_BINS = 256  # each of the two low 8-bit digits
 RANK_BLOCK = 128  # candidates at the threshold digit resolved by a sort in registers (else by digits)
-FINISH_BLOCK = 512  # (1,024 spilled 24 B once the lists held packed int64)
-BACKOFF_NS = 0  # sleep between a barrier's polls (0: spin); not in the interpreter, which has no inline asm
+FINISH_BLOCK = 1024
 SWEEP_BLOCK = 512  # scores per step of the histogram phase (1,024 spilled 8 B at 128 registers)
+SWEEP_PREFETCH = True  # the histogram phase's next block in flight, for chunks of more than one block
 # Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
 # 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
 # digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
@@ -100,23 +98,13 @@ def _find_threshold(hist_row_ptr, max_digit, k, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _nanosleep(ns, x):
-    """Returns x after the calling threads sleep about `ns` nanoseconds (PTX nanosleep)."""
-    return tl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.b32 $0, $2;", "=r,r,r", [ns, x], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _arrive_and_wait(counter_ptr, target, BACKOFF: tl.constexpr):
-    """Barrier of a row's members: count this program in, spin until `target` have arrived, with
-    BACKOFF ns of sleep between polls when > 0 (fewer atomics on the counter the arrivals update).
+def _arrive_and_wait(counter_ptr, target):
+    """Barrier of a row's members: count this program in, spin until `target` have arrived.
     Release/acquire at GPU scope make every member's earlier stores visible after it. (Spinning
     on plain volatile loads, then one acquiring atomic, measured 2 us slower on the H200.)"""
     tl.debug_barrier()
     seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") + 1
     while seen < target:
-        if BACKOFF > 0:
-            seen = _nanosleep(BACKOFF, seen)
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
@@ -227,50 +215,57 @@ def _score_phase(q_row, kidx_ptr, block_table_row, scores_row, coarse_row, meta_
 
 @triton.jit
 def _row_bound(coarse_row, meta_row, k, SCAN: tl.constexpr):
-    """(bound, the row's largest digit): the bound is the smallest digit a top-k score can have,
-    the lower edge of the coarse bin where the count of lane maxima reaches k (0 when fewer than k
-    lane maxima were published). Both counters are read in one round trip."""
-    n_lanes = tl.load(meta_row + 4, cache_modifier=".cg")
-    max_digit = tl.load(meta_row, cache_modifier=".cg")
-    bound = 0
-    if n_lanes >= k:
-        c, _ = _find_threshold(coarse_row, max_digit >> 4, k, SCAN)
+    """The smallest digit a top-k score can have: the lower edge of the coarse bin where the count
+    of lane maxima reaches k (0 when fewer than k lane maxima were published)."""
+    if tl.load(meta_row + 4, cache_modifier=".cg") >= k:
+        c, _ = _find_threshold(coarse_row, tl.load(meta_row, cache_modifier=".cg") >> 4, k, SCAN)
         bound = c << 4
-    return bound, max_digit
+    else:
+        bound = 0
+    return bound
 
 
 @triton.jit
-def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.constexpr):
+def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.constexpr, AHEAD: tl.constexpr):
     """One atomic increment into the row's 16-bit digit histogram per score at or above the bound;
-    those scores are also kept, in order, at kept_ptr (this member's own stretch of the list), as
-    (order key << 32 | position). Returns how many were kept."""
+    those positions are also kept, in order, at kept_ptr (this member's own stretch of the list).
+    Returns how many were kept. AHEAD (chunks of more than one block): the next block's scores are
+    in flight while a block is counted (a member of a B=32 row sweeps 16 blocks, one L2 round trip
+    each unless they overlap)."""
     n_kept = 0
+    offs = tl.arange(0, BLOCK)
+    if AHEAD:
+        scores = tl.load(scores_row + start + offs, mask=start + offs < end, other=0.0)
     for n0 in range(start, end, BLOCK):
-        pos = n0 + tl.arange(0, BLOCK)
+        pos = n0 + offs
         valid = pos < end
-        key = _order_key(tl.load(scores_row + pos, mask=valid, other=0.0))
-        digit = (key >> 16) + 32768
+        if AHEAD:
+            ahead = pos + BLOCK
+            scores_next = tl.load(scores_row + ahead, mask=ahead < end, other=0.0)
+            digit = _digit(scores)
+            scores = scores_next
+        else:
+            digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
         keep = valid & (digit >= bound)
         tl.atomic_add(hist_row + digit, 1, mask=keep, sem="relaxed")
-        tl.store(kept_ptr + n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, _pack(key, pos), mask=keep)
+        tl.store(kept_ptr + n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
         n_kept += tl.sum(keep.to(tl.int32), axis=0)
     return n_kept
 
 
 @triton.jit
-def _select_phase(hist_row, meta_row, max_digit, kept_ptr, n_kept, cand_row, out_row, k, first,
+def _select_phase(scores_row, hist_row, meta_row, kept_ptr, n_kept, cand_row, out_row, k, first,
                   BLOCK: tl.constexpr, SCAN: tl.constexpr):
     """The kept scores with digit above the threshold T to the output, those at T to the candidate
-    list (one atomic per block reserving slots in each). `max_digit`: the row's largest digit."""
-    t_hi, above_hi = _find_threshold(hist_row, max_digit, k, SCAN)
+    list (one atomic per block reserving slots in each)."""
+    t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
     if first:  # for the finishing program
         tl.store(meta_row + 6, above_hi)
     for n0 in range(0, n_kept, BLOCK):
         j = n0 + tl.arange(0, BLOCK)
         valid = j < n_kept
-        packed = tl.load(kept_ptr + j, mask=valid, other=0)
-        pos = packed.to(tl.int32)  # the low 32 bits
-        digit = (packed >> 48).to(tl.int32) + 32768
+        pos = tl.load(kept_ptr + j, mask=valid, other=0)
+        digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
         win = valid & (digit > t_hi)
         n_win = tl.sum(win.to(tl.int32), axis=0)
         if n_win > 0:
@@ -280,48 +275,43 @@ def _select_phase(hist_row, meta_row, max_digit, kept_ptr, n_kept, cand_row, out
         n_cand = tl.sum(cand.to(tl.int32), axis=0)
         if n_cand > 0:
             base = tl.atomic_add(meta_row + 2, n_cand, sem="relaxed")
-            tl.store(cand_row + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, packed, mask=cand)
+            tl.store(cand_row + base + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
 
 
 @triton.jit
-def _pack(key, pos):
-    """(order key << 32 | position) as int64: ordered by key, then position; one load gives both."""
-    return (key.to(tl.int64) << 32) | pos.to(tl.int64)
-
-
-@triton.jit
-def _candidates(cand_row, n0, n_cand, BLOCK: tl.constexpr):
-    """Candidates n0 .. n0 + BLOCK of a row: (packed, positions, order keys, valid mask)."""
+def _candidates(cand_row, scores_row, n0, n_cand, BLOCK: tl.constexpr):
+    """Candidates n0 .. n0 + BLOCK of a row: (positions, order keys, valid mask)."""
     j = n0 + tl.arange(0, BLOCK)
     valid = j < n_cand
-    packed = tl.load(cand_row + j, mask=valid, other=0, cache_modifier=".cg")
-    return packed, packed.to(tl.int32), (packed >> 32).to(tl.int32), valid
+    pos = tl.load(cand_row + j, mask=valid, other=0, cache_modifier=".cg")
+    return pos, _order_key(tl.load(scores_row + pos, mask=valid, other=0.0, cache_modifier=".cg")), valid
 
 
 @triton.jit
-def _resolve_by_sort(cand_row, out_row, n_cand, written, need, RANK: tl.constexpr):
-    """At most RANK candidates: sorted in registers by (order key, position), largest first; the
-    first `need` take the remaining slots. One read of the candidate list, then no memory traffic
-    until the stores."""
-    packed, _, _, valid = _candidates(cand_row, 0, n_cand, RANK)
+def _resolve_by_sort(cand_row, scores_row, out_row, n_cand, written, need, RANK: tl.constexpr):
+    """At most RANK candidates: sorted in registers by (order key, position) packed into one
+    int64, largest first; the first `need` take the remaining slots. One read of the candidate
+    list and of their scores, then no memory traffic until the stores."""
+    pos, key, valid = _candidates(cand_row, scores_row, 0, n_cand, RANK)
+    packed = (key.to(tl.int64) << 32) | pos.to(tl.int64)  # ordered by key, then position
     packed = tl.sort(tl.where(valid, packed, -9223372036854775808), descending=True)
     slot = tl.arange(0, RANK)
     tl.store(out_row + written + slot, packed.to(tl.int32), mask=slot < need)  # the low 32 bits: position
 
 
 @triton.jit
-def _resolve_by_digits(cand_row, out_row, n_cand, written, need, BLOCK: tl.constexpr,
+def _resolve_by_digits(cand_row, scores_row, out_row, n_cand, written, need, BLOCK: tl.constexpr,
                        BINS: tl.constexpr):
     """Any number of candidates: radix select on the two low 8-bit digits, a block at a time."""
     offs_bins = tl.arange(0, BINS)
     hist_mid = tl.zeros([BINS], tl.int32)
     for n0 in range(0, n_cand, BLOCK):
-        _, pos, key, valid = _candidates(cand_row, n0, n_cand, BLOCK)
+        pos, key, valid = _candidates(cand_row, scores_row, n0, n_cand, BLOCK)
         hist_mid += tl.histogram((key >> 8) & 0xFF, BINS, mask=valid)
     t_mid, above_mid = _threshold(hist_mid, offs_bins, need)
     hist_lo = tl.zeros([BINS], tl.int32)
     for n0 in range(0, n_cand, BLOCK):
-        _, pos, key, valid = _candidates(cand_row, n0, n_cand, BLOCK)
+        pos, key, valid = _candidates(cand_row, scores_row, n0, n_cand, BLOCK)
         mid = (key >> 8) & 0xFF
         win = valid & (mid > t_mid)
         tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
@@ -330,7 +320,7 @@ def _resolve_by_digits(cand_row, out_row, n_cand, written, need, BLOCK: tl.const
     t_lo, above_lo = _threshold(hist_lo, offs_bins, need - above_mid)
     ties_left = need - above_mid - above_lo  # equal keys at the very end: take any of them
     for n0 in range(0, n_cand, BLOCK):
-        _, pos, key, valid = _candidates(cand_row, n0, n_cand, BLOCK)
+        pos, key, valid = _candidates(cand_row, scores_row, n0, n_cand, BLOCK)
         at_mid = valid & (((key >> 8) & 0xFF) == t_mid)
         win = at_mid & ((key & 0xFF) > t_lo)
         tie = at_mid & ((key & 0xFF) == t_lo)
@@ -350,7 +340,7 @@ def _zero(ptr, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finish_phase(hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
+def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
                   RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, META_WORDS: tl.constexpr):
     """One program per row: the candidates at the threshold digit take the slots left, then what the
     row touched of the workspace is zeroed for the next call."""
@@ -365,9 +355,9 @@ def _finish_phase(hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
             tl.store(out_row + slot, tl.where(slot < seq_len, slot, -1), mask=slot < k)
     else:
         if n_cand <= RANK:
-            _resolve_by_sort(cand_row, out_row, n_cand, above_hi, k - above_hi, RANK)
+            _resolve_by_sort(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, RANK)
         else:
-            _resolve_by_digits(cand_row, out_row, n_cand, above_hi, k - above_hi, BLOCK, BINS)
+            _resolve_by_digits(cand_row, scores_row, out_row, n_cand, above_hi, k - above_hi, BLOCK, BINS)
         _zero(hist_row, bound, max_digit + 1, BLOCK)
         _zero(coarse_row, min_lane >> 4, (max_digit >> 4) + 1, BLOCK)
     tl.debug_barrier()
@@ -382,7 +372,7 @@ def _topk_kernel(
     PHASE: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SWEEP_BLOCK: tl.constexpr, SCAN: tl.constexpr, RANK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
     BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr, AHEAD: tl.constexpr,
-    BACKOFF: tl.constexpr,
+    SWEEP_AHEAD: tl.constexpr,
 ):
     """PHASE 0: all four phases in one cooperative launch, grid (B, n_members), every program
     resident at once. PHASE 1, 2, 3: that phase alone, grid (B, n_members); PHASE 4: grid (B, 1)."""
@@ -406,28 +396,26 @@ def _topk_kernel(
             _score_phase(q_ptr + b * stride_qb, kidx_ptr, block_table_ptr + b * stride_btb, scores_row, coarse_row,
                          meta_row, start, end, sub_chunk, stride_kr, D, PAGE, BLOCK_N, BLOCK_D, AHEAD)
     if PHASE == 0:
-        _arrive_and_wait(meta_row + 7, n_members, BACKOFF)
-    max_digit = 0
+        _arrive_and_wait(meta_row + 7, n_members)
     if (PHASE == 0) | (PHASE == 2):
         if busy:
-            bound, max_digit = _row_bound(coarse_row, meta_row, k, SCAN)
+            bound = _row_bound(coarse_row, meta_row, k, SCAN)
             if member == 0:  # for the finishing program's clean-up
                 tl.store(meta_row + 9, bound)
-            tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK))
+            tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK,
+                                             SWEEP_AHEAD))
     if PHASE == 0:
-        _arrive_and_wait(meta_row + 7, 2 * n_members, BACKOFF)
+        _arrive_and_wait(meta_row + 7, 2 * n_members)
     if (PHASE == 0) | (PHASE == 3):
         if busy:
-            if PHASE == 3:  # else still in a register from phase 2
-                max_digit = tl.load(meta_row, cache_modifier=".cg")
-            _select_phase(hist_row, meta_row, max_digit, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
+            _select_phase(scores_row, hist_row, meta_row, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
                           member == 0, SWEEP_BLOCK, SCAN)
     finisher = PHASE == 4
     if PHASE == 0:
         tl.debug_barrier()
         finisher = tl.atomic_add(meta_row + 8, 1, sem="acq_rel", scope="gpu") == n_members - 1
     if finisher:  # the last member of the row to get here, or the single program of PHASE 4
-        _finish_phase(hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
+        _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
                       RANK, FINISH_BLOCK, BINS, META_WORDS)
 
 
@@ -468,7 +456,7 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     sub_chunk = -(-blocks_per_chunk // subs) * block_n
     scores = torch.empty((batch, max_len), dtype=torch.float32, device=device)
     # per row: each member's kept positions (at its chunk's offset), then the candidates at T
-    listed = torch.empty((batch, 2 * scores.stride(0)), dtype=torch.int64, device=device)
+    listed = torch.empty((batch, 2 * scores.stride(0)), dtype=torch.int32, device=device)
     kept_counts = torch.empty((batch, n_members), dtype=torch.int32, device=device)
     work = workspace(batch, device)
     args = (q_idx, k_idx_cache, block_table, seq_lens, scores, work, listed, kept_counts, out,
@@ -478,7 +466,7 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     consts = dict(D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim),
                   SWEEP_BLOCK=min(SWEEP_BLOCK, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
                   FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META,
-                  AHEAD=ahead, BACKOFF=0 if interpreting() else BACKOFF_NS)
+                  AHEAD=ahead, SWEEP_AHEAD=SWEEP_PREFETCH and chunk > SWEEP_BLOCK)
     if cooperative:
         extra = {} if interpreting() else {"launch_cooperative_grid": True, "maxnreg": max_registers}
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
