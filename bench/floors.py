@@ -94,6 +94,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/floors.py times kernels on a GPU: no CUDA device here")
     gen = torch.Generator().manual_seed(0)
     case = paged_case(1, 131072, gen)
     _, caches, qs, nbytes = _chain_inputs(case, 1)
