@@ -131,6 +131,7 @@ def main() -> None:
                              "per_call_of_16": round(per_call, 2), "one": round(one, 2)})
             print(rows_out[-1], flush=True)
     scale = 1 / math.sqrt(D)
+    saved_early = ta.PARTIAL_EARLY_TRIGGER
     ref = wrapper.run(case["q"], case["k"], case["v"], scale).float()
     for early in (False, True):
         ta.PARTIAL_EARLY_TRIGGER = early
@@ -147,7 +148,7 @@ def main() -> None:
                          "one_err": ((wrapper.run(case["q"], case["k"], case["v"], scale).float() - ref).norm()
                                      / ref.norm()).item()})
         print(rows_out[-1], flush=True)
-    ta.PARTIAL_EARLY_TRIGGER = False
+    ta.PARTIAL_EARLY_TRIGGER = saved_early
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "floors.json").write_text(json.dumps(rows_out, indent=1))
