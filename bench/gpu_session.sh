@@ -13,12 +13,24 @@
 #            sparse merge / splits / PDL / wide shapes (~4 min)                  -> tune.json, tune.txt
 #   profile  Nsight Compute counters of index_topk and one sparse layer at B = 1, 8 (~1 min) -> ncu.txt
 #   bench    bench/kernels.py, with --wide-from $OUT/sparse_wide.json when the wide step ran (~1 min)
+#   ab       an A/B of two versions of the kernels on one machine (~20 s a round): the files under
+#            ab_old/ (made on the CPU by `bash bench/gpu_session.sh ab-prepare REV FILE...`, carried
+#            with `carry: ["ab_old"]`: it is git-ignored) stand in for their namesakes in the "old"
+#            rounds; old, new, old, new, each `sweep_kernels.py --tune --topk-defaults $AB_ARGS`;
+#            the new files are back in place afterwards                             -> ab_old/, ab_new/
+#            (machines differ by up to 4 us at index_topk B=32: compare versions within one call)
 # The sm_90 compile report needs no GPU: `python bench/compile_report.py` on the CPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = ab-prepare ]; then  # on the CPU: ab_old/<path> = <path> at git revision REV
+    rev=${2:?usage: gpu_session.sh ab-prepare REV FILE...}; shift 2
+    rm -rf ab_old
+    for f in "$@"; do mkdir -p "ab_old/$(dirname "$f")"; git show "$rev:$f" > "ab_old/$f" || exit 1; done
+    echo "ab_old/ holds $* at $rev"; exit 0
+fi
 [ $# -gt 0 ] || set -- tests wide bench
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 for step in "$@"; do
@@ -55,6 +67,20 @@ for step in "$@"; do
         args=()
         [ -s "$OUT/sparse_wide.json" ] && args=(--wide-from "$OUT/sparse_wide.json")
         timeout 200 python3 bench/kernels.py --out "$OUT" "${args[@]}" 2>&1 | tail -60
+        ;;
+    ab)
+        [ -d ab_old ] || { echo "ab: no ab_old/ (run ab-prepare on the CPU, carry it)"; continue; }
+        files=$(cd ab_old && find . -type f -name '*.py' | sed 's|^\./||')
+        mkdir -p /tmp/ab_new
+        for f in $files; do mkdir -p "/tmp/ab_new/$(dirname "$f")"; cp "$f" "/tmp/ab_new/$f"; done
+        for round in old new old new; do
+            src=$([ $round = old ] && echo ab_old || echo /tmp/ab_new)
+            for f in $files; do cp "$src/$f" "$f"; done
+            echo "-- $round: $(echo $files)"
+            timeout 120 python3 bench/sweep_kernels.py --tune --topk-defaults --out "$OUT/ab_$round" --no-stages \
+                ${AB_ARGS:---batches 0 --cases 131072:32,131072:8,131072:1} 2>&1 | grep -E "^(topk|sparse) |fail|Error"
+        done
+        for f in $files; do cp "/tmp/ab_new/$f" "$f"; done
         ;;
     *)
         echo "unknown step $step"
