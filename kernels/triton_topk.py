@@ -256,14 +256,15 @@ def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.con
             digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
         keep = valid & (digit >= bound)
         tl.atomic_add(hist_row + digit, 1, mask=keep, sem="relaxed")
-        n_keep = tl.sum(keep.to(tl.int32), axis=0)
         if COMPACT:
+            n_keep = tl.sum(keep.to(tl.int32), axis=0)
             if n_keep > 0:
                 base = tl.atomic_add(meta_row + 10, n_keep, sem="relaxed")
                 tl.store(kept_ptr + base + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
+            n_kept += n_keep
         else:
             tl.store(kept_ptr + n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
-        n_kept += n_keep
+            n_kept += tl.sum(keep.to(tl.int32), axis=0)
     return n_kept
 
 
@@ -358,47 +359,10 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
                   RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, META_WORDS: tl.constexpr):
     """One program per row: the candidates at the threshold digit take the slots left, then what the
     row touched of the workspace is zeroed for the next call."""
-    _finish(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
-            tl.load(meta_row + 2, cache_modifier=".cg"), tl.load(meta_row + 6, cache_modifier=".cg"),
-            RANK, BLOCK, BINS, META_WORDS)
-
-
-@triton.jit
-def _select_all(scores_row, hist_row, coarse_row, meta_row, surv_row, cand_row, out_row, seq_len, k,
-                SCAN: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
-                META_WORDS: tl.constexpr):
-    """Phases 3 and 4 of a row in one program (the last-member select): the threshold digit T from
-    the row's histogram, then the row's compacted survivors at `surv_row` a block at a time - those
-    above T to the output, those at T to the candidate list at `cand_row` - then the finish."""
-    n_cand = 0
-    above_hi = 0
-    if seq_len > k:
-        n_surv = tl.load(meta_row + 10, cache_modifier=".cg")
-        t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
-        written = 0
-        for n0 in range(0, n_surv, BLOCK):
-            j = n0 + tl.arange(0, BLOCK)
-            valid = j < n_surv
-            pos = tl.load(surv_row + j, mask=valid, other=0, cache_modifier=".cg")
-            digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0, cache_modifier=".cg"))
-            win = valid & (digit > t_hi)
-            tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
-            written += tl.sum(win.to(tl.int32), axis=0)
-            cand = valid & (digit == t_hi)
-            tl.store(cand_row + n_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
-            n_cand += tl.sum(cand.to(tl.int32), axis=0)
-        tl.debug_barrier()  # the candidates stored by every thread before any reads them back
-    _finish(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k, n_cand, above_hi,
-            RANK, BLOCK, BINS, META_WORDS)
-
-
-@triton.jit
-def _finish(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k, n_cand, above_hi,
-            RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, META_WORDS: tl.constexpr):
-    """`n_cand` candidates at the threshold digit, at `cand_row`, take the slots after the first
-    `above_hi`; then what the row touched of the workspace is zeroed for the next call."""
     max_digit = tl.load(meta_row, cache_modifier=".cg")
+    n_cand = tl.load(meta_row + 2, cache_modifier=".cg")
     min_lane = 65535 - tl.load(meta_row + 3, cache_modifier=".cg")
+    above_hi = tl.load(meta_row + 6, cache_modifier=".cg")
     bound = tl.load(meta_row + 9, cache_modifier=".cg")
     if seq_len <= k:  # every position is selected, then -1
         for n0 in range(0, k, BLOCK):
@@ -413,6 +377,37 @@ def _finish(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_l
         _zero(coarse_row, min_lane >> 4, (max_digit >> 4) + 1, BLOCK)
     tl.debug_barrier()
     tl.store(meta_row + tl.arange(0, META_WORDS), tl.zeros([META_WORDS], tl.int32))
+
+
+@triton.jit
+def _select_all(scores_row, hist_row, coarse_row, meta_row, surv_row, cand_row, out_row, seq_len, k,
+                SCAN: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
+                META_WORDS: tl.constexpr):
+    """Phases 3 and 4 of a row in one program (the last-member select): the threshold digit T from
+    the row's histogram, then the row's compacted survivors at `surv_row` a block at a time - those
+    above T to the output, those at T to the candidate list at `cand_row` (their counts into meta
+    slots 6 and 2, as phase 3 leaves them) - then the finish."""
+    if seq_len > k:
+        n_surv = tl.load(meta_row + 10, cache_modifier=".cg")
+        t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
+        written = 0
+        n_cand = 0
+        for n0 in range(0, n_surv, BLOCK):
+            j = n0 + tl.arange(0, BLOCK)
+            valid = j < n_surv
+            pos = tl.load(surv_row + j, mask=valid, other=0, cache_modifier=".cg")
+            digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0, cache_modifier=".cg"))
+            win = valid & (digit > t_hi)
+            tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
+            written += tl.sum(win.to(tl.int32), axis=0)
+            cand = valid & (digit == t_hi)
+            tl.store(cand_row + n_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
+            n_cand += tl.sum(cand.to(tl.int32), axis=0)
+        tl.store(meta_row + 2, n_cand)
+        tl.store(meta_row + 6, above_hi)
+        tl.debug_barrier()  # the candidates and counts stored by every thread before any reads them back
+    _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k, RANK, BLOCK, BINS,
+                  META_WORDS)
 
 
 @triton.jit
