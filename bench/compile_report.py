@@ -90,6 +90,16 @@ def topk(case: dict, batch: int, cooperative: bool) -> None:
     it._launch(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, cooperative, SMS)
 
 
+def topk_last_select(case: dict, batch: int) -> None:
+    """The cooperative index_topk with the last-member select (`LAST_SELECT`), whichever is the default."""
+    saved = it.LAST_SELECT
+    it.LAST_SELECT = True
+    try:
+        topk(case, batch, True)
+    finally:
+        it.LAST_SELECT = saved
+
+
 def collect() -> list[dict]:
     rows: list[dict] = []
 
@@ -104,6 +114,8 @@ def collect() -> list[dict]:
                case["idx"], PAGE)
         coop = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
         record("index_topk", batch, "one launch", coop, topk, case, batch, True)
+        if not it.LAST_SELECT:
+            record("index_topk", batch, "1 launch, last-select", False, topk_last_select, case, batch)
         record("index_topk", batch, "four launches", not coop, topk, case, batch, False)
         wide_default = batch >= da.WIDE_MIN_BATCH
         record("sparse", batch, "per-head", not wide_default, sparse, case, batch)
