@@ -40,6 +40,7 @@ from kernels.compile_only import Compiled, compiled_for  # noqa: E402
 
 HQ, HKV, D, D_IDX, K, PAGE, N = 24, 8, 128, 128, 2048, 16, 131072
 SMS = 132  # the H200's
+L2 = 50 * 2**20  # the H200's L2 (torch.cuda.get_device_properties(0).L2_cache_size there)
 BATCHES = (1, 8, 32)
 CACHE_BLOCKS = 64  # the compiled code does not depend on the cache's size, only on its strides
 
@@ -69,7 +70,7 @@ def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
         da.WIDE_MIN_BATCH = 1 << 30  # the per-head kernel's row, even where the wide one is the default
     try:
         da.launch_sparse(case["q"], case["k"], case["v"], case["idx"], case["table"], case["lens"], 1 / math.sqrt(D),
-                         case["out"], sms=SMS, pdl=_pdl(batch))
+                         case["out"], sms=SMS, pdl=_pdl(batch), l2=L2)
     finally:
         da.WIDE_MIN_BATCH, da.WIDE_CONFIG = saved
 
