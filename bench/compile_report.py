@@ -40,7 +40,6 @@ from kernels.compile_only import Compiled, compiled_for  # noqa: E402
 
 HQ, HKV, D, D_IDX, K, PAGE, N = 24, 8, 128, 128, 2048, 16, 131072
 SMS = 132  # the H200's
-L2 = 50 * 2**20  # the H200's L2 (torch.cuda.get_device_properties(0).L2_cache_size there)
 BATCHES = (1, 8, 32)
 CACHE_BLOCKS = 64  # the compiled code does not depend on the cache's size, only on its strides
 
@@ -70,7 +69,7 @@ def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
         da.WIDE_MIN_BATCH = 1 << 30  # the per-head kernel's row, even where the wide one is the default
     try:
         da.launch_sparse(case["q"], case["k"], case["v"], case["idx"], case["table"], case["lens"], 1 / math.sqrt(D),
-                         case["out"], sms=SMS, pdl=_pdl(batch), l2=L2)
+                         case["out"], sms=SMS, pdl=_pdl(batch))
     finally:
         da.WIDE_MIN_BATCH, da.WIDE_CONFIG = saved
 
@@ -91,16 +90,6 @@ def topk(case: dict, batch: int, cooperative: bool) -> None:
     it._launch(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, cooperative, SMS)
 
 
-def topk_last_select(case: dict, batch: int) -> None:
-    """The cooperative index_topk with the last-member select (`LAST_SELECT`), whichever is the default."""
-    saved = it.LAST_SELECT
-    it.LAST_SELECT = True
-    try:
-        topk(case, batch, True)
-    finally:
-        it.LAST_SELECT = saved
-
-
 def collect() -> list[dict]:
     rows: list[dict] = []
 
@@ -115,8 +104,6 @@ def collect() -> list[dict]:
                case["idx"], PAGE)
         coop = it.COOPERATIVE and batch <= it.COOP_CTAS_PER_SM * SMS
         record("index_topk", batch, "one launch", coop, topk, case, batch, True)
-        if not it.LAST_SELECT:
-            record("index_topk", batch, "1 launch, last-select", False, topk_last_select, case, batch)
         record("index_topk", batch, "four launches", not coop, topk, case, batch, False)
         wide_default = batch >= da.WIDE_MIN_BATCH
         record("sparse", batch, "per-head", not wide_default, sparse, case, batch)

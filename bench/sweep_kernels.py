@@ -231,13 +231,11 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
     keys = case["kidx"][case["table"].long()].reshape(batch, n, D_IDX)
     want = torch.einsum("bd,bnd->bn", case["qidx"].float(), keys.float()).topk(K, dim=1).indices
     base = graph_us(lambda: torch.einsum("bd,bnd->bn", case["qidx"], keys).float().topk(K, dim=1))
-    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH",
-             "LAST_SELECT")
+    names = ("COOP_CONFIG", "TOPK_CONFIG", "COOP_CTAS_PER_SM", "COOPERATIVE", "TOPK_WAVES", "SMALL_BATCH")
     saved = {name: getattr(it, name) for name in names}
     it.SMALL_BATCH = 0  # COOP_CONFIG at every batch size while sweeping
-    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight[, last-member select])
-    for mode, shape, per_sm, ahead, *last in variants or TOPK_VARIANTS:
-        it.LAST_SELECT = last[0] if last else saved["LAST_SELECT"]
+    # (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
+    for mode, shape, per_sm, ahead in variants or TOPK_VARIANTS:
         if mode == "coop":
             it.COOP_CONFIG, it.COOP_CTAS_PER_SM, it.COOPERATIVE = (*shape, shape[1], ahead), per_sm, True
         else:
@@ -261,7 +259,7 @@ def topk_variants(case: dict, batch: int, n: int, results: list, variants: list 
             print("topk variant failed:", mode, shape, per_sm, repr(e)[:300], flush=True)
             continue
         results.append({"op": "topk-var", "B": batch, "N": n, "mode": mode, "shape": shape, "per_sm": per_sm,
-                        "ahead": ahead, "last_select": it.LAST_SELECT,
+                        "ahead": ahead,
                         "us": round(us, 1), "eager_us": round(eager, 1),
                         "per_call_of_8": round(chain, 1), "torch_us": round(base, 1), "x_torch": round(base / us, 2),
                         "overlap": overlap, "workspace_nonzero": clean, "stages_us": phases})
@@ -288,7 +286,7 @@ def topk_stages(case: dict, batch: int, tt: object, coop: bool) -> list[float]:
         tt.launch_index_topk(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, n_members=members,
                              cooperative=False, block_n=block_n, num_warps=warps, num_stages=stages,
                              finish_warps=fwarps, lanes_per_row=it.LANES_PER_K * K, last_phase=upto,
-                             ahead=ahead, last_select=it.LAST_SELECT)
+                             ahead=ahead)
         if upto < 4:
             work.zero_()
 
@@ -479,9 +477,8 @@ def _wide_batch(batch: int, gen: torch.Generator, read_bw: float, results: list)
 
 
 # index_topk: (mode, (BLOCK_N, warps, stages), programs per SM, blocks of keys in flight)
-TUNE_TOPK = [("coop", (32, 4, 1), 4, 2), ("coop", (32, 4, 1), 4, 2, True), ("coop", (64, 4, 1), 4, 1),
-             ("coop", (64, 4, 1), 4, 1, True), ("coop", (128, 8, 1), 2, 1), ("four", (64, 4, 1), 8, 1),
-             ("four", (64, 4, 1), 8, 1, True)]
+TUNE_TOPK = [("coop", (32, 4, 1), 4, 2), ("coop", (64, 4, 1), 4, 1), ("coop", (128, 8, 1), 2, 1),
+             ("coop", (64, 4, 1), 3, 1), ("four", (64, 4, 1), 8, 1)]
 # sparse attention: ("head", (BLOCK_N, warps, stages, fused merge), programs per SM, PDL) or
 # ("wide", (tokens, heads per program, warps, stages, programs per SM), None, PDL)
 TUNE_SPARSE = {
@@ -525,8 +522,7 @@ def tune_sweep(args: argparse.Namespace) -> None:
           f" {'%BW':>6}  phases")
     for r in results:
         if r["op"] == "topk-var":
-            name = (f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
-                    f"{' last-select' if r.get('last_select') else ''}")
+            name = f"{r['mode']} {list(r['shape'])} x{r['per_sm']}/SM ahead {r['ahead']}"
             print(f"{'topk':<10} {r['B']:>3} {r['N']:>7} {name:<44} {r['overlap']:>8.3f} {r['us']:>8.1f} "
                   f"{100 * r['B'] * r['N'] * D_IDX * 2 / r['us'] / 1e3 / read_bw:>6.1f} {r['per_call_of_8']:>10.1f}"
                   f" {'':>6}  {r['stages_us']}")

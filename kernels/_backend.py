@@ -57,15 +57,3 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
-def l2_bytes(device: torch.device) -> int:
-    """The card's L2 cache in bytes (0 off CUDA: nothing is planned around a CPU's caches)."""
-    if device.type != "cuda":
-        return 0
-    return _cuda_l2(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_l2(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).L2_cache_size)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels._backend import Backend, interpreting, l2_bytes, num_sms, resolve_backend
+from kernels._backend import Backend, interpreting, num_sms, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, check_same_device
 from kernels.paged import gather_tokens
 
@@ -100,12 +100,6 @@ PDL_MAX_BATCH = 1
 # two splits per (sequence, head) at B=32 it beats the per-head kernel's planning (82 us against
 # 87 at 128K), and ties it at B=8; it loses at B=1.
 WIDE_CONFIG = (64, 1, 4, 2, 4)
-# All cross layers read the same selected rows of the one shared K/V cache. When a step's rows take
-# at most this fraction of the card's L2 (8 MiB a sequence at clsa-4b shapes: B <= 3 on an H200's
-# 50 MB), the per-head kernel loads them with L2 priority evict_last, so that the GEMMs' weights
-# streaming through L2 between two cross layers evict other lines first and the next layer reads
-# its rows from L2 (bench/l2_reuse.py measures it). 0 turns it off.
-L2_RESIDENT_FRACTION = 0.5
 WIDE_MIN_BATCH = 8
 INTERPRET_WIDE_CONFIG = (4, 4, 1, 1, 1)
 
@@ -159,7 +153,7 @@ class SparseDecodeWrapper:
                                                         p["indices"], sm_scale))
             return out
         launch_sparse(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, out,
-                      sms=num_sms(q.device), pdl=_pdl(q.device, q.shape[0]), l2=l2_bytes(q.device),
+                      sms=num_sms(q.device), pdl=_pdl(q.device, q.shape[0]),
                       buffers=self._buffers)
         return out
 
@@ -261,11 +255,10 @@ def dense_decode_attention(
 
 def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *,
-                  sms: int, pdl: bool, l2: int = 0,
+                  sms: int, pdl: bool,
                   buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials) -> None:
     """The Triton sparse kernels over planned `rows` [B, k], in the configuration this batch takes on
-    a card of `sms` multiprocessors and `l2` bytes of L2 (which decides `L2_RESIDENT_FRACTION`'s
-    loads); `buffers(q, n_kv_heads, n_splits)` gives the partials (as `_partials`).
+    a card of `sms` multiprocessors; `buffers(q, n_kv_heads, n_splits)` gives the partials (as `_partials`).
     `SparseDecodeWrapper.run` launches through it, and so does bench/compile_report.py."""
     from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits, wide_tile
 
@@ -283,10 +276,9 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     waves = SPARSE_SMALL_WAVES if small else SPARSE_WAVES
     n_splits, split_size = plan_splits(k, batch * n_kv_heads, sms, block_n, waves)
     o_part, lse_part, counters = buffers(q, n_kv_heads, n_splits)
-    row_bytes = 2 * batch * k * n_kv_heads * k_cache.shape[3] * k_cache.element_size()
     launch_decode(q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale, k, n_splits, split_size, o_part,
                   lse_part, counters, out, sparse=True, block_n=block_n, num_warps=warps, num_stages=stages,
-                  fused_merge=fused, pdl=pdl, l2_resident=row_bytes <= L2_RESIDENT_FRACTION * l2)
+                  fused_merge=fused, pdl=pdl)
 
 
 def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

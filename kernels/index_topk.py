@@ -27,7 +27,6 @@ TOPK_WAVES = 8
 COOP_CTAS_PER_SM = 4
 COOPERATIVE = True  # one launch whenever the rows x members fit on the card at once
 LANES_PER_K = 4  # lane maxima each row publishes, per k: more give a tighter histogram filter
-LAST_SELECT = False  # the last member of a row selects from its compacted survivors (not yet timed on the H200)
 
 
 def index_topk_reference(
@@ -139,5 +138,4 @@ def _launch(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.T
         members = _cdiv(TOPK_WAVES * sms, batch)
     launch_index_topk(q_idx, k_idx_cache, block_table, seq_lens, k, out, n_members=members, cooperative=cooperative,
                       block_n=block_n, num_warps=num_warps, num_stages=num_stages, finish_warps=finish_warps,
-                      lanes_per_row=LANES_PER_K * k, max_registers=COOP_MAX_REGISTERS, ahead=ahead,
-                      last_select=LAST_SELECT)
+                      lanes_per_row=LANES_PER_K * k, max_registers=COOP_MAX_REGISTERS, ahead=ahead)

@@ -95,9 +95,8 @@ def _merge_group(o_part_ptr, lse_part_ptr, out_ptr, b, h0, n_splits,
 @triton.jit
 def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, stride_kh,
               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              SPARSE: tl.constexpr, EVICT: tl.constexpr):
-    """K and V rows of items n0 .. n0 + BLOCK_N (< end) of KV head h, and which are valid.
-    EVICT: the rows' L2 eviction priority ("evict_last" keeps them in L2 for the next layer)."""
+              SPARSE: tl.constexpr):
+    """K and V rows of items n0 .. n0 + BLOCK_N (< end) of KV head h, and which are valid."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid = offs_n < end
@@ -110,8 +109,8 @@ def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, st
     rows = tl.where(valid, rows, 0).to(tl.int64)
     kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
     kv_mask = valid[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
-    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0, eviction_policy=EVICT)  # in flight with K
+    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)  # issued with K: both in flight at once
     return k, v, valid
 
 
@@ -151,7 +150,7 @@ def _decode_partial_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, KV_EVICT: tl.constexpr,
+    BLOCK_GM: tl.constexpr, EARLY: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -178,7 +177,7 @@ def _decode_partial_kernel(
     # dependent launch): the rows, the block table and the cache are never written by the kernel
     # just before this one (the query and the outputs are, so they wait).
     k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
-                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE, KV_EVICT)
+                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -190,7 +189,7 @@ def _decode_partial_kernel(
     m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
         k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
-                                D, PAGE, BLOCK_N, BLOCK_D, SPARSE, KV_EVICT)
+                                D, PAGE, BLOCK_N, BLOCK_D, SPARSE)
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
     has = l_i > 0
@@ -343,15 +342,13 @@ def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves
 def launch_decode(
     q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
     split_size: int, o_part, lse_part, counters, out, *, sparse: bool, block_n: int, num_warps: int,
-    num_stages: int, fused_merge: bool, pdl: bool = False, l2_resident: bool = False,
+    num_stages: int, fused_merge: bool, pdl: bool = False,
 ) -> None:
     """Partial attention per (sequence, KV head, split) and the merge of the splits into `out`:
     by the last split of each (sequence, KV head) when `fused_merge` (then `counters`, int32
     [B * Hkv], must be zero and is left zero), else by a second kernel. `pdl`: launch with
     programmatic dependent launch (Hopper and later), so each kernel is resident and has its
-    first K/V rows in flight before the kernel ahead of it finishes. `l2_resident`: load the K/V
-    rows with L2 priority evict_last, so that they outlive other traffic in L2 (the next cross
-    layer reads the same rows)."""
+    first K/V rows in flight before the kernel ahead of it finishes."""
     batch, n_q_heads, head_dim = q.shape
     _, page, n_kv_heads, _ = k_cache.shape
     group = n_q_heads // n_kv_heads
@@ -369,8 +366,7 @@ def launch_decode(
         HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_GM=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse,
         IEEE=q.dtype.itemsize == 4,
-        FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER,
-        KV_EVICT="evict_last" if l2_resident else "", num_warps=num_warps,
+        FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER, num_warps=num_warps,
         num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:

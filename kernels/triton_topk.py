@@ -24,12 +24,6 @@ chunk of positions, in four phases:
    padded with -1. It then zeroes the histogram bins and counters the row touched, so the
    workspace is all zeros again for the next call (no memset launch).
 
-Last-member select (`last_select`, off by default until the H200 says otherwise): phase 2 also
-compacts each member's survivors into one list per row (one atomic per block reserving slots),
-and instead of a second barrier and phase 3, the last member through phase 2 finds T and reads
-that list alone - the ~2% of a row's scores, a few blocks - writing the scores above T and sorting
-those at T: no second barrier, no per-member select, no separate finisher hand-off.
-
 Cooperative mode runs the four phases in ONE launch: B x G programs all resident at once (a
 cooperative launch, sized to fit), the members of a row meet at two barriers (an atomic counter
 they spin on) and the last one through phase 3 runs phase 4. Otherwise (more rows than fit, or
@@ -57,7 +51,7 @@ SWEEP_BLOCK = 512  # scores per step of the histogram phase (1,024 spilled 8 B a
 SWEEP_PREFETCH = True  # the histogram phase's next block in flight, for chunks of more than one block
 # Per-row counters after the two histograms. Slots: 0 largest digit, 1 winners, 2 candidates,
 # 3 65535 - smallest lane-maximum digit, 4 lane maxima published, 6 count above the threshold
-# digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound, 10 survivors listed.
+# digit, 7 barrier arrivals, 8 members done, 9 the histogram's lower bound.
 META = 16
 ROW_WORDS = HIST_BINS + COARSE_BINS + META
 
@@ -232,14 +226,12 @@ def _row_bound(coarse_row, meta_row, k, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.constexpr, AHEAD: tl.constexpr,
-                meta_row=None, COMPACT: tl.constexpr = False):
+def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.constexpr, AHEAD: tl.constexpr):
     """One atomic increment into the row's 16-bit digit histogram per score at or above the bound;
-    those positions are also kept, in order, at kept_ptr (this member's own stretch of the list) -
-    or, with COMPACT, appended to the row's one list at kept_ptr, one atomic per block on meta slot
-    10 reserving the slots. Returns how many were kept. AHEAD (chunks of more than one block): the
-    next block's scores are in flight while a block is counted (a member of a B=32 row sweeps 16
-    blocks, one L2 round trip each unless they overlap)."""
+    those positions are also kept, in order, at kept_ptr (this member's own stretch of the list).
+    Returns how many were kept. AHEAD (chunks of more than one block): the next block's scores are
+    in flight while a block is counted (a member of a B=32 row sweeps 16 blocks, one L2 round trip
+    each unless they overlap)."""
     n_kept = 0
     offs = tl.arange(0, BLOCK)
     if AHEAD:
@@ -256,15 +248,8 @@ def _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, BLOCK: tl.con
             digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0))
         keep = valid & (digit >= bound)
         tl.atomic_add(hist_row + digit, 1, mask=keep, sem="relaxed")
-        if COMPACT:
-            n_keep = tl.sum(keep.to(tl.int32), axis=0)
-            if n_keep > 0:
-                base = tl.atomic_add(meta_row + 10, n_keep, sem="relaxed")
-                tl.store(kept_ptr + base + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
-            n_kept += n_keep
-        else:
-            tl.store(kept_ptr + n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
-            n_kept += tl.sum(keep.to(tl.int32), axis=0)
+        tl.store(kept_ptr + n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1, pos, mask=keep)
+        n_kept += tl.sum(keep.to(tl.int32), axis=0)
     return n_kept
 
 
@@ -380,37 +365,6 @@ def _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row,
 
 
 @triton.jit
-def _select_all(scores_row, hist_row, coarse_row, meta_row, surv_row, cand_row, out_row, seq_len, k,
-                SCAN: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr,
-                META_WORDS: tl.constexpr):
-    """Phases 3 and 4 of a row in one program (the last-member select): the threshold digit T from
-    the row's histogram, then the row's compacted survivors at `surv_row` a block at a time - those
-    above T to the output, those at T to the candidate list at `cand_row` (their counts into meta
-    slots 6 and 2, as phase 3 leaves them) - then the finish."""
-    if seq_len > k:
-        n_surv = tl.load(meta_row + 10, cache_modifier=".cg")
-        t_hi, above_hi = _find_threshold(hist_row, tl.load(meta_row, cache_modifier=".cg"), k, SCAN)
-        written = 0
-        n_cand = 0
-        for n0 in range(0, n_surv, BLOCK):
-            j = n0 + tl.arange(0, BLOCK)
-            valid = j < n_surv
-            pos = tl.load(surv_row + j, mask=valid, other=0, cache_modifier=".cg")
-            digit = _digit(tl.load(scores_row + pos, mask=valid, other=0.0, cache_modifier=".cg"))
-            win = valid & (digit > t_hi)
-            tl.store(out_row + written + tl.cumsum(win.to(tl.int32), axis=0) - 1, pos, mask=win)
-            written += tl.sum(win.to(tl.int32), axis=0)
-            cand = valid & (digit == t_hi)
-            tl.store(cand_row + n_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1, pos, mask=cand)
-            n_cand += tl.sum(cand.to(tl.int32), axis=0)
-        tl.store(meta_row + 2, n_cand)
-        tl.store(meta_row + 6, above_hi)
-        tl.debug_barrier()  # the candidates and counts stored by every thread before any reads them back
-    _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k, RANK, BLOCK, BINS,
-                  META_WORDS)
-
-
-@triton.jit
 def _topk_kernel(
     q_ptr, kidx_ptr, block_table_ptr, seq_lens_ptr, scores_ptr, work_ptr, cand_ptr, kept_count_ptr, out_ptr,
     k, chunk_size, sub_chunk, n_members,
@@ -418,7 +372,7 @@ def _topk_kernel(
     PHASE: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SWEEP_BLOCK: tl.constexpr, SCAN: tl.constexpr, RANK: tl.constexpr, FINISH_BLOCK: tl.constexpr,
     BINS: tl.constexpr, HIST: tl.constexpr, COARSE: tl.constexpr, META_WORDS: tl.constexpr, AHEAD: tl.constexpr,
-    SWEEP_AHEAD: tl.constexpr, LAST_SELECT: tl.constexpr,
+    SWEEP_AHEAD: tl.constexpr,
 ):
     """PHASE 0: all four phases in one cooperative launch, grid (B, n_members), every program
     resident at once. PHASE 1, 2, 3: that phase alone, grid (B, n_members); PHASE 4: grid (B, 1)."""
@@ -448,15 +402,11 @@ def _topk_kernel(
             bound = _row_bound(coarse_row, meta_row, k, SCAN)
             if member == 0:  # for the finishing program's clean-up
                 tl.store(meta_row + 9, bound)
-            if LAST_SELECT:  # one list per row, in the second half (the candidates go in the first)
-                _hist_phase(scores_row, hist_row, cand_row, bound, start, end, SWEEP_BLOCK, SWEEP_AHEAD, meta_row,
-                            True)
-            else:
-                tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK,
-                                                 SWEEP_AHEAD))
-    if (PHASE == 0) & (not LAST_SELECT):
+            tl.store(kept_count, _hist_phase(scores_row, hist_row, kept_ptr, bound, start, end, SWEEP_BLOCK,
+                                             SWEEP_AHEAD))
+    if PHASE == 0:
         _arrive_and_wait(meta_row + 7, 2 * n_members)
-    if ((PHASE == 0) & (not LAST_SELECT)) | (PHASE == 3):
+    if (PHASE == 0) | (PHASE == 3):
         if busy:
             _select_phase(scores_row, hist_row, meta_row, kept_ptr, tl.load(kept_count), cand_row, out_row, k,
                           member == 0, SWEEP_BLOCK, SCAN)
@@ -465,12 +415,8 @@ def _topk_kernel(
         tl.debug_barrier()
         finisher = tl.atomic_add(meta_row + 8, 1, sem="acq_rel", scope="gpu") == n_members - 1
     if finisher:  # the last member of the row to get here, or the single program of PHASE 4
-        if LAST_SELECT:
-            _select_all(scores_row, hist_row, coarse_row, meta_row, cand_row, cand_ptr + b * stride_cb, out_row,
-                        seq_len, k, SCAN, RANK, FINISH_BLOCK, BINS, META_WORDS)
-        else:
-            _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
-                          RANK, FINISH_BLOCK, BINS, META_WORDS)
+        _finish_phase(scores_row, hist_row, coarse_row, meta_row, cand_row, out_row, seq_len, k,
+                      RANK, FINISH_BLOCK, BINS, META_WORDS)
 
 
 _WORKSPACE: dict[torch.device, torch.Tensor] = {}
@@ -490,16 +436,14 @@ def workspace(batch: int, device: torch.device) -> torch.Tensor:
 def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, k: int, out: torch.Tensor, *, n_members: int, cooperative: bool,
                       block_n: int, num_warps: int, num_stages: int, finish_warps: int, lanes_per_row: int,
-                      max_registers: int | None = None, last_phase: int = 4, ahead: int = 1,
-                      last_select: bool = False) -> None:
+                      max_registers: int | None = None, last_phase: int = 4, ahead: int = 1) -> None:
     """Writes the top-k positions of every row into `out` [B, k] int32.
 
     `n_members` programs per row, each a chunk of whole BLOCK_N blocks. `cooperative`: one launch,
     B x n_members programs all resident (the caller sizes it to the SM count; `max_registers` caps
     the registers per thread so that they fit); otherwise four. Sub-chunks are sized so that a
     full row publishes about `lanes_per_row` lane maxima; `ahead` (1 or 2) blocks of keys are in
-    flight while one is scored. `last_select`: the last member of a row selects from its compacted
-    survivors (phase 3 skipped). `last_phase` < 4 (four launches only, for timing the phases) stops
+    flight while one is scored. `last_phase` < 4 (four launches only, for timing the phases) stops
     early and leaves the workspace for the caller to zero."""
     batch, index_dim = q_idx.shape
     page = k_idx_cache.shape[1]
@@ -522,13 +466,13 @@ def launch_index_topk(q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_tabl
     consts = dict(D=index_dim, PAGE=page, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(index_dim),
                   SWEEP_BLOCK=min(SWEEP_BLOCK, triton.next_power_of_2(chunk)), SCAN=SCAN_BLOCK, RANK=RANK_BLOCK,
                   FINISH_BLOCK=FINISH_BLOCK, BINS=LOW_BINS, HIST=HIST_BINS, COARSE=COARSE_BINS, META_WORDS=META,
-                  AHEAD=ahead, SWEEP_AHEAD=SWEEP_PREFETCH and chunk > SWEEP_BLOCK, LAST_SELECT=last_select)
+                  AHEAD=ahead, SWEEP_AHEAD=SWEEP_PREFETCH and chunk > SWEEP_BLOCK)
     if cooperative:
         extra = {} if interpreting() else {"launch_cooperative_grid": True, "maxnreg": max_registers}
         _topk_kernel[(batch, n_members)](*args, PHASE=0, **consts, num_warps=num_warps, num_stages=num_stages,
                                          **extra)
         return
-    for phase in range(1, min(last_phase, 2 if last_select else 3) + 1):
+    for phase in range(1, min(last_phase, 3) + 1):
         _topk_kernel[(batch, n_members)](*args, PHASE=phase, **consts, num_warps=num_warps, num_stages=num_stages)
     if last_phase >= 4:
         _topk_kernel[(batch, 1)](*args, PHASE=4, **consts, num_warps=finish_warps)

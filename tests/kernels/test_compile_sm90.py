@@ -34,9 +34,6 @@ def test_default_launch_configurations_compile_for_sm90_without_spills(tmp_path:
     for r in defaults:
         if r["op"] == "index_topk":
             assert r["programs_per_sm"] >= 4 and r["grid"][0] * r["grid"][1] <= 4 * 132, r
-    # The last-member select, the candidate default the next sweep times, would fit as well.
-    last = [r for r in rows if r["op"] == "index_topk" and r["variant"] == "1 launch, last-select"]
-    assert last and all(r["spill_bytes"] == 0 and r["programs_per_sm"] >= 4 for r in last), last
     # Every wide-kernel variant the GPU sweep times compiles, and without spills.
     wide = [r for r in rows if r["kernel"] == "_sparse_wide_partial_kernel"]
     assert wide and all(r["spill_bytes"] == 0 for r in wide), [r for r in wide if r["spill_bytes"]]

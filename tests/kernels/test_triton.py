@@ -60,14 +60,10 @@ TOPK_GRID = [
 ] + [("long-4231", 64, torch.float32), ("long-4231", 300, torch.float32)]  # the interpreter is slow
 
 
-@pytest.fixture(params=[(True, False), (False, False), (True, True), (False, True)],
-                ids=["one-launch", "four-launches", "one-launch-last-select", "three-launches-last-select"])
+@pytest.fixture(params=[True, False], ids=["one-launch", "four-launches"])
 def topk_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """index_topk cooperatively in one launch, and phase by phase (more rows than SMs); with the
-    members' select phase, and with the last member selecting from the row's compacted survivors."""
-    cooperative, last_select = request.param
-    monkeypatch.setattr(index_topk_module, "COOPERATIVE", cooperative)
-    monkeypatch.setattr(index_topk_module, "LAST_SELECT", last_select)
+    """index_topk cooperatively in one launch, and phase by phase in four (more rows than SMs)."""
+    monkeypatch.setattr(index_topk_module, "COOPERATIVE", request.param)
 
 
 @pytest.mark.usefixtures("topk_path")
