@@ -44,6 +44,8 @@ class EngineConfig:
     index_topk: int | None = None
     attention_backend: Backend = "auto"
     seed: int | None = None
+    # Decode through CUDA graphs (one per batch bucket, services/engine/graph_step.py) on CUDA.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "prefill_chunk"):
@@ -87,13 +89,16 @@ class LLMEngine:
         num_blocks = self.config.num_blocks or max(
             1, self.config.kv_cache_bytes // (self.model_config.kv_bytes_per_token(param.element_size())
                                               * self.config.block_size))
-        self.cache = KVCache(self.model_config, num_blocks, self.config.block_size,
-                             self.config.max_num_seqs, self.device, self.dtype)
+        graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        self._reserved_blocks = int(graphs)
+        # With graphs, one more block and ring slot: the padding rows' (DecodeGraphs).
+        self.cache = KVCache(self.model_config, num_blocks + graphs, self.config.block_size,
+                             self.config.max_num_seqs + graphs, self.device, self.dtype)
         self.block_manager = BlockManager(self.cache)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs)
         self.index_topk = self.config.index_topk or self.model_config.index_topk
         self.runner = ModelRunner(model, self.cache, self.index_topk, self.config.prefill_chunk,
-                                  self.config.attention_backend)
+                                  self.config.attention_backend, self.config.max_num_seqs if graphs else 0)
         self.sampler = Sampler(self.device, self.config.seed)
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -181,10 +186,11 @@ class LLMEngine:
         seq = Sequence.create(request_id, prompt_ids, params, sparse, self.model_config.max_seq_len,
                               self.tokenizer, self.sampler.make_generator(params.seed))
         need = self.block_manager.blocks_for(seq.max_total_tokens)
-        if need > self.cache.num_blocks:
+        pool = self.cache.num_blocks - self._reserved_blocks
+        if need > pool:
             raise OutOfBlocksError(
                 f"request {request_id} needs {need} KV blocks ({len(prompt_ids)} prompt + up to "
-                f"{seq.max_total_tokens - len(prompt_ids)} new tokens); the pool has {self.cache.num_blocks}"
+                f"{seq.max_total_tokens - len(prompt_ids)} new tokens); the pool has {pool}"
             )
         return seq
 

@@ -13,19 +13,23 @@ from kernels._backend import Backend
 from kernels.paged import physical_rows
 from services.engine.attention import CrossAttention
 from services.engine.cache import KVCache
+from services.engine.graph_step import DecodeGraphs
 from services.engine.model import CLSAModel, StepContext
 from services.engine.sequence import Sequence
 
 
 class ModelRunner:
     def __init__(self, model: CLSAModel, cache: KVCache, index_topk: int, prefill_chunk: int,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto", graph_batch: int = 0) -> None:
+        """`graph_batch` > 0: decode through `DecodeGraphs` (one CUDA graph per batch bucket up to
+        that many sequences; it takes one block and one ring slot of `cache` for padding)."""
         self.model = model
         self.cache = cache
         self.index_topk = index_topk
         self.prefill_chunk = prefill_chunk
         self.device = cache.k.device
         self.attention = CrossAttention(model.sm_scale, backend)
+        self.graphs = DecodeGraphs(model, cache, index_topk, graph_batch, backend) if graph_batch > 0 else None
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -56,6 +60,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One step: each sequence's last token (at position num_tokens - 1) -> logits [B, V]."""
+        if self.graphs is not None:
+            return self.graphs.decode(seqs)
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
         lengths = [s.num_tokens for s in seqs]
         ctx = self._context(seqs, None, None)

@@ -1,0 +1,207 @@
+"""The decode step over fixed-shape buffers, and one CUDA graph of it per batch bucket.
+
+`StaticDecodeStep` is `ModelRunner.decode` for one attention mode, written so that nothing in it
+depends on the data: inputs live in preallocated device buffers that `load()` fills, the step
+never reads a value back to the host, and every tensor has the bucket's shape - so a CUDA graph
+can capture it once and replay it every step. A batch smaller than its bucket is padded with rows
+that write their K/V into a reserved block and ring-buffer slot (`DecodeGraphs` holds them) and
+whose logits are dropped.
+
+`DecodeGraphs` keeps one step per (bucket, mode), captured on first use on CUDA (eager on other
+devices, which is how the CPU tests check it against the eager runner), and splits a batch that
+mixes CLSA and DENSE sequences into one replay per mode. Sampling stays outside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import dense_decode_attention
+from kernels._backend import Backend
+from services.engine.attention import CrossAttention
+from services.engine.cache import KVCache
+from services.engine.layers import masked_attention
+from services.engine.model import CLSAModel
+from services.engine.sequence import Sequence
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def buckets_up_to(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets a batch of up to `max_batch` sequences needs: those below it, then `max_batch`."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return tuple(b for b in buckets if b < max_batch) + (max_batch,)
+
+
+class StaticDecodeStep:
+    """One decode step of `batch` rows in one attention mode (`sparse`: CLSA, else DENSE), over
+    buffers allocated once. `load(seqs)` fills them (len(seqs) <= batch; the rest is padding
+    aimed at `trash_block` and `spare_slot`); `run()` returns logits [batch, V]."""
+
+    def __init__(self, model: CLSAModel, cache: KVCache, batch: int, sparse: bool, index_topk: int,
+                 trash_block: int, spare_slot: int, backend: Backend = "auto") -> None:
+        cfg = model.cfg
+        self.model, self.cache, self.batch, self.sparse = model, cache, batch, sparse
+        self.index_topk, self.backend = index_topk, backend
+        self.trash_block, self.spare_slot = trash_block, spare_slot
+        self.max_blocks = -(-cfg.max_seq_len // cache.block_size)
+        device = cache.k.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.write_rows = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        self.block_table = torch.full((batch, self.max_blocks), trash_block, dtype=torch.int32, device=device)
+        self.attention = CrossAttention(model.sm_scale, backend)
+
+    def load(self, seqs: list[Sequence]) -> None:
+        """Copy the step's inputs for `seqs` (each to decode its last token) into the buffers; no
+        sequences: padding only (what a capture runs on, so that it changes no sequence's state)."""
+        n, bs = len(seqs), self.cache.block_size
+        if not 0 <= n <= self.batch:
+            raise ValueError(f"StaticDecodeStep: {n} sequences for a bucket of {self.batch}")
+        if any(s.sparse != self.sparse for s in seqs):
+            raise ValueError("StaticDecodeStep: every sequence must use this step's attention mode")
+        table = torch.full((self.batch, self.max_blocks), self.trash_block, dtype=torch.int32)
+        tokens = torch.zeros(self.batch, dtype=torch.long)
+        positions = torch.zeros(self.batch, dtype=torch.long)
+        rows = torch.full((self.batch,), self.trash_block * bs, dtype=torch.long)
+        slots = torch.full((self.batch,), self.spare_slot, dtype=torch.long)
+        seq_lens = torch.ones(self.batch, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            pos = s.num_tokens - 1
+            if len(s.block_ids) > self.max_blocks or len(s.block_ids) * bs <= pos:
+                raise ValueError(f"StaticDecodeStep: sequence {s.request_id} holds {len(s.block_ids)} blocks "
+                                 f"for position {pos} (table width {self.max_blocks})")
+            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+            tokens[i], positions[i], slots[i], seq_lens[i] = s.last_token, pos, s.slot, pos + 1
+            rows[i] = s.block_ids[pos // bs] * bs + pos % bs
+        for buf, src in ((self.block_table, table), (self.tokens, tokens), (self.positions, positions),
+                         (self.write_rows, rows), (self.slots, slots), (self.seq_lens, seq_lens)):
+            buf.copy_(src, non_blocking=True)
+
+    def run(self) -> torch.Tensor:
+        model, cache = self.model, self.cache
+        pos = self.positions
+        x = model.embed(self.tokens)[:, None]  # [B, 1, D]
+        if model.shared is None:  # the transformer baseline: every layer global over its own cache
+            for i, layer in enumerate(model.own_kv_layers):
+                q, k, v = layer.qkv(x, pos[:, None])
+                self._write(cache.k[i], k[:, 0])
+                self._write(cache.v[i], v[:, 0])
+                out = dense_decode_attention(q[:, 0], cache.k[i], cache.v[i], self.block_table, self.seq_lens,
+                                             model.sm_scale, backend=self.backend)
+                x = layer.finish(x, out[:, None])
+            return model.logits(x[:, 0])
+        x = self._self_decoder(x)
+        k, v, k_idx, q_idx = model.shared(x, pos[:, None])
+        self._write(cache.k[0], k[:, 0])
+        self._write(cache.v[0], v[:, 0])
+        self._write(cache.k_idx, k_idx[:, 0])
+        self.attention.plan(q_idx[:, 0], cache.k_idx, self.block_table, self.seq_lens, [self.sparse] * self.batch,
+                            self.index_topk)
+        h = model.forward_cross(x[:, 0], pos, self.attention, cache)
+        return model.logits(h)
+
+    def _write(self, paged: torch.Tensor, rows: torch.Tensor) -> None:
+        """The new token's row of each sequence into a paged cache [num_blocks, block_size, ...]."""
+        paged.view(-1, *paged.shape[2:]).index_copy_(0, self.write_rows, rows.to(paged.dtype))
+
+    def _self_decoder(self, x: torch.Tensor) -> torch.Tensor:
+        """The sliding-window layers for one token: keys are the ring buffer plus the token."""
+        model, cache = self.model, self.cache
+        window = model.cfg.swa_window
+        pos, slots = self.positions, self.slots
+        key_pos = torch.cat([cache.swa_pos[slots], pos[:, None]], dim=1)[:, None, :]  # [B, 1, W + 1]
+        q_pos = pos[:, None, None]
+        mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
+        ring_rows = pos % window
+        for i, layer in enumerate(model.own_kv_layers):
+            q, k, v = layer.qkv(x, pos[:, None])
+            keys = torch.cat([cache.swa_k[i, slots], k], dim=1)
+            values = torch.cat([cache.swa_v[i, slots], v], dim=1)
+            x = layer.finish(x, masked_attention(q, keys, values, mask, model.sm_scale))
+            cache.swa_k[i, slots, ring_rows] = k[:, 0]
+            cache.swa_v[i, slots, ring_rows] = v[:, 0]
+        cache.swa_pos[slots, ring_rows] = pos
+        return x
+
+
+class DecodeGraphs:
+    """Decode steps per (bucket, attention mode), each a CUDA graph on CUDA (captured on first
+    use into one shared memory pool), eager elsewhere. Takes one KV block and one ring-buffer
+    slot from `cache` for the padding rows; `close()` gives them back."""
+
+    def __init__(self, model: CLSAModel, cache: KVCache, index_topk: int, max_batch: int,
+                 backend: Backend = "auto", capture: bool | None = None) -> None:
+        self.model, self.cache, self.index_topk, self.backend = model, cache, index_topk, backend
+        self.buckets = buckets_up_to(max_batch)
+        self.capture = cache.k.device.type == "cuda" if capture is None else capture
+        [self.trash_block] = cache.blocks.allocate(1)
+        [self.spare_slot] = cache.slots.allocate(1)
+        self._steps: dict[tuple[int, bool], tuple[StaticDecodeStep, torch.cuda.CUDAGraph | None, torch.Tensor | None]]
+        self._steps = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def close(self) -> None:
+        self._steps.clear()
+        self.cache.blocks.free([self.trash_block])
+        self.cache.slots.free([self.spare_slot])
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if n <= b:
+                return b
+        raise ValueError(f"DecodeGraphs: batch of {n} over the largest bucket {self.buckets[-1]}")
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One step for `seqs` -> logits [len(seqs), V], in the order given."""
+        if not seqs:
+            raise ValueError("DecodeGraphs: decode of an empty batch")
+        out: torch.Tensor | None = None
+        for sparse in (True, False):
+            idx = [i for i, s in enumerate(seqs) if s.sparse == sparse]
+            for start in range(0, len(idx), self.buckets[-1]):
+                part = idx[start:start + self.buckets[-1]]
+                logits = self._replay([seqs[i] for i in part], sparse)[: len(part)]
+                if len(part) == len(seqs):
+                    return logits.clone()  # the graph's output buffer is overwritten by the next replay
+                if out is None:
+                    out = logits.new_empty(len(seqs), logits.shape[-1])
+                out[torch.tensor(part, device=logits.device)] = logits
+        assert out is not None
+        return out
+
+    def _replay(self, seqs: list[Sequence], sparse: bool) -> torch.Tensor:
+        key = (self.bucket(len(seqs)), sparse)
+        if key not in self._steps:
+            step = StaticDecodeStep(self.model, self.cache, key[0], sparse, self.index_topk, self.trash_block,
+                                    self.spare_slot, self.backend)
+            self._steps[key] = (step, *self._capture(step))
+        step, graph, out = self._steps[key]
+        step.load(seqs)
+        if graph is None:
+            return step.run()
+        graph.replay()
+        assert out is not None
+        return out
+
+    def _capture(self, step: StaticDecodeStep) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]:
+        """Warm the step up (Triton compiles, workspaces are allocated), then capture it, on
+        padding rows only: a step is not idempotent (its token's ring-buffer row, once written,
+        is read again), so it must not run on real sequences before their replay."""
+        if not self.capture:
+            return None, None
+        step.load([])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step.run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step.run()
+        return graph, out

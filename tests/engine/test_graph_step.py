@@ -1,0 +1,103 @@
+"""The fixed-shape decode step (what a CUDA graph captures) gives the eager decode's logits, with
+padding rows, mixed attention modes and batches that shrink through the buckets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine import EngineConfig, LLMEngine
+from services.engine.graph_step import DecodeGraphs, StaticDecodeStep, buckets_up_to
+from services.engine.sampling import SamplingParams
+from services.engine.sequence import Sequence
+from services.engine.tokenizer import ByteTokenizer
+from tests.conftest import make_engine, make_model, variant
+from tests.helpers import random_prompt, record_logits, run_requests
+
+# Prompts longer than the window (8) and k (6); different lengths and max_tokens, so the batch
+# shrinks from 5 (CLSA 3 in a bucket of 4, DENSE 2) down to 1 as requests finish.
+REQUESTS = [(21, "clsa", 9), (3, "dense", 4), (14, "clsa", 12), (9, "clsa", 6), (30, "dense", 10)]
+
+
+def _generate(graphs: bool, backend: str = "torch", cfg=None) -> tuple[list, list]:  # noqa: ANN001
+    engine = make_engine(**({"cfg": cfg} if cfg is not None else {}), attention_backend=backend)
+    if graphs:
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.cache, engine.index_topk, max_batch=4,
+                                            backend=backend, capture=False)
+    log = record_logits(engine)
+    yoco = engine.model_config.is_yoco
+    outs = run_requests(engine, [(random_prompt(n, seed=n), SamplingParams(max_tokens=t, temperature=0.0,
+                                                                           ignore_eos=True), mode if yoco else None)
+                                 for n, mode, t in REQUESTS])
+    return [torch.stack(log[o.request_id]) for o in outs], [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch", ["yoco", "transformer"])
+def test_static_step_gives_the_eager_decode_logits(arch: str) -> None:
+    cfg = None if arch == "yoco" else variant(arch="transformer")
+    want_logits, want_tokens = _generate(False, cfg=cfg)
+    got_logits, got_tokens = _generate(True, cfg=cfg)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_static_step_on_triton_kernels_matches_the_eager_torch_decode() -> None:
+    want_logits, want_tokens = _generate(False, "torch")
+    got_logits, got_tokens = _generate(True, "triton")
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_block_and_slot_are_reserved_and_given_back() -> None:
+    engine = make_engine(max_num_seqs=3)
+    cache = engine.cache
+    free_blocks, free_slots = cache.blocks.num_free, cache.slots.num_free
+    graphs = DecodeGraphs(engine.model, cache, engine.index_topk, max_batch=2, capture=False)
+    assert (cache.blocks.num_free, cache.slots.num_free) == (free_blocks - 1, free_slots - 1)
+    graphs.close()
+    assert (cache.blocks.num_free, cache.slots.num_free) == (free_blocks, free_slots)
+
+
+def test_buckets_and_bad_batches_fail_clearly() -> None:
+    assert buckets_up_to(1) == (1,)
+    assert buckets_up_to(6) == (1, 2, 4, 6)
+    assert buckets_up_to(8) == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="max_batch"):
+        buckets_up_to(0)
+    engine = make_engine()
+    graphs = DecodeGraphs(engine.model, engine.cache, engine.index_topk, max_batch=2, capture=False)
+    with pytest.raises(ValueError, match="largest bucket"):
+        graphs.bucket(3)
+    with pytest.raises(ValueError, match="empty batch"):
+        graphs.decode([])
+    step = StaticDecodeStep(engine.model, engine.cache, 1, True, engine.index_topk, graphs.trash_block,
+                            graphs.spare_slot)
+    params = SamplingParams(max_tokens=2)
+    seqs = [Sequence.create(f"r{i}", [1, 2], params, sparse, 256, engine.tokenizer, None)
+            for i, sparse in enumerate((True, False))]
+    with pytest.raises(ValueError, match="bucket of 1"):
+        step.load(seqs)
+    with pytest.raises(ValueError, match="attention mode"):
+        step.load(seqs[1:])
+    with pytest.raises(ValueError, match="holds 0 blocks"):
+        step.load(seqs[:1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replay_gives_the_eager_decode_logits() -> None:
+    results = {}
+    for graphs in (False, True):
+        model = make_model().to("cuda")
+        engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=256, prefill_chunk=5,
+                                                               max_num_seqs=8, cuda_graphs=graphs))
+        assert (engine.runner.graphs is not None) == graphs
+        log = record_logits(engine)
+        outs = run_requests(engine, [(random_prompt(n, seed=n), SamplingParams(max_tokens=t, temperature=0.0,
+                                                                               ignore_eos=True), mode)
+                                     for n, mode, t in REQUESTS])
+        results[graphs] = ([torch.stack(log[o.request_id]) for o in outs], [o.token_ids for o in outs])
+    assert results[True][1] == results[False][1]
+    for got, want in zip(results[True][0], results[False][0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
