@@ -7,10 +7,17 @@ mode; `run()` is what each cross layer calls with its own queries.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 
 from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk
 from kernels._backend import Backend
+from kernels.paged import gather_tokens, physical_rows
+
+CrossPolicy = Literal["shared", "per_layer", "torch_gather"]
+CROSS_POLICIES: tuple[str, ...] = ("shared", "per_layer", "torch_gather")
 
 
 class CrossAttention:
@@ -63,3 +70,68 @@ class CrossAttention:
                rows: torch.Tensor | slice) -> torch.Tensor:
         return dense_decode_attention(q[rows], k_cache, v_cache, self._block_table[rows], self._seq_lens[rows],
                                       self.sm_scale, backend=self.backend)
+
+
+class PerLayerTopkAttention(CrossAttention):
+    """The DSA-style baseline: no index shared across layers - every cross layer runs the
+    indexer's top-k (and the row translation) again before its sparse attention. Each layer
+    scores the same indexer query, so the selection, and the output, equal `CrossAttention`'s;
+    what it measures is the routing cost repeated in every layer."""
+
+    def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
+             seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
+        self._args = (q_idx, k_idx_cache, block_table, seq_lens, sparse, topk)
+        super().plan(*self._args)
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        super().plan(*self._args)
+        return super().run(q, k_cache, v_cache)
+
+
+class TorchGatherAttention(CrossAttention):
+    """Plain-torch CLSA, the simplest honest implementation: torch scoring over the whole block
+    table + `torch.topk` once per step, the selected K/V rows gathered once per step (by the first
+    layer) into contiguous [B, Hkv, k, d] buffers, and every cross layer through SDPA over them
+    (a KV head's G query heads as G query rows, so no GQA expansion). Needs an all-CLSA batch;
+    one with DENSE rows runs as `CrossAttention`."""
+
+    def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
+             seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
+        self._selected: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not all(sparse):
+            super().plan(q_idx, k_idx_cache, block_table, seq_lens, sparse, topk)
+            return
+        self._block_table, self._seq_lens = block_table, seq_lens
+        self._indices = self._sparse_rows = self._dense_rows = None
+        width = block_table.shape[1] * k_idx_cache.shape[1]
+        positions = torch.arange(width, device=q_idx.device).expand(q_idx.shape[0], width)
+        keys = gather_tokens(k_idx_cache, block_table, positions)  # [B, width, d_idx]
+        valid = positions < seq_lens[:, None]
+        scores = torch.einsum("bd,bnd->bn", q_idx, keys).float().masked_fill(~valid, float("-inf"))
+        chosen = scores.topk(min(topk, width), dim=1).indices
+        self._selected = (physical_rows(block_table, chosen, k_idx_cache.shape[1]), torch.gather(valid, 1, chosen))
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        if self._selected is None:
+            return super().run(q, k_cache, v_cache)
+        rows, valid = self._selected
+        batch, n_q_heads, head_dim = q.shape
+        n_kv_heads = k_cache.shape[2]
+        if self._kv is None:  # the first layer of the step gathers; the others reuse it
+            flat_k = k_cache.view(-1, n_kv_heads, head_dim)
+            flat_v = v_cache.view(-1, n_kv_heads, head_dim)
+            self._kv = (flat_k[rows].transpose(1, 2).contiguous(), flat_v[rows].transpose(1, 2).contiguous())
+        k_sel, v_sel = self._kv
+        qg = q.view(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(qg, k_sel, v_sel, attn_mask=valid[:, None, None, :],
+                                             scale=self.sm_scale)
+        return out.reshape(batch, n_q_heads, head_dim)
+
+
+def make_cross_attention(policy: str, sm_scale: float, backend: Backend = "auto") -> CrossAttention:
+    """The cross attention of a step under `policy` (`CROSS_POLICIES`)."""
+    classes = {"shared": CrossAttention, "per_layer": PerLayerTopkAttention, "torch_gather": TorchGatherAttention}
+    if policy not in classes:
+        raise ValueError(f"cross attention policy must be one of {CROSS_POLICIES}, got {policy!r}")
+    return classes[policy](sm_scale, backend)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from kernels._backend import BACKENDS, Backend
+from services.engine.attention import CROSS_POLICIES
 from services.engine.block_manager import BlockManager
 from services.engine.bundle import KVBundle, export_bundle, import_bundle
 from services.engine.cache import KVCache
@@ -46,6 +47,9 @@ class EngineConfig:
     seed: int | None = None
     # Decode through CUDA graphs (one per batch bucket, services/engine/graph_step.py) on CUDA.
     cuda_graphs: bool = True
+    # How the cross layers select: "shared" (CLSA: one top-k per step, our kernels); the
+    # benchmark baselines "per_layer" (a top-k in every layer) and "torch_gather" (plain torch).
+    cross_attention: str = "shared"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "prefill_chunk"):
@@ -57,6 +61,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig: index_topk must be >= 1, got {self.index_topk}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"EngineConfig: attention_backend must be one of {BACKENDS}")
+        if self.cross_attention not in CROSS_POLICIES:
+            raise ValueError(f"EngineConfig: cross_attention must be one of {CROSS_POLICIES}, "
+                             f"got {self.cross_attention!r}")
 
 
 @dataclass
@@ -98,7 +105,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs)
         self.index_topk = self.config.index_topk or self.model_config.index_topk
         self.runner = ModelRunner(model, self.cache, self.index_topk, self.config.prefill_chunk,
-                                  self.config.attention_backend, self.config.max_num_seqs if graphs else 0)
+                                  self.config.attention_backend, self.config.max_num_seqs if graphs else 0,
+                                  self.config.cross_attention)
         self.sampler = Sampler(self.device, self.config.seed)
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()

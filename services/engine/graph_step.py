@@ -18,7 +18,7 @@ import torch
 
 from kernels import dense_decode_attention
 from kernels._backend import Backend
-from services.engine.attention import CrossAttention
+from services.engine.attention import make_cross_attention
 from services.engine.cache import KVCache
 from services.engine.layers import masked_attention
 from services.engine.model import CLSAModel
@@ -40,12 +40,15 @@ class StaticDecodeStep:
     aimed at `trash_block` and `spare_slot`); `run()` returns logits [batch, V]."""
 
     def __init__(self, model: CLSAModel, cache: KVCache, batch: int, sparse: bool, index_topk: int,
-                 trash_block: int, spare_slot: int, backend: Backend = "auto") -> None:
-        cfg = model.cfg
+                 trash_block: int, spare_slot: int, backend: Backend = "auto", policy: str = "shared",
+                 max_seq_len: int | None = None) -> None:
+        """`max_seq_len` (default: the model's) sizes the block table, which bounds the dense
+        kernel's split grid and the torch baseline's scoring: a benchmark at one context length
+        sets it to that length."""
         self.model, self.cache, self.batch, self.sparse = model, cache, batch, sparse
         self.index_topk, self.backend = index_topk, backend
         self.trash_block, self.spare_slot = trash_block, spare_slot
-        self.max_blocks = -(-cfg.max_seq_len // cache.block_size)
+        self.max_blocks = -(-(max_seq_len or model.cfg.max_seq_len) // cache.block_size)
         device = cache.k.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
@@ -53,7 +56,7 @@ class StaticDecodeStep:
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
         self.block_table = torch.full((batch, self.max_blocks), trash_block, dtype=torch.int32, device=device)
-        self.attention = CrossAttention(model.sm_scale, backend)
+        self.attention = make_cross_attention(policy, model.sm_scale, backend)
 
     def load(self, seqs: list[Sequence]) -> None:
         """Copy the step's inputs for `seqs` (each to decode its last token) into the buffers; no
@@ -134,8 +137,11 @@ class DecodeGraphs:
     slot from `cache` for the padding rows; `close()` gives them back."""
 
     def __init__(self, model: CLSAModel, cache: KVCache, index_topk: int, max_batch: int,
-                 backend: Backend = "auto", capture: bool | None = None) -> None:
+                 backend: Backend = "auto", capture: bool | None = None, policy: str = "shared",
+                 max_seq_len: int | None = None) -> None:
         self.model, self.cache, self.index_topk, self.backend = model, cache, index_topk, backend
+        self.policy, self.max_seq_len = policy, max_seq_len
+        make_cross_attention(policy, model.sm_scale, backend)  # a bad policy fails here, not at first decode
         self.buckets = buckets_up_to(max_batch)
         self.capture = cache.k.device.type == "cuda" if capture is None else capture
         [self.trash_block] = cache.blocks.allocate(1)
@@ -178,7 +184,7 @@ class DecodeGraphs:
         key = (self.bucket(len(seqs)), sparse)
         if key not in self._steps:
             step = StaticDecodeStep(self.model, self.cache, key[0], sparse, self.index_topk, self.trash_block,
-                                    self.spare_slot, self.backend)
+                                    self.spare_slot, self.backend, self.policy, self.max_seq_len)
             self._steps[key] = (step, *self._capture(step))
         step, graph, out = self._steps[key]
         step.load(seqs)

@@ -11,7 +11,7 @@ import torch
 
 from kernels._backend import Backend
 from kernels.paged import physical_rows
-from services.engine.attention import CrossAttention
+from services.engine.attention import make_cross_attention
 from services.engine.cache import KVCache
 from services.engine.graph_step import DecodeGraphs
 from services.engine.model import CLSAModel, StepContext
@@ -20,16 +20,18 @@ from services.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: CLSAModel, cache: KVCache, index_topk: int, prefill_chunk: int,
-                 backend: Backend = "auto", graph_batch: int = 0) -> None:
+                 backend: Backend = "auto", graph_batch: int = 0, cross_policy: str = "shared") -> None:
         """`graph_batch` > 0: decode through `DecodeGraphs` (one CUDA graph per batch bucket up to
-        that many sequences; it takes one block and one ring slot of `cache` for padding)."""
+        that many sequences; it takes one block and one ring slot of `cache` for padding).
+        `cross_policy`: how the cross layers select (`attention.CROSS_POLICIES`; the baselines)."""
         self.model = model
         self.cache = cache
         self.index_topk = index_topk
         self.prefill_chunk = prefill_chunk
         self.device = cache.k.device
-        self.attention = CrossAttention(model.sm_scale, backend)
-        self.graphs = DecodeGraphs(model, cache, index_topk, graph_batch, backend) if graph_batch > 0 else None
+        self.attention = make_cross_attention(cross_policy, model.sm_scale, backend)
+        self.graphs = (DecodeGraphs(model, cache, index_topk, graph_batch, backend, policy=cross_policy)
+                       if graph_batch > 0 else None)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -101,3 +101,35 @@ def test_cuda_graph_replay_gives_the_eager_decode_logits() -> None:
     assert results[True][1] == results[False][1]
     for got, want in zip(results[True][0], results[False][0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _generate_with_policy(policy: str, graphs: bool) -> tuple[list, list]:
+    engine = make_engine(cross_attention=policy)
+    if graphs:
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.cache, engine.index_topk, max_batch=4,
+                                            capture=False, policy=policy)
+    log = record_logits(engine)
+    outs = run_requests(engine, [(random_prompt(n, seed=n), SamplingParams(max_tokens=t, temperature=0.0,
+                                                                           ignore_eos=True), mode)
+                                 for n, mode, t in REQUESTS])
+    return [torch.stack(log[o.request_id]) for o in outs], [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-step"])
+@pytest.mark.parametrize("policy", ["per_layer", "torch_gather"])
+def test_baseline_cross_policies_select_and_attend_as_clsa(policy: str, graphs: bool) -> None:
+    """The benchmark's baselines (a top-k in every layer; plain torch scoring, topk, gather and
+    SDPA) compute CLSA's function: same logits as the shared index."""
+    want_logits, want_tokens = _generate_with_policy("shared", False)
+    got_logits, got_tokens = _generate_with_policy(policy, graphs)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_cross_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="cross_attention must be one of"):
+        EngineConfig(cross_attention="bogus")
+    engine = make_engine()
+    with pytest.raises(ValueError, match="policy must be one of"):
+        DecodeGraphs(engine.model, engine.cache, engine.index_topk, max_batch=2, capture=False, policy="bogus")
