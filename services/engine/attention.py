@@ -17,6 +17,7 @@ from kernels._backend import Backend
 from kernels.paged import gather_tokens, physical_rows
 
 CrossPolicy = Literal["shared", "per_layer", "torch_gather"]
+SCORE_ROWS = 16  # sequences whose indexer keys TorchGatherAttention gathers at once
 CROSS_POLICIES: tuple[str, ...] = ("shared", "per_layer", "torch_gather")
 
 
@@ -106,9 +107,12 @@ class TorchGatherAttention(CrossAttention):
         self._indices = self._sparse_rows = self._dense_rows = None
         width = block_table.shape[1] * k_idx_cache.shape[1]
         positions = torch.arange(width, device=q_idx.device).expand(q_idx.shape[0], width)
-        keys = gather_tokens(k_idx_cache, block_table, positions)  # [B, width, d_idx]
         valid = positions < seq_lens[:, None]
-        scores = torch.einsum("bd,bnd->bn", q_idx, keys).float().masked_fill(~valid, float("-inf"))
+        scores = torch.cat([  # SCORE_ROWS sequences at a time bound the gathered keys' memory
+            torch.einsum("bd,bnd->bn", q_idx[i:i + SCORE_ROWS],
+                         gather_tokens(k_idx_cache, block_table[i:i + SCORE_ROWS], positions[i:i + SCORE_ROWS]))
+            for i in range(0, q_idx.shape[0], SCORE_ROWS)])
+        scores = scores.float().masked_fill(~valid, float("-inf"))
         chosen = scores.topk(min(topk, width), dim=1).indices
         self._selected = (physical_rows(block_table, chosen, k_idx_cache.shape[1]), torch.gather(valid, 1, chosen))
 

@@ -14,6 +14,8 @@ mixes CLSA and DENSE sequences into one replay per mode. Sampling stays outside 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels import dense_decode_attention
@@ -25,6 +27,7 @@ from services.engine.model import CLSAModel
 from services.engine.sequence import Sequence
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
 
 def buckets_up_to(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:
@@ -84,7 +87,12 @@ class StaticDecodeStep:
                          (self.write_rows, rows), (self.slots, slots), (self.seq_lens, seq_lens)):
             buf.copy_(src, non_blocking=True)
 
-    def run(self) -> torch.Tensor:
+    def run(self, upto: str = "logits") -> torch.Tensor:
+        """The step -> logits [batch, V]. `upto` stops it early, for a benchmark's breakdown
+        (`STAGES`): after the self layers ("self"; the transformer's every layer), after the
+        shared K/V and the indexer's plan ("index"), after the cross layers ("cross")."""
+        if upto not in STAGES:
+            raise ValueError(f"StaticDecodeStep.run: upto must be one of {STAGES}, got {upto!r}")
         model, cache = self.model, self.cache
         pos = self.positions
         x = model.embed(self.tokens)[:, None]  # [B, 1, D]
@@ -96,16 +104,20 @@ class StaticDecodeStep:
                 out = dense_decode_attention(q[:, 0], cache.k[i], cache.v[i], self.block_table, self.seq_lens,
                                              model.sm_scale, backend=self.backend)
                 x = layer.finish(x, out[:, None])
-            return model.logits(x[:, 0])
+            return x[:, 0] if upto != "logits" else model.logits(x[:, 0])
         x = self._self_decoder(x)
+        if upto == "self":
+            return x[:, 0]
         k, v, k_idx, q_idx = model.shared(x, pos[:, None])
         self._write(cache.k[0], k[:, 0])
         self._write(cache.v[0], v[:, 0])
         self._write(cache.k_idx, k_idx[:, 0])
         self.attention.plan(q_idx[:, 0], cache.k_idx, self.block_table, self.seq_lens, [self.sparse] * self.batch,
                             self.index_topk)
+        if upto == "index":
+            return x[:, 0]
         h = model.forward_cross(x[:, 0], pos, self.attention, cache)
-        return model.logits(h)
+        return h if upto == "cross" else model.logits(h)
 
     def _write(self, paged: torch.Tensor, rows: torch.Tensor) -> None:
         """The new token's row of each sequence into a paged cache [num_blocks, block_size, ...]."""
@@ -138,15 +150,20 @@ class DecodeGraphs:
 
     def __init__(self, model: CLSAModel, cache: KVCache, index_topk: int, max_batch: int,
                  backend: Backend = "auto", capture: bool | None = None, policy: str = "shared",
-                 max_seq_len: int | None = None) -> None:
+                 max_seq_len: int | None = None, buckets: tuple[int, ...] | None = None) -> None:
+        """`buckets`: the batch sizes to capture (default `buckets_up_to(max_batch)`); `policy`
+        and `max_seq_len` as `StaticDecodeStep`'s."""
         self.model, self.cache, self.index_topk, self.backend = model, cache, index_topk, backend
         self.policy, self.max_seq_len = policy, max_seq_len
         make_cross_attention(policy, model.sm_scale, backend)  # a bad policy fails here, not at first decode
-        self.buckets = buckets_up_to(max_batch)
+        self.buckets = tuple(sorted(set(buckets))) if buckets else buckets_up_to(max_batch)
+        if self.buckets[0] < 1:
+            raise ValueError(f"DecodeGraphs: buckets must be >= 1, got {self.buckets}")
         self.capture = cache.k.device.type == "cuda" if capture is None else capture
         [self.trash_block] = cache.blocks.allocate(1)
         [self.spare_slot] = cache.slots.allocate(1)
-        self._steps: dict[tuple[int, bool], tuple[StaticDecodeStep, torch.cuda.CUDAGraph | None, torch.Tensor | None]]
+        self._steps: dict[tuple[int, bool, str],
+                          tuple[StaticDecodeStep, torch.cuda.CUDAGraph | None, torch.Tensor | None]]
         self._steps = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -181,20 +198,28 @@ class DecodeGraphs:
         return out
 
     def _replay(self, seqs: list[Sequence], sparse: bool) -> torch.Tensor:
-        key = (self.bucket(len(seqs)), sparse)
+        return self.prepare(seqs, sparse)()
+
+    def prepare(self, seqs: list[Sequence], sparse: bool, upto: str = "logits") -> Callable[[], torch.Tensor]:
+        """Load `seqs` (all of mode `sparse`) into their bucket's step and return what runs it:
+        the graph's replay (returning its static output) on CUDA, the eager step elsewhere.
+        `upto` other than "logits" captures a partial step (a benchmark's breakdown)."""
+        key = (self.bucket(len(seqs)), sparse, upto)
         if key not in self._steps:
             step = StaticDecodeStep(self.model, self.cache, key[0], sparse, self.index_topk, self.trash_block,
                                     self.spare_slot, self.backend, self.policy, self.max_seq_len)
-            self._steps[key] = (step, *self._capture(step))
+            self._steps[key] = (step, *self._capture(step, upto))
         step, graph, out = self._steps[key]
         step.load(seqs)
         if graph is None:
-            return step.run()
-        graph.replay()
-        assert out is not None
-        return out
+            return lambda: step.run(upto)
 
-    def _capture(self, step: StaticDecodeStep) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]:
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay
+
+    def _capture(self, step: StaticDecodeStep, upto: str) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]:
         """Warm the step up (Triton compiles, workspaces are allocated), then capture it, on
         padding rows only: a step is not idempotent (its token's ring-buffer row, once written,
         is read again), so it must not run on real sequences before their replay."""
@@ -205,9 +230,9 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                step.run()
+                step.run(upto)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = step.run()
+            out = step.run(upto)
         return graph, out

@@ -1,0 +1,292 @@
+"""The decode step on one GPU: CLSA against a Transformer, dense YOCO and two CLSA baselines.
+
+Every variant runs through the engine's own decode path - `DecodeGraphs`, one CUDA graph of the
+whole step per batch size - with random bf16 weights of the paper's dimensions (DESIGN.md presets):
+
+  transformer     transformer-4b: 32 layers, each with its own paged KV cache, dense decode
+  dense-yoco      clsa-4b in DENSE mode: every cross layer over all positions of the shared cache
+  per-layer-topk  clsa-4b with a top-k in every cross layer (DSA-style, nothing shared)
+  torch-clsa      clsa-4b, torch scoring + torch.topk once per step, the rows gathered once, SDPA
+  clsa            clsa-4b, one shared index, our kernels
+
+The context is synthetic: each sequence holds N tokens of random K/V (and indexer keys, ring
+buffers) in the paged cache, as a prefill would have left them, and decodes its next token; the
+time of a step does not depend on the values. For each N and B it reports the median step time
+(CUDA events over graph replays), tokens/s = B / step, the KV bytes per sequence, the ratios
+against the Transformer and dense YOCO at the same (N, B), and a breakdown from partial graphs
+of the same step: self layers (the Transformer's every layer), shared K/V + indexer + top-k,
+cross layers, LM head, plus sampling (greedy, outside the graph).
+
+B runs over --bs ("fit": the largest batch the variant fits in GPU memory at that N; "tfit": the
+Transformer's, so every variant is also timed at the batch where the Transformer is at its limit).
+
+GPU: python bench/decode.py --out DIR   (writes DIR/decode.json, DIR/decode.txt)
+CPU smoke run (clsa-tiny shapes, the torch kernels, times meaningless): python bench/decode.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.engine.cache import KVCache  # noqa: E402
+from services.engine.config import ModelConfig, preset  # noqa: E402
+from services.engine.graph_step import DecodeGraphs  # noqa: E402
+from services.engine.model import CLSAModel  # noqa: E402
+from services.engine.sampling import SamplingParams  # noqa: E402
+from services.engine.sequence import Sequence  # noqa: E402
+
+BLOCK = 16
+GiB = 2**30
+MARGIN = 8 * GiB  # left free for activations, workspaces and the graphs' pool
+MAX_FIT = 256
+SMOKE_FIT = 4
+DEVICE = torch.device("cuda")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    preset: str
+    sparse: bool
+    policy: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("transformer", "transformer-4b", False, "shared"),
+    Variant("dense-yoco", "clsa-4b", False, "shared"),
+    Variant("per-layer-topk", "clsa-4b", True, "per_layer"),
+    Variant("torch-clsa", "clsa-4b", True, "torch_gather"),
+    Variant("clsa", "clsa-4b", True, "shared"),
+)}
+
+
+def log(msg: str) -> None:
+    print(f"[decode {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def random_model(cfg: ModelConfig) -> CLSAModel:
+    """clsa-4b-sized weights straight on the GPU, bf16, N(0, 0.02) (norms 1); fp32 on the CPU."""
+    with DEVICE:
+        model = CLSAModel(cfg)
+    model = model.to(torch.bfloat16 if DEVICE.type == "cuda" else torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def per_sequence_bytes(cfg: ModelConfig, n: int) -> int:
+    tokens = -(-(n + 1) // BLOCK) * BLOCK
+    ring = 2 * cfg.n_self_layers * cfg.swa_window * cfg.n_kv_heads * cfg.head_dim * 2
+    return tokens * cfg.kv_bytes_per_token(2) + ring
+
+
+def fits(cfg: ModelConfig, n: int) -> int:
+    if DEVICE.type != "cuda":
+        return SMOKE_FIT
+    free, _ = torch.cuda.mem_get_info()
+    return max(0, min(MAX_FIT, (free - MARGIN) // per_sequence_bytes(cfg, n)))
+
+
+def synthetic_batch(cache: KVCache, cfg: ModelConfig, n: int, batch: int, sparse: bool) -> list[Sequence]:
+    """`batch` sequences that hold `n` tokens each (blocks, ring slot, ring positions) and decode
+    their next one."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    seqs = []
+    for i in range(batch):
+        seq = Sequence(request_id=f"s{i}", prompt_ids=[1] * n, params=params, sparse=sparse,
+                       max_total_tokens=n + 1, eos_token_id=-1, detokenizer=None)  # type: ignore[arg-type]
+        seq.output_ids.append(2)  # the token this step decodes, at position n
+        seq.block_ids = cache.blocks.allocate(-(-(n + 1) // BLOCK))
+        [seq.slot] = cache.slots.allocate(1)
+        if cfg.is_yoco:
+            window = cfg.swa_window
+            last = torch.arange(max(0, n - window), n, device=DEVICE)
+            cache.swa_pos[seq.slot, last % window] = last
+        seqs.append(seq)
+    return seqs
+
+
+def release(cache: KVCache, seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        cache.blocks.free(seq.block_ids)
+        cache.slots.free([seq.slot])
+
+
+def median_ms(fn, reps: int) -> float:  # noqa: ANN001
+    for _ in range(3):
+        fn()
+    if DEVICE.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def stage_breakdown(graphs: DecodeGraphs, seqs: list[Sequence], sparse: bool, yoco: bool, step_ms: float,
+                    reps: int) -> dict[str, float]:
+    """Where the step's time goes, from graphs of the same step stopped early (`STAGES`)."""
+    ends = {upto: median_ms(graphs.prepare(seqs, sparse, upto), reps) for upto in (
+        ("self", "index", "cross") if yoco else ("self",))}
+    if not yoco:
+        return {"layers": ends["self"], "head": step_ms - ends["self"]}
+    return {"self layers": ends["self"], "shared KV + index": ends["index"] - ends["self"],
+            "cross layers": ends["cross"] - ends["index"], "head": step_ms - ends["cross"]}
+
+
+def run_variant(variant: Variant, model: CLSAModel, n: int, batches: list[int], reps: int,
+                breakdown: bool) -> list[dict]:
+    cfg = model.cfg
+    biggest = max(batches)
+    blocks = biggest * -(-(n + 1) // BLOCK) + 1
+    cache = KVCache(cfg, blocks, BLOCK, biggest + 1, DEVICE, next(model.parameters()).dtype)
+    for t in (cache.k, cache.v, cache.k_idx, cache.swa_k, cache.swa_v):
+        t.normal_()
+    graphs = DecodeGraphs(model, cache, cfg.index_topk, biggest, policy=variant.policy, max_seq_len=n + BLOCK,
+                          buckets=tuple(batches))
+    rows = []
+    for batch in batches:
+        seqs = synthetic_batch(cache, cfg, n, batch, variant.sparse)
+        try:
+            step = graphs.prepare(seqs, variant.sparse)
+            ms = median_ms(step, reps)
+            logits = step()
+            sample_ms = median_ms(lambda logits=logits: logits.argmax(dim=-1).tolist(), reps)
+            row = {"variant": variant.name, "n": n, "b": batch, "step_ms": ms, "tok_s": batch / ms * 1e3,
+                   "kv_bytes_per_seq": per_sequence_bytes(cfg, n), "sample_ms": sample_ms,
+                   "finite": bool(torch.isfinite(logits[:batch].float()).all())}
+            if breakdown:
+                row["breakdown_ms"] = stage_breakdown(graphs, seqs, variant.sparse, cfg.is_yoco, ms, reps)
+            rows.append(row)
+            log(f"{variant.name:15s} N={n:6d} B={batch:3d}: {ms:8.3f} ms  {row['tok_s']:9.0f} tok/s"
+                + (f"  {row['breakdown_ms']}" if breakdown else ""))
+        except torch.OutOfMemoryError as exc:  # reported in the table; the next batch still runs
+            log(f"{variant.name} N={n} B={batch}: out of memory ({str(exc)[:80]})")
+            rows.append({"variant": variant.name, "n": n, "b": batch, "error": "out of memory"})
+        finally:
+            release(cache, seqs)
+    graphs.close()
+    del graphs, cache
+    torch.cuda.empty_cache()
+    return rows
+
+
+def parse_n(text: str) -> int:
+    return int(text[:-1]) * 1024 if text.upper().endswith("K") else int(text)
+
+
+def batches_for(spec: list[str], fit: int, tfit: int) -> list[int]:
+    out = set()
+    for s in spec:
+        b = fit if s == "fit" else tfit if s == "tfit" else int(s)
+        if 1 <= b <= fit:
+            out.add(b)
+    return sorted(out)
+
+
+def print_tables(rows: list[dict], report: list[str]) -> None:
+    def line(text: str = "") -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    ok = [r for r in rows if "step_ms" in r]
+    by = {(r["variant"], r["n"], r["b"]): r for r in ok}
+    line("== decode step (CUDA graph of the whole step, median ms), tokens/s, ratios at the same N and B")
+    line(f"{'N':>7} {'B':>4} {'variant':>15} {'step_ms':>9} {'tok/s':>9} {'KV MiB/seq':>11} {'vs transformer':>15}"
+         f" {'vs dense-yoco':>14}  breakdown (ms)")
+    for r in sorted(ok, key=lambda r: (r["n"], r["b"], list(VARIANTS).index(r["variant"]))):
+        t = by.get(("transformer", r["n"], r["b"]))
+        d = by.get(("dense-yoco", r["n"], r["b"]))
+        vs_t = f"{t['step_ms'] / r['step_ms']:.2f}x" if t else "-"
+        vs_d = f"{d['step_ms'] / r['step_ms']:.2f}x" if d else "-"
+        parts = " ".join(f"{k} {v:.3f}" for k, v in r.get("breakdown_ms", {}).items())
+        line(f"{r['n']:>7} {r['b']:>4} {r['variant']:>15} {r['step_ms']:>9.3f} {r['tok_s']:>9.0f}"
+             f" {r['kv_bytes_per_seq'] / 2**20:>11.0f} {vs_t:>15} {vs_d:>14}  {parts}")
+    line()
+    line("== largest batch each variant fits, decode throughput")
+    for n in sorted({r["n"] for r in ok}):
+        best = {}
+        for r in ok:
+            if r["n"] == n and (r["variant"] not in best or r["b"] > best[r["variant"]]["b"]):
+                best[r["variant"]] = r
+        t = best.get("transformer")
+        for name, r in sorted(best.items(), key=lambda kv: list(VARIANTS).index(kv[0])):
+            ratio = f"  {r['tok_s'] / t['tok_s']:.1f}x the transformer's" if t else ""
+            line(f"  N={n:>6} {name:>15}: B={r['b']:>3}  {r['tok_s']:>9.0f} tok/s{ratio}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ns", nargs="+", default=["8K", "32K", "128K"])
+    p.add_argument("--bs", nargs="+", default=["1", "8", "32", "tfit", "fit"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--out", default="/tmp/decode")
+    p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
+    args = p.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE = torch.device("cpu")
+        args.ns, args.reps = ["200", "300"], 2
+    ns = [parse_n(n) for n in args.ns]
+    device_name = torch.cuda.get_device_properties(0).name if DEVICE.type == "cuda" else "cpu"
+    report = [f"decode benchmark {time.strftime('%Y-%m-%dT%H:%M:%S')}  {device_name}  torch {torch.__version__}"]
+    rows: list[dict] = []
+    models: dict[str, CLSAModel] = {}
+    tfit = {}
+    for preset_name in ("transformer-4b", "clsa-4b"):
+        wanted = [v for v in args.variants if VARIANTS[v].preset == preset_name]
+        if not wanted and not (preset_name == "transformer-4b" and "tfit" in args.bs):
+            continue
+        cfg = preset(preset_name)
+        if args.smoke:  # clsa-tiny's shapes in both architectures
+            cfg = dataclasses.replace(preset("clsa-tiny"), arch=cfg.arch, index_topk=32)
+        model = models[preset_name] = random_model(cfg)
+        log(f"{preset_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
+        for n in ns:
+            fit = fits(cfg, n)
+            if preset_name == "transformer-4b":
+                tfit[n] = fit
+            batches = batches_for(args.bs, fit, tfit.get(n, fit))
+            log(f"{preset_name} N={n}: fits {fit} sequences; batches {batches}")
+            for name in wanted:
+                rows += run_variant(VARIANTS[name], model, n, batches, args.reps, not args.no_breakdown)
+        del models[preset_name], model
+        torch.cuda.empty_cache()
+    print_tables(rows, report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                                 "transformer_fit": tfit, "rows": rows}, indent=1))
+    (out / "decode.txt").write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
