@@ -77,9 +77,16 @@ def log(msg: str) -> None:
 
 def random_model(cfg: ModelConfig) -> CLSAModel:
     """clsa-4b-sized weights straight on the GPU, bf16, N(0, 0.02) (norms 1); fp32 on the CPU."""
-    with DEVICE:
-        model = CLSAModel(cfg)
-    model = model.to(torch.bfloat16 if DEVICE.type == "cuda" else torch.float32).eval()
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16: no fp32 copy left in the allocator's cache
+    try:
+        with DEVICE:
+            model = CLSAModel(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -248,6 +255,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
@@ -269,6 +277,8 @@ def main() -> None:
         if args.smoke:  # clsa-tiny's shapes in both architectures
             cfg = dataclasses.replace(preset("clsa-tiny"), arch=cfg.arch, index_topk=32)
         model = models[preset_name] = random_model(cfg)
+        if args.compile:
+            model.compile_layers()
         log(f"{preset_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
         for n in ns:
             fit = fits(cfg, n)

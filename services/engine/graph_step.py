@@ -22,7 +22,6 @@ from kernels import dense_decode_attention
 from kernels._backend import Backend
 from services.engine.attention import make_cross_attention
 from services.engine.cache import KVCache
-from services.engine.layers import masked_attention
 from services.engine.model import CLSAModel
 from services.engine.sequence import Sequence
 
@@ -124,21 +123,23 @@ class StaticDecodeStep:
         paged.view(-1, *paged.shape[2:]).index_copy_(0, self.write_rows, rows.to(paged.dtype))
 
     def _self_decoder(self, x: torch.Tensor) -> torch.Tensor:
-        """The sliding-window layers for one token: keys are the ring buffer plus the token."""
+        """The sliding-window layers for one token. The token's K/V go into its ring row first;
+        then the ring rows 0 .. min(pos + 1, W) - 1 hold exactly its window (positions pos - W + 1
+        .. pos, or 0 .. pos early on), so each layer is the dense decode kernel over the ring seen
+        as a paged cache with one block of W rows per slot - no gather, no mask."""
         model, cache = self.model, self.cache
         window = model.cfg.swa_window
         pos, slots = self.positions, self.slots
-        key_pos = torch.cat([cache.swa_pos[slots], pos[:, None]], dim=1)[:, None, :]  # [B, 1, W + 1]
-        q_pos = pos[:, None, None]
-        mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
         ring_rows = pos % window
+        ring_table = slots[:, None].to(torch.int32)
+        ring_lens = torch.clamp(pos + 1, max=window).to(torch.int32)
         for i, layer in enumerate(model.own_kv_layers):
             q, k, v = layer.qkv(x, pos[:, None])
-            keys = torch.cat([cache.swa_k[i, slots], k], dim=1)
-            values = torch.cat([cache.swa_v[i, slots], v], dim=1)
-            x = layer.finish(x, masked_attention(q, keys, values, mask, model.sm_scale))
             cache.swa_k[i, slots, ring_rows] = k[:, 0]
             cache.swa_v[i, slots, ring_rows] = v[:, 0]
+            out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,
+                                         model.sm_scale, backend=self.backend)
+            x = layer.finish(x, out[:, None])
         cache.swa_pos[slots, ring_rows] = pos
         return x
 

@@ -107,6 +107,26 @@ class CLSAModel(nn.Module):
             std = out_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
 
+    def compile_layers(self) -> None:
+        """Compile each layer's projections, norms, RoPE and FFN with `torch.compile` (inductor
+        fuses the pointwise work around the GEMMs into a few kernels), shapes dynamic so that
+        every batch size shares the code. For the CUDA decode path; attention stays ours."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+        def fast(fn):  # noqa: ANN001, ANN202
+            return torch.compile(fn, dynamic=True)
+        for layer in self.own_kv_layers:
+            layer.qkv = fast(layer.qkv)  # type: ignore[method-assign]
+            layer.finish = fast(layer.finish)  # type: ignore[method-assign]
+        for cross in self.cross_decoder:
+            cross.query = fast(cross.query)  # type: ignore[method-assign]
+            cross.finish = fast(cross.finish)  # type: ignore[method-assign]
+        if self.shared is not None:
+            self.shared.forward = fast(self.shared.forward)  # type: ignore[method-assign]
+        self.logits = fast(self.logits)  # type: ignore[method-assign]
+
     @property
     def own_kv_layers(self) -> list[AttentionLayer]:
         return cast(list[AttentionLayer], list(self.layers))
