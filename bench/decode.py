@@ -48,7 +48,7 @@ from services.engine.sequence import Sequence  # noqa: E402
 
 BLOCK = 16
 GiB = 2**30
-MARGIN = 8 * GiB  # left free for activations, workspaces and the graphs' pool
+MARGIN = 10 * GiB  # left free for activations, workspaces and the graphs' pool
 MAX_FIT = 256
 SMOKE_FIT = 4
 DEVICE = torch.device("cuda")
@@ -256,6 +256,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
+    p.add_argument("--fuse", action="store_true", help="stacked projection weights (CLSAModel.fuse_projections)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
@@ -277,6 +278,8 @@ def main() -> None:
         if args.smoke:  # clsa-tiny's shapes in both architectures
             cfg = dataclasses.replace(preset("clsa-tiny"), arch=cfg.arch, index_topk=32)
         model = models[preset_name] = random_model(cfg)
+        if args.fuse:
+            model.fuse_projections()
         if args.compile:
             model.compile_layers()
         log(f"{preset_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")

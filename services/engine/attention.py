@@ -17,7 +17,7 @@ from kernels._backend import Backend
 from kernels.paged import gather_tokens, physical_rows
 
 CrossPolicy = Literal["shared", "per_layer", "torch_gather"]
-SCORE_ROWS = 16  # sequences whose indexer keys TorchGatherAttention gathers at once
+SCORE_ROWS = 4  # sequences whose indexer keys TorchGatherAttention gathers at once
 CROSS_POLICIES: tuple[str, ...] = ("shared", "per_layer", "torch_gather")
 
 

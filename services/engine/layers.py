@@ -21,14 +21,31 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One weight for several bias-free projections of the same input: their rows stacked, and
+    each layer's weight made a view of its rows (no second copy; state_dict unchanged), so one
+    GEMM reads them all - at decode batch sizes a GEMM's cost is reading its weight."""
+    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int) -> None:
         super().__init__()
         self.w_gate = nn.Linear(d_model, ffn_dim, bias=False)
         self.w_up = nn.Linear(d_model, ffn_dim, bias=False)
         self.w_down = nn.Linear(ffn_dim, d_model, bias=False)
+        self.fused: torch.Tensor | None = None  # gate and up stacked (fuse_linears), for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            return self.w_down(F.silu(gate) * up)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -126,14 +143,21 @@ class AttentionLayer(_Block):
         super().__init__(cfg)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.fused: torch.Tensor | None = None  # wq, wk, wv stacked (fuse_linears), for inference
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, C, D], positions: [B, C] -> roped q [B, C, Hq, d], roped k and v [B, C, Hkv, d]."""
         b, c, _ = x.shape
         h = self.attn_norm(x)
-        q = self.wq(h).view(b, c, self.cfg.n_heads, self.cfg.head_dim)
-        k = self.wk(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
-        v = self.wv(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
+        cfg = self.cfg
+        if self.fused is not None:
+            q, k, v = F.linear(h, self.fused).split(
+                [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
+        else:
+            q, k, v = self.wq(h), self.wk(h), self.wv(h)
+        q = q.reshape(b, c, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
         theta = self.cfg.rope_theta
         return apply_rope(q, positions, theta), apply_rope(k, positions, theta), v
 
@@ -150,16 +174,23 @@ class SharedKV(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wk_idx = nn.Linear(cfg.d_model, cfg.index_dim, bias=False)
         self.wq_idx = nn.Linear(cfg.d_model, cfg.index_dim, bias=False)
+        self.fused: torch.Tensor | None = None  # wk, wv, wk_idx, wq_idx stacked (fuse_linears), for inference
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [B, C, D] -> k, v [B, C, Hkv, d], k_idx, q_idx [B, C, d_idx]."""
         b, c, _ = x.shape
         h = self.kv_norm(x)
-        k = self.wk(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
-        v = self.wv(h).view(b, c, self.cfg.n_kv_heads, self.cfg.head_dim)
-        if self.cfg.cross_rope:
-            k = apply_rope(k, positions, self.cfg.rope_theta)
-        return k, v, self.wk_idx(h), self.wq_idx(h)
+        cfg = self.cfg
+        kv = cfg.n_kv_heads * cfg.head_dim
+        if self.fused is not None:
+            k, v, k_idx, q_idx = F.linear(h, self.fused).split([kv, kv, cfg.index_dim, cfg.index_dim], dim=-1)
+        else:
+            k, v, k_idx, q_idx = self.wk(h), self.wv(h), self.wk_idx(h), self.wq_idx(h)
+        k = k.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.cross_rope:
+            k = apply_rope(k, positions, cfg.rope_theta)
+        return k, v, k_idx, q_idx
 
 
 class CrossLayer(_Block):

@@ -27,6 +27,7 @@ from services.engine.layers import (
     RMSNorm,
     SharedKV,
     causal_attention,
+    fuse_linears,
     masked_attention,
     sliding_window_attention,
 )
@@ -106,6 +107,20 @@ class CLSAModel(nn.Module):
                 continue
             std = out_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Stack the projections that read the same input into one weight each (q/k/v of the self
+        layers; k/v/k_idx/q_idx of the boundary; gate/up of every FFN): fewer, larger GEMMs at
+        decode. The layers' own weights become views of the stacked ones (`layers.fuse_linears`),
+        so checkpoints and outputs are unchanged. For inference: done after the last `.to()`."""
+        for layer in self.own_kv_layers:
+            layer.fused = fuse_linears(layer.wq, layer.wk, layer.wv)
+        if self.shared is not None:
+            s = self.shared
+            s.fused = fuse_linears(s.wk, s.wv, s.wk_idx, s.wq_idx)
+        for block in [*self.own_kv_layers, *self.cross_decoder]:
+            block.ffn.fused = fuse_linears(block.ffn.w_gate, block.ffn.w_up)
 
     def compile_layers(self) -> None:
         """Compile each layer's projections, norms, RoPE and FFN with `torch.compile` (inductor

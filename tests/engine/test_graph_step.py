@@ -133,3 +133,19 @@ def test_unknown_cross_policy_is_refused() -> None:
     engine = make_engine()
     with pytest.raises(ValueError, match="policy must be one of"):
         DecodeGraphs(engine.model, engine.cache, engine.index_topk, max_batch=2, capture=False, policy="bogus")
+
+
+@pytest.mark.parametrize("arch", ["yoco", "transformer"])
+def test_fused_projections_change_no_output_and_no_checkpoint(arch: str) -> None:
+    cfg = variant() if arch == "yoco" else variant(arch="transformer")
+    model = make_model(cfg)
+    tokens = torch.tensor([random_prompt(40, seed=3)])
+    want = model.forward_full(tokens)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections()
+    torch.testing.assert_close(model.forward_full(tokens), want, atol=1e-5, rtol=1e-5)
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    stacked = model.layers[0].fused
+    assert stacked is not None and model.layers[0].wq.weight.data_ptr() == stacked.data_ptr()  # a view, no copy
