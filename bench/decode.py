@@ -52,6 +52,7 @@ MARGIN = 10 * GiB  # left free for activations, workspaces and the graphs' pool
 MAX_FIT = 256
 SMOKE_FIT = 4
 DEVICE = torch.device("cuda")
+PROFILE = False  # --profile: the kernels of every step measured
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,30 @@ def median_ms(fn, reps: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
+def kernel_profile(step, steps: int = 5, top: int = 30) -> list[dict]:  # noqa: ANN001
+    """The step's kernels by total GPU time per step (torch.profiler over `steps` replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time_total / steps
+            entry[1] += 1 / steps
+    rows = sorted(({"kernel": name[:90], "us_per_step": us, "calls_per_step": calls}
+                   for name, (us, calls) in totals.items()), key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    log(f"kernels: {total:.0f} us of GPU time per step in {sum(r['calls_per_step'] for r in rows):.0f} launches")
+    for r in rows[:top]:
+        log(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
+    return rows[:top]
+
+
 def stage_breakdown(graphs: DecodeGraphs, seqs: list[Sequence], sparse: bool, yoco: bool, step_ms: float,
                     reps: int) -> dict[str, float]:
     """Where the step's time goes, from graphs of the same step stopped early (`STAGES`)."""
@@ -190,6 +215,8 @@ def run_variant(variant: Variant, model: CLSAModel, n: int, batches: list[int], 
                    "finite": bool(torch.isfinite(logits[:batch].float()).all())}
             if breakdown:
                 row["breakdown_ms"] = stage_breakdown(graphs, seqs, variant.sparse, cfg.is_yoco, ms, reps)
+            if PROFILE and DEVICE.type == "cuda":
+                row["kernels"] = kernel_profile(step)
             rows.append(row)
             log(f"{variant.name:15s} N={n:6d} B={batch:3d}: {ms:8.3f} ms  {row['tok_s']:9.0f} tok/s"
                 + (f"  {row['breakdown_ms']}" if breakdown else ""))
@@ -257,10 +284,12 @@ def main() -> None:
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
     p.add_argument("--fuse", action="store_true", help="stacked projection weights (CLSAModel.fuse_projections)")
+    p.add_argument("--profile", action="store_true", help="list each step's kernels by GPU time (torch.profiler)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
-    global DEVICE
+    global DEVICE, PROFILE
+    PROFILE = args.profile
     if args.smoke:
         DEVICE = torch.device("cpu")
         args.ns, args.reps = ["200", "300"], 2
