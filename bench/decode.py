@@ -275,6 +275,12 @@ def print_tables(rows: list[dict], report: list[str]) -> None:
             line(f"  N={n:>6} {name:>15}: B={r['b']:>3}  {r['tok_s']:>9.0f} tok/s{ratio}")
 
 
+def write_json(out: Path, device_name: str, tfit: dict, rows: list[dict], partial: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__, "partial": partial,
+                                                 "transformer_fit": tfit, "rows": rows}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", nargs="+", default=["8K", "32K", "128K"])
@@ -320,13 +326,12 @@ def main() -> None:
             log(f"{preset_name} N={n}: fits {fit} sequences; batches {batches}")
             for name in wanted:
                 rows += run_variant(VARIANTS[name], model, n, batches, args.reps, not args.no_breakdown)
+                write_json(Path(args.out), device_name, tfit, rows, partial=True)  # kept if a later one dies
         del models[preset_name], model
         torch.cuda.empty_cache()
     print_tables(rows, report)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,
-                                                 "transformer_fit": tfit, "rows": rows}, indent=1))
+    write_json(out, device_name, tfit, rows, partial=False)
     (out / "decode.txt").write_text("\n".join(report) + "\n")
 
 
