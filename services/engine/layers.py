@@ -77,11 +77,20 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.transpose(1, 2)
 
 
+def _expand_kv(x: torch.Tensor, n_q_heads: int) -> torch.Tensor:
+    """[B, T, Hkv, d] -> [B, T, Hq, d], each KV head repeated for its query heads: SDPA's flash
+    and memory-efficient kernels then apply (with `enable_gqa` a mask or a long sequence can fall
+    back to the math kernel, which materializes every score)."""
+    return x if x.shape[2] == n_q_heads else x.repeat_interleave(n_q_heads // x.shape[2], dim=2)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """Causal GQA attention over a whole sequence (SDPA's flash path where there is one).
-    q: [B, T, Hq, d]; k, v: [B, T, Hkv, d] -> [B, T, Hq, d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, scale=sm_scale, enable_gqa=True)
+    q: [B, T, Hq, d]; k, v: [B, T, Hkv, d] -> [B, T, Hq, d]. Rows padded at the end of a sequence
+    change nothing before them."""
+    hq = q.shape[2]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), _expand_kv(k, hq).transpose(1, 2),
+                                         _expand_kv(v, hq).transpose(1, 2), is_causal=True, scale=sm_scale)
     return out.transpose(1, 2)
 
 
@@ -92,7 +101,6 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     before. Same result as `masked_attention` with the sliding-window mask.
     q: [B, T, Hq, d]; k, v: [B, T, Hkv, d] -> [B, T, Hq, d]."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
     w = min(window, t)
     nb = -(-t // w)
     pad = nb * w - t
@@ -100,7 +108,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     def blocks(x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (0, 0, 0, 0, 0, pad)).view(b, nb, w, x.shape[2], d)
 
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    qb, kb, vb = blocks(q), blocks(_expand_kv(k, hq)), blocks(_expand_kv(v, hq))
     # keys of block i: block i - 1 (zeros before the first) then block i
     kk = torch.cat([F.pad(kb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], kb], dim=2)
     vv = torch.cat([F.pad(vb, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], vb], dim=2)
@@ -110,9 +118,9 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     mask = ((diff >= 0) & (diff < window)).expand(nb, w, 2 * w).clone()
     mask[0, :, :w] = False  # there is no block before the first
     out = F.scaled_dot_product_attention(
-        qb.reshape(b * nb, w, hq, d).transpose(1, 2), kk.reshape(b * nb, 2 * w, hkv, d).transpose(1, 2),
-        vv.reshape(b * nb, 2 * w, hkv, d).transpose(1, 2),
-        attn_mask=mask.expand(b, nb, w, 2 * w).reshape(b * nb, 1, w, 2 * w), scale=sm_scale, enable_gqa=True,
+        qb.reshape(b * nb, w, hq, d).transpose(1, 2), kk.reshape(b * nb, 2 * w, hq, d).transpose(1, 2),
+        vv.reshape(b * nb, 2 * w, hq, d).transpose(1, 2),
+        attn_mask=mask.expand(b, nb, w, 2 * w).reshape(b * nb, 1, w, 2 * w), scale=sm_scale,
     )
     return out.transpose(1, 2).reshape(b, nb * w, hq, d)[:, :t]
 

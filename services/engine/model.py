@@ -57,6 +57,9 @@ class StepContext:
     slots:       [B] int64 ring-buffer slot of each sequence (YOCO)
     ring_b, ring_c: [n] int64 the (sequence, chunk column) pairs whose K/V enter the ring buffers:
                  the last `swa_window` valid tokens of each sequence in this chunk
+    chunk_start: the position of every sequence's first token in a prefill chunk (padding only at
+                 the end of a row); None for a decode step. 0 means the chunk is the prompt's
+                 start: nothing before it, so attention needs only the chunk's own keys.
     """
 
     positions: torch.Tensor
@@ -66,6 +69,7 @@ class StepContext:
     slots: torch.Tensor
     ring_b: torch.Tensor
     ring_c: torch.Tensor
+    chunk_start: int | None = None
 
 
 def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,7 +243,11 @@ class CLSAModel(nn.Module):
                 q, k, v = layer.qkv(x, ctx.positions)
                 cache.k[i].view(-1, *k.shape[2:])[rows] = k[valid]
                 cache.v[i].view(-1, *v.shape[2:])[rows] = v[valid]
-                x = layer.finish(x, self._global_attention(q, cache.k[i], cache.v[i], ctx))
+                if ctx.chunk_start == 0 and q.shape[1] > 1:  # the prompt's first chunk: flash causal over it
+                    attn = causal_attention(q, k, v, self.sm_scale)
+                else:
+                    attn = self._global_attention(q, cache.k[i], cache.v[i], ctx)
+                x = layer.finish(x, attn)
             return x, None
         x = self._self_decoder(x, ctx, cache)
         k, v, k_idx, q_idx = self.shared(x, ctx.positions)
@@ -263,17 +271,25 @@ class CLSAModel(nn.Module):
     def _self_decoder(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         """Sliding-window layers: keys are the ring buffer (tokens before the chunk) plus the chunk."""
         window = self.cfg.swa_window
-        ring_pos = cache.swa_pos[ctx.slots]  # [B, W]
-        key_pos = torch.cat([ring_pos, ctx.positions], dim=1)[:, None, :]
-        q_pos = ctx.positions[:, :, None]
-        mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
+        # The prompt's first chunk: the ring is empty, so the window lies inside the chunk and
+        # needs no [C, W + C] mask (16 GB of it for a 128K-token chunk).
+        fresh = ctx.chunk_start == 0 and ctx.positions.shape[1] > 1
+        if not fresh:
+            ring_pos = cache.swa_pos[ctx.slots]  # [B, W]
+            key_pos = torch.cat([ring_pos, ctx.positions], dim=1)[:, None, :]
+            q_pos = ctx.positions[:, :, None]
+            mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
         ring_slots = ctx.slots[ctx.ring_b]
         ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
         for i, layer in enumerate(self.own_kv_layers):
             q, k, v = layer.qkv(x, ctx.positions)
-            keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
-            values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)
-            x = layer.finish(x, masked_attention(q, keys, values, mask, self.sm_scale))
+            if fresh:
+                attn = sliding_window_attention(q, k, v, window, self.sm_scale)
+            else:
+                keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
+                values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)
+                attn = masked_attention(q, keys, values, mask, self.sm_scale)
+            x = layer.finish(x, attn)
             cache.swa_k[i, ring_slots, ring_rows] = k[ctx.ring_b, ctx.ring_c]
             cache.swa_v[i, ring_slots, ring_rows] = v[ctx.ring_b, ctx.ring_c]
         cache.swa_pos[ring_slots, ring_rows] = ctx.positions[ctx.ring_b, ctx.ring_c]

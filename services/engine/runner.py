@@ -105,4 +105,4 @@ class ModelRunner:
         ring_b, ring_c = enters_ring.nonzero(as_tuple=True)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
         return StepContext(positions=positions, rows=rows, block_table=block_table, seq_lens=seq_lens,
-                           slots=slots, ring_b=ring_b, ring_c=ring_c)
+                           slots=slots, ring_b=ring_b, ring_c=ring_c, chunk_start=start)

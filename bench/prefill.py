@@ -1,0 +1,117 @@
+"""Prefill on one GPU: CLSA (YOCO) against the Transformer, through the engine's prefill.
+
+One prompt of N random tokens, prefilled by `ModelRunner.prefill` in one chunk (each model on its
+fastest path: the Transformer's 32 layers through SDPA's flash causal kernel; YOCO's 16 sliding-
+window layers through SDPA in blocks of the window, the shared K/V and indexer keys for every
+token, the cross layers for the last token only - YOCO's early exit), random bf16 weights of the
+DESIGN.md presets with stacked projections. Reports the median time of 3 prefills after a warm-up,
+tokens/s and the ratio to the Transformer, for N in --ns.
+
+GPU: python bench/prefill.py --out DIR   (DIR/prefill.json, DIR/prefill.txt)
+CPU smoke run (clsa-tiny shapes, times meaningless): python bench/prefill.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import decode as bench_decode  # noqa: E402
+from decode import BLOCK, log, parse_n, random_model  # noqa: E402
+
+from services.engine.cache import KVCache  # noqa: E402
+from services.engine.config import preset  # noqa: E402
+from services.engine.runner import ModelRunner  # noqa: E402
+from services.engine.sampling import SamplingParams  # noqa: E402
+from services.engine.sequence import Sequence  # noqa: E402
+
+VARIANTS = {"transformer": ("transformer-4b", False), "clsa": ("clsa-4b", True), "dense-yoco": ("clsa-4b", False)}
+
+
+def prefill_ms(model, n: int, sparse: bool, reps: int) -> float:  # noqa: ANN001
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    blocks = -(-(n + 1) // BLOCK)
+    cache = KVCache(cfg, blocks, BLOCK, 1, device, next(model.parameters()).dtype)
+    runner = ModelRunner(model, cache, cfg.index_topk, prefill_chunk=n)
+    gen = torch.Generator().manual_seed(n)
+    prompt = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+    seq = Sequence(request_id="p", prompt_ids=prompt, params=SamplingParams(max_tokens=1), sparse=sparse,
+                   max_total_tokens=n + 1, eos_token_id=-1, detokenizer=None)  # type: ignore[arg-type]
+    seq.block_ids = cache.blocks.allocate(blocks)
+    [seq.slot] = cache.slots.allocate(1)
+    times = []
+    for i in range(reps + 1):
+        cache.reset_slot(seq.slot)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = runner.prefill([seq])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first is the warm-up
+            times.append((time.perf_counter() - start) * 1e3)
+    assert torch.isfinite(logits.float()).all(), "prefill produced non-finite logits"
+    del cache, runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ns", nargs="+", default=["8K", "32K", "128K"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default="/tmp/prefill")
+    p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=300 and 1000")
+    args = p.parse_args()
+    if args.smoke:
+        bench_decode.DEVICE = torch.device("cpu")
+        args.ns, args.reps = ["300", "1000"], 1
+    ns = [parse_n(n) for n in args.ns]
+    rows = []
+    for preset_name in ("transformer-4b", "clsa-4b"):
+        names = [v for v in args.variants if VARIANTS[v][0] == preset_name]
+        if not names:
+            continue
+        cfg = preset(preset_name)
+        if args.smoke:
+            cfg = dataclasses.replace(preset("clsa-tiny"), arch=cfg.arch, index_topk=32)
+        model = random_model(cfg)
+        model.fuse_projections()
+        with torch.inference_mode():
+            for n in ns:
+                for name in names:
+                    ms = prefill_ms(model, n, VARIANTS[name][1], args.reps)
+                    rows.append({"variant": name, "n": n, "prefill_ms": ms, "tok_s": n / ms * 1e3})
+                    log(f"prefill {name:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s")
+        del model
+        if bench_decode.DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    report = ["== prefill of one prompt (one chunk), median ms", f"{'N':>7} {'variant':>12} {'ms':>10} "
+              f"{'tok/s':>10} {'vs transformer':>15}"]
+    by = {(r["variant"], r["n"]): r for r in rows}
+    for r in sorted(rows, key=lambda r: (r["n"], r["variant"])):
+        t = by.get(("transformer", r["n"]))
+        ratio = f"{t['prefill_ms'] / r['prefill_ms']:.2f}x" if t else "-"
+        report.append(f"{r['n']:>7} {r['variant']:>12} {r['prefill_ms']:>10.1f} {r['tok_s']:>10.0f} {ratio:>15}")
+    print("\n".join(report), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefill.json").write_text(json.dumps({"rows": rows}, indent=1))
+    (out / "prefill.txt").write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
