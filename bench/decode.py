@@ -289,6 +289,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--fuse", action="store_true", help="stacked projection weights (CLSAModel.fuse_projections)")
     p.add_argument("--profile", action="store_true", help="list each step's kernels by GPU time (torch.profiler)")
     p.add_argument("--out", default="/tmp/decode")
@@ -316,7 +317,7 @@ def main() -> None:
         if args.fuse:
             model.fuse_projections()
         if args.compile:
-            model.compile_layers()
+            model.compile_layers(args.compile_mode)
         log(f"{preset_name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
         for n in ns:
             fit = fits(cfg, n)

@@ -63,7 +63,8 @@ def main() -> None:
         handles[part] = plt.Rectangle((0, 0), 1, 1, color=shades[part])
     ax2.legend(handles.values(), handles.keys(), fontsize=8)
     ax2.set_xticks(range(len(names)), names, rotation=20)
-    ax2.set(ylabel="decode step (ms)", title=f"one step at N = {n_max // 1024}K, B = {tfit} (the Transformer's largest)")
+    ax2.set(ylabel="decode step (ms)",
+            title=f"one step at N = {n_max // 1024}K, B = {tfit} (the Transformer's largest)")
 
     ns = sorted({r["n"] for r in rows})
     width = 0.8 / len(ORDER)

@@ -126,16 +126,17 @@ class CLSAModel(nn.Module):
         for block in [*self.own_kv_layers, *self.cross_decoder]:
             block.ffn.fused = fuse_linears(block.ffn.w_gate, block.ffn.w_up)
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, mode: str | None = None) -> None:
         """Compile each layer's projections, norms, RoPE and FFN with `torch.compile` (inductor
         fuses the pointwise work around the GEMMs into a few kernels), shapes dynamic so that
-        every batch size shares the code. For the CUDA decode path; attention stays ours."""
+        every batch size shares the code. For the CUDA decode path; attention stays ours.
+        `mode`: torch.compile's (e.g. "max-autotune-no-cudagraphs" also times Triton GEMMs)."""
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
         def fast(fn):  # noqa: ANN001, ANN202
-            return torch.compile(fn, dynamic=True)
+            return torch.compile(fn, dynamic=True, mode=mode)
         for layer in self.own_kv_layers:
             layer.qkv = fast(layer.qkv)  # type: ignore[method-assign]
             layer.finish = fast(layer.finish)  # type: ignore[method-assign]
