@@ -212,12 +212,13 @@ class DecodeGraphs:
             self._steps[key] = (step, *self._capture(step, upto))
         step, graph, out = self._steps[key]
         step.load(seqs)
-        if graph is None:
+        if graph is None or out is None:
             return lambda: step.run(upto)
+        static_out = out
 
         def replay() -> torch.Tensor:
             graph.replay()
-            return out
+            return static_out
         return replay
 
     def _capture(self, step: StaticDecodeStep, upto: str) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]:
