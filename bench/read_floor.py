@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from sweep_kernels import graph_of
 
 SIZES_MIB = (8, 64, 256)
 BW_BYTES = 4 * 2**30
@@ -37,19 +38,6 @@ def _read_kernel(x_ptr, sink_ptr, n, chunk, BLOCK: tl.constexpr):
         offs = start + off + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     tl.store(sink_ptr + tl.program_id(0), tl.sum(acc))
-
-
-def graph_of(fn):  # noqa: ANN001, ANN201
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def us(fn) -> float:  # noqa: ANN001
