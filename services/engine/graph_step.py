@@ -29,6 +29,39 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
 
+class SlotTables:
+    """Every ring slot's block table, kept on the device between steps: [slots, max_blocks] int32,
+    unused entries pointing at `trash_block`. A step gathers its rows by slot inside the graph, and
+    `sync()` copies only what changed since the last step - a sequence's new blocks (one every
+    block_size tokens) or a slot's new owner - so the host work of a step does not grow with the
+    context (a 128K-token sequence holds 8K blocks)."""
+
+    def __init__(self, n_slots: int, max_blocks: int, trash_block: int, device: torch.device) -> None:
+        self.max_blocks, self.trash_block = max_blocks, trash_block
+        self.table = torch.full((n_slots, max_blocks), trash_block, dtype=torch.int32, device=device)
+        self._known: dict[int, tuple[int, str, int, int]] = {}  # slot -> (id(seq), request_id, blocks, last block)
+
+    def sync(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            n = len(seq.block_ids)
+            if not 0 <= seq.slot < self.table.shape[0]:
+                raise ValueError(f"SlotTables: sequence {seq.request_id} has no ring slot ({seq.slot})")
+            if n > self.max_blocks:
+                raise ValueError(f"SlotTables: sequence {seq.request_id} holds {n} blocks, over the table "
+                                 f"width {self.max_blocks}")
+            known = self._known.get(seq.slot)
+            start = 0
+            if known is not None and known[:2] == (id(seq), seq.request_id) and known[2] <= n and (
+                    known[2] == 0 or seq.block_ids[known[2] - 1] == known[3]):
+                start = known[2]  # the same sequence, grown: only its new blocks
+            else:
+                self.table[seq.slot].fill_(self.trash_block)
+            if n > start:
+                self.table[seq.slot, start:n].copy_(torch.tensor(seq.block_ids[start:n], dtype=torch.int32),
+                                                    non_blocking=True)
+            self._known[seq.slot] = (id(seq), seq.request_id, n, seq.block_ids[n - 1] if n else -1)
+
+
 def buckets_up_to(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:
     """The buckets a batch of up to `max_batch` sequences needs: those below it, then `max_batch`."""
     if max_batch < 1:
@@ -43,21 +76,23 @@ class StaticDecodeStep:
 
     def __init__(self, model: CLSAModel, cache: KVCache, batch: int, sparse: bool, index_topk: int,
                  trash_block: int, spare_slot: int, backend: Backend = "auto", policy: str = "shared",
-                 max_seq_len: int | None = None) -> None:
+                 max_seq_len: int | None = None, tables: SlotTables | None = None) -> None:
         """`max_seq_len` (default: the model's) sizes the block table, which bounds the dense
         kernel's split grid and the torch baseline's scoring: a benchmark at one context length
-        sets it to that length."""
+        sets it to that length. `tables`: the slots' block tables, shared by the steps of one
+        `DecodeGraphs` (default: this step's own)."""
         self.model, self.cache, self.batch, self.sparse = model, cache, batch, sparse
         self.index_topk, self.backend = index_topk, backend
         self.trash_block, self.spare_slot = trash_block, spare_slot
-        self.max_blocks = -(-(max_seq_len or model.cfg.max_seq_len) // cache.block_size)
         device = cache.k.device
+        self.tables = tables or SlotTables(cache.slots.capacity, -(-(max_seq_len or model.cfg.max_seq_len)
+                                                                   // cache.block_size), trash_block, device)
+        self.max_blocks = self.tables.max_blocks
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.write_rows = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
-        self.block_table = torch.full((batch, self.max_blocks), trash_block, dtype=torch.int32, device=device)
         self.attention = make_cross_attention(policy, model.sm_scale, backend)
 
     def load(self, seqs: list[Sequence]) -> None:
@@ -68,7 +103,6 @@ class StaticDecodeStep:
             raise ValueError(f"StaticDecodeStep: {n} sequences for a bucket of {self.batch}")
         if any(s.sparse != self.sparse for s in seqs):
             raise ValueError("StaticDecodeStep: every sequence must use this step's attention mode")
-        table = torch.full((self.batch, self.max_blocks), self.trash_block, dtype=torch.int32)
         tokens = torch.zeros(self.batch, dtype=torch.long)
         positions = torch.zeros(self.batch, dtype=torch.long)
         rows = torch.full((self.batch,), self.trash_block * bs, dtype=torch.long)
@@ -79,10 +113,10 @@ class StaticDecodeStep:
             if len(s.block_ids) > self.max_blocks or len(s.block_ids) * bs <= pos:
                 raise ValueError(f"StaticDecodeStep: sequence {s.request_id} holds {len(s.block_ids)} blocks "
                                  f"for position {pos} (table width {self.max_blocks})")
-            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
             tokens[i], positions[i], slots[i], seq_lens[i] = s.last_token, pos, s.slot, pos + 1
             rows[i] = s.block_ids[pos // bs] * bs + pos % bs
-        for buf, src in ((self.block_table, table), (self.tokens, tokens), (self.positions, positions),
+        self.tables.sync(seqs)
+        for buf, src in ((self.tokens, tokens), (self.positions, positions),
                          (self.write_rows, rows), (self.slots, slots), (self.seq_lens, seq_lens)):
             buf.copy_(src, non_blocking=True)
 
@@ -94,13 +128,14 @@ class StaticDecodeStep:
             raise ValueError(f"StaticDecodeStep.run: upto must be one of {STAGES}, got {upto!r}")
         model, cache = self.model, self.cache
         pos = self.positions
+        block_table = self.tables.table.index_select(0, self.slots)  # padding rows: the spare slot's, all trash
         x = model.embed(self.tokens)[:, None]  # [B, 1, D]
         if model.shared is None:  # the transformer baseline: every layer global over its own cache
             for i, layer in enumerate(model.own_kv_layers):
                 q, k, v = layer.qkv(x, pos[:, None])
                 self._write(cache.k[i], k[:, 0])
                 self._write(cache.v[i], v[:, 0])
-                out = dense_decode_attention(q[:, 0], cache.k[i], cache.v[i], self.block_table, self.seq_lens,
+                out = dense_decode_attention(q[:, 0], cache.k[i], cache.v[i], block_table, self.seq_lens,
                                              model.sm_scale, backend=self.backend)
                 x = layer.finish(x, out[:, None])
             return x[:, 0] if upto != "logits" else model.logits(x[:, 0])
@@ -111,7 +146,7 @@ class StaticDecodeStep:
         self._write(cache.k[0], k[:, 0])
         self._write(cache.v[0], v[:, 0])
         self._write(cache.k_idx, k_idx[:, 0])
-        self.attention.plan(q_idx[:, 0], cache.k_idx, self.block_table, self.seq_lens, [self.sparse] * self.batch,
+        self.attention.plan(q_idx[:, 0], cache.k_idx, block_table, self.seq_lens, [self.sparse] * self.batch,
                             self.index_topk)
         if upto == "index":
             return x[:, 0]
@@ -163,6 +198,8 @@ class DecodeGraphs:
         self.capture = cache.k.device.type == "cuda" if capture is None else capture
         [self.trash_block] = cache.blocks.allocate(1)
         [self.spare_slot] = cache.slots.allocate(1)
+        self.tables = SlotTables(cache.slots.capacity, -(-(max_seq_len or model.cfg.max_seq_len) // cache.block_size),
+                                 self.trash_block, cache.k.device)
         self._steps: dict[tuple[int, bool, str],
                           tuple[StaticDecodeStep, torch.cuda.CUDAGraph | None, torch.Tensor | None]]
         self._steps = {}
@@ -208,7 +245,7 @@ class DecodeGraphs:
         key = (self.bucket(len(seqs)), sparse, upto)
         if key not in self._steps:
             step = StaticDecodeStep(self.model, self.cache, key[0], sparse, self.index_topk, self.trash_block,
-                                    self.spare_slot, self.backend, self.policy, self.max_seq_len)
+                                    self.spare_slot, self.backend, self.policy, self.max_seq_len, self.tables)
             self._steps[key] = (step, *self._capture(step, upto))
         step, graph, out = self._steps[key]
         step.load(seqs)

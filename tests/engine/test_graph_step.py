@@ -149,3 +149,30 @@ def test_fused_projections_change_no_output_and_no_checkpoint(arch: str) -> None
         assert torch.equal(value, state[key]), key
     stacked = model.layers[0].fused
     assert stacked is not None and model.layers[0].wq.weight.data_ptr() == stacked.data_ptr()  # a view, no copy
+
+
+def test_slot_tables_copy_only_what_changed_and_follow_a_new_owner() -> None:
+    from services.engine.graph_step import SlotTables
+
+    tables = SlotTables(n_slots=3, max_blocks=6, trash_block=9, device=torch.device("cpu"))
+    params = SamplingParams(max_tokens=2)
+    engine = make_engine()
+    seq = Sequence.create("a", [1, 2], params, True, 256, engine.tokenizer, None)
+    seq.slot, seq.block_ids = 1, [4, 5]
+    tables.sync([seq])
+    assert tables.table[1].tolist() == [4, 5, 9, 9, 9, 9]
+    tables.table[1, 0] = 77  # a stale entry a sync must not rewrite when only blocks were added
+    seq.block_ids.append(6)
+    tables.sync([seq])
+    assert tables.table[1].tolist() == [77, 5, 6, 9, 9, 9]
+    other = Sequence.create("b", [3], params, True, 256, engine.tokenizer, None)
+    other.slot, other.block_ids = 1, [2]  # the slot's next owner: its row is rewritten whole
+    tables.sync([other])
+    assert tables.table[1].tolist() == [2, 9, 9, 9, 9, 9]
+    assert tables.table[0].tolist() == [9] * 6 and tables.table[2].tolist() == [9] * 6
+    other.block_ids = list(range(7))
+    with pytest.raises(ValueError, match="over the table width"):
+        tables.sync([other])
+    other.slot = -1
+    with pytest.raises(ValueError, match="no ring slot"):
+        tables.sync([other])
