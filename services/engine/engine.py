@@ -30,16 +30,30 @@ from services.engine.tokenizer import Tokenizer, load_tokenizer
 
 AttentionName = Literal["clsa", "dense"]
 MiB = 1 << 20
+# With kv_cache_bytes=None, the KV pool takes this share of the GPU memory free after the weights;
+# the rest is for activations, the kernels' workspaces and the decode graphs.
+KV_FREE_FRACTION = 0.85
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """KV_FREE_FRACTION of the free memory of a CUDA device (what kv_cache_bytes=None sizes from)."""
+    if device.type != "cuda":
+        raise ValueError(f"EngineConfig: kv_cache_bytes=None sizes the KV pool from free GPU memory; the model is "
+                         f"on {device.type}: give kv_cache_bytes or num_blocks")
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * KV_FREE_FRACTION)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Sizes and policies of one engine. `num_blocks=None` sizes the KV pool from
-    `kv_cache_bytes`; `index_topk=None` takes the model's k."""
+    `kv_cache_bytes`, and `kv_cache_bytes=None` from the GPU's free memory (`KV_FREE_FRACTION` of
+    what is free once the weights are loaded; CUDA only); `index_topk=None` takes the model's k."""
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_bytes: int = 256 * MiB
+    kv_cache_bytes: int | None = 256 * MiB
     max_num_seqs: int = 16
     prefill_chunk: int = 512
     index_topk: int | None = None
@@ -53,6 +67,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "prefill_chunk"):
+            if name == "kv_cache_bytes" and self.kv_cache_bytes is None:
+                continue
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -93,9 +109,13 @@ class LLMEngine:
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        num_blocks = self.config.num_blocks or max(
-            1, self.config.kv_cache_bytes // (self.model_config.kv_bytes_per_token(param.element_size())
-                                              * self.config.block_size))
+        num_blocks = self.config.num_blocks
+        if num_blocks is None:
+            kv_bytes = self.config.kv_cache_bytes
+            if kv_bytes is None:
+                kv_bytes = free_device_bytes(self.device)
+            per_block = self.model_config.kv_bytes_per_token(param.element_size()) * self.config.block_size
+            num_blocks = max(1, kv_bytes // per_block)
         graphs = self.config.cuda_graphs and self.device.type == "cuda"
         self._reserved_blocks = int(graphs)
         # With graphs, one more block and ring slot: the padding rows' (DecodeGraphs).

@@ -87,3 +87,12 @@ def test_duplicate_request_id_in_flight() -> None:
 def test_bad_model_config(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{**variant().to_dict(), **changes})
+
+
+def test_kv_pool_from_free_memory_needs_a_gpu() -> None:
+    """kv_cache_bytes=None sizes the pool from free GPU memory; a CPU model is told to give a size."""
+    with pytest.raises(ValueError, match="free GPU memory.*give kv_cache_bytes or num_blocks"):
+        make_engine(num_blocks=None, kv_cache_bytes=None)
+    assert make_engine(num_blocks=5, kv_cache_bytes=None).cache.num_blocks == 5  # an explicit count wins
+    with pytest.raises(ValueError, match="kv_cache_bytes must be >= 1"):
+        make_engine(kv_cache_bytes=0)
