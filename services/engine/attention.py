@@ -75,14 +75,14 @@ class CrossAttention:
 
 class PerLayerTopkAttention(CrossAttention):
     """The DSA-style baseline: no index shared across layers - every cross layer runs the
-    indexer's top-k (and the row translation) again before its sparse attention. Each layer
+    indexer's top-k (and the row translation) itself before its sparse attention (`plan` only
+    keeps the step's inputs). Each layer
     scores the same indexer query, so the selection, and the output, equal `CrossAttention`'s;
     what it measures is the routing cost repeated in every layer."""
 
     def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
              seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
-        self._args = (q_idx, k_idx_cache, block_table, seq_lens, sparse, topk)
-        super().plan(*self._args)
+        self._args = (q_idx, k_idx_cache, block_table, seq_lens, sparse, topk)  # each layer plans for itself
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         super().plan(*self._args)
