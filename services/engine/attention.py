@@ -7,8 +7,6 @@ mode; `run()` is what each cross layer calls with its own queries.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +14,7 @@ from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk
 from kernels._backend import Backend
 from kernels.paged import gather_tokens, physical_rows
 
-CrossPolicy = Literal["shared", "per_layer", "torch_gather"]
 SCORE_ROWS = 4  # sequences whose indexer keys TorchGatherAttention gathers at once
-CROSS_POLICIES: tuple[str, ...] = ("shared", "per_layer", "torch_gather")
 
 
 class CrossAttention:
@@ -76,9 +72,8 @@ class CrossAttention:
 class PerLayerTopkAttention(CrossAttention):
     """The DSA-style baseline: no index shared across layers - every cross layer runs the
     indexer's top-k (and the row translation) itself before its sparse attention (`plan` only
-    keeps the step's inputs). Each layer
-    scores the same indexer query, so the selection, and the output, equal `CrossAttention`'s;
-    what it measures is the routing cost repeated in every layer."""
+    keeps the step's inputs). Each layer scores the same indexer query, so the selection, and the
+    output, equal `CrossAttention`'s; what it measures is the routing cost repeated in every layer."""
 
     def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
              seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
@@ -133,9 +128,13 @@ class TorchGatherAttention(CrossAttention):
         return out.reshape(batch, n_q_heads, head_dim)
 
 
+_POLICIES: dict[str, type[CrossAttention]] = {
+    "shared": CrossAttention, "per_layer": PerLayerTopkAttention, "torch_gather": TorchGatherAttention}
+CROSS_POLICIES: tuple[str, ...] = tuple(_POLICIES)
+
+
 def make_cross_attention(policy: str, sm_scale: float, backend: Backend = "auto") -> CrossAttention:
     """The cross attention of a step under `policy` (`CROSS_POLICIES`)."""
-    classes = {"shared": CrossAttention, "per_layer": PerLayerTopkAttention, "torch_gather": TorchGatherAttention}
-    if policy not in classes:
+    if policy not in _POLICIES:
         raise ValueError(f"cross attention policy must be one of {CROSS_POLICIES}, got {policy!r}")
-    return classes[policy](sm_scale, backend)
+    return _POLICIES[policy](sm_scale, backend)
