@@ -38,7 +38,7 @@ from services.engine.sequence import Sequence  # noqa: E402
 VARIANTS = {"transformer": ("transformer-4b", False), "clsa": ("clsa-4b", True), "dense-yoco": ("clsa-4b", False)}
 
 
-def prefill_ms(model, n: int, sparse: bool, reps: int) -> float:  # noqa: ANN001
+def prefill_ms(model, n: int, sparse: bool, reps: int, profile: bool = False) -> float:  # noqa: ANN001
     cfg = model.cfg
     device = next(model.parameters()).device
     blocks = -(-(n + 1) // BLOCK)
@@ -62,6 +62,11 @@ def prefill_ms(model, n: int, sparse: bool, reps: int) -> float:  # noqa: ANN001
         if i:  # the first is the warm-up
             times.append((time.perf_counter() - start) * 1e3)
     assert torch.isfinite(logits.float()).all(), "prefill produced non-finite logits"
+    if profile and device.type == "cuda":
+        def once(cache: KVCache = cache, runner: ModelRunner = runner) -> None:
+            cache.reset_slot(seq.slot)
+            runner.prefill([seq])
+        bench_decode.kernel_profile(once, steps=1, top=25)
     del cache, runner
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -74,6 +79,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="/tmp/prefill")
+    p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
+    p.add_argument("--profile", action="store_true", help="list one prefill's kernels by GPU time (torch.profiler)")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=300 and 1000")
     args = p.parse_args()
     if args.smoke:
@@ -90,10 +97,12 @@ def main() -> None:
             cfg = dataclasses.replace(preset("clsa-tiny"), arch=cfg.arch, index_topk=32)
         model = random_model(cfg)
         model.fuse_projections()
+        if args.compile:
+            model.compile_layers()
         with torch.inference_mode():
             for n in ns:
                 for name in names:
-                    ms = prefill_ms(model, n, VARIANTS[name][1], args.reps)
+                    ms = prefill_ms(model, n, VARIANTS[name][1], args.reps, args.profile)
                     rows.append({"variant": name, "n": n, "prefill_ms": ms, "tok_s": n / ms * 1e3})
                     log(f"prefill {name:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s")
         del model

@@ -8,5 +8,6 @@ once-per-step `plan()` and a once-per-layer `run()`.
 
 from kernels.decode_attention import SparseDecodeWrapper, dense_decode_attention, sparse_decode_attention
 from kernels.index_topk import index_topk
+from kernels.window_attention import window_attention
 
-__all__ = ["SparseDecodeWrapper", "dense_decode_attention", "index_topk", "sparse_decode_attention"]
+__all__ = ["SparseDecodeWrapper", "dense_decode_attention", "index_topk", "sparse_decode_attention", "window_attention"]

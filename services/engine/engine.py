@@ -56,6 +56,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = 256 * MiB
     max_num_seqs: int = 16
     prefill_chunk: int = 512
+    # The most prompt tokens one prefill step takes in (None: every prompt admitted at once);
+    # a prompt longer than this still runs, alone, in chunks of `prefill_chunk`.
+    max_prefill_tokens: int | None = None
     index_topk: int | None = None
     attention_backend: Backend = "auto"
     seed: int | None = None
@@ -71,6 +74,8 @@ class EngineConfig:
                 continue
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"EngineConfig: max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"EngineConfig: num_blocks must be >= 1, got {self.num_blocks}")
         if self.index_topk is not None and self.index_topk < 1:
@@ -122,7 +127,7 @@ class LLMEngine:
         self.cache = KVCache(self.model_config, num_blocks + graphs, self.config.block_size,
                              self.config.max_num_seqs + graphs, self.device, self.dtype)
         self.block_manager = BlockManager(self.cache)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_prefill_tokens)
         self.index_topk = self.config.index_topk or self.model_config.index_topk
         self.runner = ModelRunner(model, self.cache, self.index_topk, self.config.prefill_chunk,
                                   self.config.attention_backend, self.config.max_num_seqs if graphs else 0,

@@ -22,6 +22,7 @@ from kernels import dense_decode_attention
 from kernels._backend import Backend
 from services.engine.attention import make_cross_attention
 from services.engine.cache import KVCache
+from services.engine.layers import Rope, rope_angles
 from services.engine.model import CLSAModel
 from services.engine.sequence import Sequence
 
@@ -130,19 +131,20 @@ class StaticDecodeStep:
         pos = self.positions
         block_table = self.tables.table.index_select(0, self.slots)  # padding rows: the spare slot's, all trash
         x = model.embed(self.tokens)[:, None]  # [B, 1, D]
+        rope = rope_angles(pos[:, None], model.cfg.head_dim, model.cfg.rope_theta)  # once for every layer
         if model.shared is None:  # the transformer baseline: every layer global over its own cache
             for i, layer in enumerate(model.own_kv_layers):
-                q, k, v = layer.qkv(x, pos[:, None])
+                q, k, v = layer.qkv(x, rope)
                 self._write(cache.k[i], k[:, 0])
                 self._write(cache.v[i], v[:, 0])
                 out = dense_decode_attention(q[:, 0], cache.k[i], cache.v[i], block_table, self.seq_lens,
                                              model.sm_scale, backend=self.backend)
                 x = layer.finish(x, out[:, None])
             return x[:, 0] if upto != "logits" else model.logits(x[:, 0])
-        x = self._self_decoder(x)
+        x = self._self_decoder(x, rope)
         if upto == "self":
             return x[:, 0]
-        k, v, k_idx, q_idx = model.shared(x, pos[:, None])
+        k, v, k_idx, q_idx = model.shared(x, rope)
         self._write(cache.k[0], k[:, 0])
         self._write(cache.v[0], v[:, 0])
         self._write(cache.k_idx, k_idx[:, 0])
@@ -157,7 +159,7 @@ class StaticDecodeStep:
         """The new token's row of each sequence into a paged cache [num_blocks, block_size, ...]."""
         paged.view(-1, *paged.shape[2:]).index_copy_(0, self.write_rows, rows.to(paged.dtype))
 
-    def _self_decoder(self, x: torch.Tensor) -> torch.Tensor:
+    def _self_decoder(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """The sliding-window layers for one token. The token's K/V go into its ring row first;
         then the ring rows 0 .. min(pos + 1, W) - 1 hold exactly its window (positions pos - W + 1
         .. pos, or 0 .. pos early on), so each layer is the dense decode kernel over the ring seen
@@ -169,7 +171,7 @@ class StaticDecodeStep:
         ring_table = slots[:, None].to(torch.int32)
         ring_lens = torch.clamp(pos + 1, max=window).to(torch.int32)
         for i, layer in enumerate(model.own_kv_layers):
-            q, k, v = layer.qkv(x, pos[:, None])
+            q, k, v = layer.qkv(x, rope)
             cache.swa_k[i, slots, ring_rows] = k[:, 0]
             cache.swa_v[i, slots, ring_rows] = v[:, 0]
             out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,16 +51,29 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate `x [B, C, H, d]` by its token positions `[B, C]` (rotate-half convention).
-    Negative (padding) positions are rotated as position 0; callers mask them."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+class Rope(NamedTuple):
+    """RoPE's cos and sin for a batch of positions, [B, C, 1, d / 2] fp32 each: computed once per
+    step and shared by every layer (a compiled layer then only rotates)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> Rope:
+    """The rotation of `positions [B, C]` (negative, padding, positions as 0; callers mask them)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half))
     angles = positions.clamp(min=0).float()[..., None] * inv_freq  # [B, C, half]
-    cos = angles.cos()[:, :, None, :]
-    sin = angles.sin()[:, :, None, :]
+    return Rope(angles.cos()[:, :, None, :], angles.sin()[:, :, None, :])
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor | Rope, theta: float) -> torch.Tensor:
+    """Rotate `x [B, C, H, d]` by its token positions `[B, C]`, or by their `Rope` (rotate-half
+    convention). Negative (padding) positions are rotated as position 0; callers mask them."""
+    rope = positions if isinstance(positions, Rope) else rope_angles(positions, x.shape[-1], theta)
+    half = x.shape[-1] // 2
     x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([x1 * rope.cos - x2 * rope.sin, x2 * rope.cos + x1 * rope.sin], dim=-1).to(x.dtype)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -153,8 +168,9 @@ class AttentionLayer(_Block):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.fused: torch.Tensor | None = None  # wq, wk, wv stacked (fuse_linears), for inference
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, C, D], positions: [B, C] -> roped q [B, C, Hq, d], roped k and v [B, C, Hkv, d]."""
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor | Rope
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, C, D], positions: [B, C] (or their Rope) -> roped q [B, C, Hq, d], roped k and v [B, C, Hkv, d]."""
         b, c, _ = x.shape
         h = self.attn_norm(x)
         cfg = self.cfg
@@ -184,8 +200,8 @@ class SharedKV(nn.Module):
         self.wq_idx = nn.Linear(cfg.d_model, cfg.index_dim, bias=False)
         self.fused: torch.Tensor | None = None  # wk, wv, wk_idx, wq_idx stacked (fuse_linears), for inference
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x: [B, C, D] -> k, v [B, C, Hkv, d], k_idx, q_idx [B, C, d_idx]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | Rope) -> tuple[torch.Tensor, ...]:
+        """x: [B, C, D], positions [B, C] (or their Rope) -> k, v [B, C, Hkv, d], k_idx, q_idx [B, C, d_idx]."""
         b, c, _ = x.shape
         h = self.kv_norm(x)
         cfg = self.cfg
@@ -204,8 +220,8 @@ class SharedKV(nn.Module):
 class CrossLayer(_Block):
     """A cross-decoder layer: its own queries over the shared K/V, then the FFN."""
 
-    def query(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, D], positions [B, C] -> q [B, C, Hq, d]."""
+    def query(self, x: torch.Tensor, positions: torch.Tensor | Rope) -> torch.Tensor:
+        """x: [B, C, D], positions [B, C] (or their Rope) -> q [B, C, Hq, d]."""
         b, c, _ = x.shape
         q = self.wq(self.attn_norm(x)).view(b, c, self.cfg.n_heads, self.cfg.head_dim)
         if self.cfg.cross_rope:

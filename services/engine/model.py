@@ -18,6 +18,7 @@ from torch import nn
 
 from kernels import dense_decode_attention
 from kernels.paged import gather_tokens
+from kernels.window_attention import window_attention
 from services.engine.attention import CrossAttention
 from services.engine.cache import KVCache
 from services.engine.config import ModelConfig
@@ -25,10 +26,12 @@ from services.engine.layers import (
     AttentionLayer,
     CrossLayer,
     RMSNorm,
+    Rope,
     SharedKV,
     causal_attention,
     fuse_linears,
     masked_attention,
+    rope_angles,
     sliding_window_attention,
 )
 
@@ -129,7 +132,8 @@ class CLSAModel(nn.Module):
     def compile_layers(self, mode: str | None = None) -> None:
         """Compile each layer's projections, norms, RoPE and FFN with `torch.compile` (inductor
         fuses the pointwise work around the GEMMs into a few kernels), shapes dynamic so that
-        every batch size shares the code. For the CUDA decode path; attention stays ours.
+        every batch size and chunk length shares the code. For the CUDA decode and prefill paths;
+        attention stays ours (SDPA's for the Transformer's prefill).
         `mode`: torch.compile's (e.g. "max-autotune-no-cudagraphs" also times Triton GEMMs)."""
         import torch._dynamo
 
@@ -239,9 +243,10 @@ class CLSAModel(nn.Module):
         x = self.embed(tokens.clamp(min=0))
         valid = ctx.positions >= 0
         rows = ctx.rows[valid]
+        rope = rope_angles(ctx.positions, self.cfg.head_dim, self.cfg.rope_theta)  # once for every layer
         if self.shared is None:
             for i, layer in enumerate(self.own_kv_layers):
-                q, k, v = layer.qkv(x, ctx.positions)
+                q, k, v = layer.qkv(x, rope)
                 cache.k[i].view(-1, *k.shape[2:])[rows] = k[valid]
                 cache.v[i].view(-1, *v.shape[2:])[rows] = v[valid]
                 if ctx.chunk_start == 0 and q.shape[1] > 1:  # the prompt's first chunk: flash causal over it
@@ -250,8 +255,8 @@ class CLSAModel(nn.Module):
                     attn = self._global_attention(q, cache.k[i], cache.v[i], ctx)
                 x = layer.finish(x, attn)
             return x, None
-        x = self._self_decoder(x, ctx, cache)
-        k, v, k_idx, q_idx = self.shared(x, ctx.positions)
+        x = self._self_decoder(x, ctx, cache, rope)
+        k, v, k_idx, q_idx = self.shared(x, rope)
         cache.k[0].view(-1, *k.shape[2:])[rows] = k[valid]
         cache.v[0].view(-1, *v.shape[2:])[rows] = v[valid]
         cache.k_idx.view(-1, k_idx.shape[-1])[rows] = k_idx[valid]
@@ -262,15 +267,16 @@ class CLSAModel(nn.Module):
         """The cross-decoder for one token per sequence. x: [B, D], positions: [B]. The caller has
         planned `attention` for this step; every layer runs it on the same plan."""
         h = x[:, None]
-        pos = positions[:, None]
+        rope = rope_angles(positions[:, None], self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.cross_decoder:
-            q = layer.query(h, pos)[:, 0]
+            q = layer.query(h, rope)[:, 0]
             out = attention.run(q, cache.k[0], cache.v[0])
             h = layer.finish(h, out[:, None])
         return h[:, 0]
 
-    def _self_decoder(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
-        """Sliding-window layers: keys are the ring buffer (tokens before the chunk) plus the chunk."""
+    def _self_decoder(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, rope: Rope) -> torch.Tensor:
+        """Sliding-window layers: keys are the ring buffer (tokens before the chunk) plus the chunk.
+        A prompt's first chunk on a GPU goes through the window kernel (kernels.window_attention)."""
         window = self.cfg.swa_window
         # The prompt's first chunk: the ring is empty, so the window lies inside the chunk and
         # needs no [C, W + C] mask (16 GB of it for a 128K-token chunk).
@@ -283,8 +289,10 @@ class CLSAModel(nn.Module):
         ring_slots = ctx.slots[ctx.ring_b]
         ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
         for i, layer in enumerate(self.own_kv_layers):
-            q, k, v = layer.qkv(x, ctx.positions)
-            if fresh:
+            q, k, v = layer.qkv(x, rope)
+            if fresh and q.is_cuda:
+                attn = window_attention(q, k, v, window, self.sm_scale)
+            elif fresh:
                 attn = sliding_window_attention(q, k, v, window, self.sm_scale)
             else:
                 keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)

@@ -1,6 +1,8 @@
 """Which sequences run next: first come, first served, admitted while blocks and slots last.
 
-A step either prefills the sequences just admitted or decodes every running one.
+A step either prefills the sequences just admitted or decodes every running one. A prefill step
+takes in at most `max_prefill_tokens` prompt tokens (a longer prompt runs alone), so long prompts
+are prefilled a few at a time instead of all in one batch.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ StepKind = Literal["prefill", "decode", "idle"]
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -30,9 +33,14 @@ class Scheduler:
 
     def schedule(self) -> tuple[StepKind, list[Sequence]]:
         admitted: list[Sequence] = []
+        budget = self.max_prefill_tokens
         while (self.waiting and len(self.running) + len(admitted) < self.max_num_seqs
                and self.block_manager.can_admit(self.waiting[0])):
+            if budget is not None and admitted and len(self.waiting[0].prompt_ids) > budget:
+                break
             seq = self.waiting.popleft()
+            if budget is not None:
+                budget -= len(seq.prompt_ids)
             self.block_manager.admit(seq)
             seq.status = SequenceStatus.RUNNING
             admitted.append(seq)

@@ -59,3 +59,27 @@ def test_requests_beyond_max_num_seqs_wait_and_all_finish() -> None:
     outs = run_requests(engine, [(p, GREEDY, None) for p in prompts])
     assert [len(o.token_ids) for o in outs] == [GREEDY.max_tokens] * len(prompts)
     assert engine.cache.blocks.num_used == 0 and engine.cache.slots.num_used == 0
+
+
+def test_prefill_token_budget_admits_prompts_a_few_at_a_time_with_the_same_tokens() -> None:
+    """max_prefill_tokens: a prefill step takes in at most that many prompt tokens (a longer prompt
+    alone), and what each request gets is unchanged."""
+    prompts = [random_prompt(n, seed=n) for n in LENGTHS]  # 3, 11, 26, 7, 1, 40 tokens
+    want = run_requests(make_engine(), [(p, GREEDY, "clsa") for p in prompts])
+    engine = make_engine(max_prefill_tokens=20)
+    admitted: list[list[int]] = []
+    prefill = engine.runner.prefill
+
+    def counting(seqs):  # noqa: ANN001, ANN202
+        admitted.append([len(s.prompt_ids) for s in seqs])
+        return prefill(seqs)
+
+    engine.runner.prefill = counting  # type: ignore[method-assign]
+    got = run_requests(engine, [(p, GREEDY, "clsa") for p in prompts])
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert admitted == [[3, 11], [26], [7, 1], [40]]
+
+
+def test_prefill_token_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_prefill_tokens must be >= 1"):
+        make_engine(max_prefill_tokens=0)

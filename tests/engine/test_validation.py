@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from services.engine import InvalidRequestError, ModelConfig, SamplingParams
+from services.engine import EngineConfig, InvalidRequestError, ModelConfig, SamplingParams
 from tests.conftest import make_engine, variant
 
 
@@ -96,3 +97,22 @@ def test_kv_pool_from_free_memory_needs_a_gpu() -> None:
     assert make_engine(num_blocks=5, kv_cache_bytes=None).cache.num_blocks == 5  # an explicit count wins
     with pytest.raises(ValueError, match="kv_cache_bytes must be >= 1"):
         make_engine(kv_cache_bytes=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sizes the pool from a CUDA device's free memory")
+def test_kv_pool_from_free_memory_takes_its_share_of_the_gpu_and_serves() -> None:
+    from services.engine.engine import KV_FREE_FRACTION, LLMEngine, free_device_bytes
+    from services.engine.tokenizer import ByteTokenizer
+    from tests.conftest import make_model
+
+    model = make_model().to("cuda")
+    budget = free_device_bytes(torch.device("cuda"))
+    block_size = 1024
+    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=block_size, num_blocks=None,
+                                                            kv_cache_bytes=None, max_num_seqs=4))
+    pool = engine.cache.num_blocks * model.cfg.kv_bytes_per_token(4) * block_size
+    assert 0.9 * budget <= pool <= budget / KV_FREE_FRACTION  # the share of what was free, no more
+    [out] = engine.generate(["hello"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out.token_ids) == 4
+    del engine
+    torch.cuda.empty_cache()

@@ -114,3 +114,35 @@ def test_launchers_refuse_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="on cpu tensors needs TRITON_INTERPRET=1"):
         index_topk(torch.randn(1, 8), torch.randn(4, BLOCK, 8), table, seq_lens, 4, backend="triton")
+
+
+def test_window_attention_reference_is_softmax_over_the_last_window_keys() -> None:
+    from kernels.window_attention import window_attention_reference
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 9, h, 8, generator=gen) for h in (4, 2, 2))
+    got = window_attention_reference(q, k, v, 3, 0.5)
+    for b, t, h in ((0, 0, 0), (1, 2, 3), (0, 8, 1), (1, 5, 2)):
+        lo = max(0, t - 2)
+        keys, values = k[b, lo : t + 1, h // 2], v[b, lo : t + 1, h // 2]
+        want = torch.softmax(keys @ q[b, t, h] * 0.5, dim=0) @ values
+        torch.testing.assert_close(got[b, t, h], want)
+
+
+def test_window_attention_refuses_bad_arguments() -> None:
+    from kernels import window_attention
+
+    q, k = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 2, 16)
+    with pytest.raises(ValueError, match=r"q must be \[B, T, Hq, d\]"):
+        window_attention(q[0], k, k, 2, 1.0)
+    with pytest.raises(ValueError, match=r"Hq \(4\) must be a multiple of Hkv \(3\)"):
+        window_attention(q, torch.randn(1, 5, 3, 16), torch.randn(1, 5, 3, 16), 2, 1.0)
+    with pytest.raises(ValueError, match="must be \\[B=1, T=5, Hkv, d=16\\]"):
+        window_attention(q, k[:, :4], k[:, :4], 2, 1.0)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        window_attention(q, k, k, 0, 1.0)
+    with pytest.raises(ValueError, match="must match"):
+        window_attention(q, k, k.half(), 2, 1.0)
+    with pytest.raises(ValueError, match="head_dim a power of two"):
+        window_attention(torch.randn(1, 5, 4, 24), torch.randn(1, 5, 2, 24), torch.randn(1, 5, 2, 24), 2, 1.0,
+                         backend="triton")

@@ -292,3 +292,33 @@ def test_row_with_no_valid_index_is_zero(wide: bool, monkeypatch: pytest.MonkeyP
     indices = torch.full((3, 8), -1, dtype=torch.int32, device=DEVICE)
     out = sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.125, backend="triton")
     assert torch.equal(out, torch.zeros_like(out))
+
+
+WINDOW_CASES = {  # (B, T, Hq, Hkv, d, window)
+    "gqa3-ragged": (2, 77, 6, 2, 64, 20),
+    "mha-window1": (1, 40, 2, 2, 32, 1),
+    "window-over-T": (1, 35, 4, 1, 16, 500),
+    "gqa4-d128": (1, 70, 4, 1, 128, 33),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_window_attention(case: str, dtype: torch.dtype) -> None:
+    """Against the spec, with q/k/v strided views into one projection output (as the layers make
+    them), lengths no multiple of the blocks, windows of 1 and longer than the sequence."""
+    from kernels import window_attention
+    from kernels.window_attention import window_attention_reference
+
+    b, t, hq, hkv, d, window = WINDOW_CASES[case]
+    gen = torch.Generator().manual_seed(t)
+    fused = torch.randn(b, t, (hq + 2 * hkv) * d, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = fused.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+    got = window_attention(q, k, v, window, 1 / math.sqrt(d), backend="triton")
+    want = window_attention_reference(q, k, v, window, 1 / math.sqrt(d))
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    # Padding rows at the end change nothing before them.
+    shorter = window_attention(q[:, : t - 9].contiguous(), k[:, : t - 9].contiguous(), v[:, : t - 9].contiguous(),
+                               window, 1 / math.sqrt(d), backend="triton")
+    torch.testing.assert_close(shorter, got[:, : t - 9], atol=TOL[dtype], rtol=TOL[dtype])
