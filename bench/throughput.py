@@ -134,6 +134,12 @@ def print_tables(steady: list[dict], e2e: list[dict], report: list[str]) -> None
              f"{r['decode_step_ms']:>8.2f} {ratio:>15}")
 
 
+def write_json(out: Path, device_name: str, steady: list[dict], e2e: list[dict], partial: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                                     "partial": partial, "steady": steady, "e2e": e2e}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", default="128K", help="context / prompt length")
@@ -184,15 +190,14 @@ def main() -> None:
                         continue
                     e2e.append(end_to_end(variant, model, n, r, args.new_tokens))
                     log(f"e2e {name}: {e2e[-1]}")
+                write_json(Path(args.out), device_name, steady, e2e, partial=True)  # kept if a later one dies
         del model
         if bench_decode.DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     report: list[str] = [f"device: {device_name}"]
     print_tables(steady, e2e, report)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,
-                                                     "steady": steady, "e2e": e2e}, indent=1))
+    write_json(out, device_name, steady, e2e, partial=False)
     (out / "throughput.txt").write_text("\n".join(report) + "\n")
 
 

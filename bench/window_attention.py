@@ -11,6 +11,7 @@ GPU: python bench/window_attention.py --out DIR   (DIR/window_attention.json)
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -20,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.window_attention as window_module  # noqa: E402
 from services.engine.config import preset  # noqa: E402
 from services.engine.layers import sliding_window_attention  # noqa: E402
 
+window_module = importlib.import_module("kernels.window_attention")  # the package exports the function
 CONFIGS = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
            (128, 64, 8, 3)]
 

@@ -14,8 +14,10 @@ import torch
 from kernels._backend import Backend, interpreting, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_rank, check_same_device
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU; a small one when interpreting on the CPU.
-WINDOW_CONFIG = (128, 64, 8, 2)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU, the fastest of bench/window_attention.py's on
+# an H200 (clsa-4b shapes, T = 128K: 2.8 ms a layer, 293 TFLOP/s, 5.0x SDPA in blocks;
+# bench/results/window_attention.json); a small one when interpreting on the CPU.
+WINDOW_CONFIG = (64, 64, 4, 3)
 WINDOW_CONFIG_INTERPRETED = (16, 16, 1, 1)
 
 

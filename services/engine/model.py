@@ -241,14 +241,18 @@ class CLSAModel(nn.Module):
         every layer for the transformer) and the indexer queries [B, C, d_idx] (YOCO) or None.
         """
         x = self.embed(tokens.clamp(min=0))
-        valid = ctx.positions >= 0
-        rows = ctx.rows[valid]
+        # The chunk's real tokens, flat, found once (one host sync), then indexed without one.
+        valid = (ctx.positions >= 0).flatten().nonzero().squeeze(1)
+        rows = ctx.rows.flatten().index_select(0, valid)
+
+        def real(t: torch.Tensor) -> torch.Tensor:
+            return t.flatten(0, 1).index_select(0, valid)
         rope = rope_angles(ctx.positions, self.cfg.head_dim, self.cfg.rope_theta)  # once for every layer
         if self.shared is None:
             for i, layer in enumerate(self.own_kv_layers):
                 q, k, v = layer.qkv(x, rope)
-                cache.k[i].view(-1, *k.shape[2:])[rows] = k[valid]
-                cache.v[i].view(-1, *v.shape[2:])[rows] = v[valid]
+                cache.k[i].view(-1, *k.shape[2:])[rows] = real(k)
+                cache.v[i].view(-1, *v.shape[2:])[rows] = real(v)
                 if ctx.chunk_start == 0 and q.shape[1] > 1:  # the prompt's first chunk: flash causal over it
                     attn = causal_attention(q, k, v, self.sm_scale)
                 else:
@@ -257,9 +261,9 @@ class CLSAModel(nn.Module):
             return x, None
         x = self._self_decoder(x, ctx, cache, rope)
         k, v, k_idx, q_idx = self.shared(x, rope)
-        cache.k[0].view(-1, *k.shape[2:])[rows] = k[valid]
-        cache.v[0].view(-1, *v.shape[2:])[rows] = v[valid]
-        cache.k_idx.view(-1, k_idx.shape[-1])[rows] = k_idx[valid]
+        cache.k[0].view(-1, *k.shape[2:])[rows] = real(k)
+        cache.v[0].view(-1, *v.shape[2:])[rows] = real(v)
+        cache.k_idx.view(-1, k_idx.shape[-1])[rows] = real(k_idx)
         return x, q_idx
 
     def forward_cross(self, x: torch.Tensor, positions: torch.Tensor, attention: CrossAttention,
