@@ -134,10 +134,12 @@ def print_tables(steady: list[dict], e2e: list[dict], report: list[str]) -> None
              f"{r['decode_step_ms']:>8.2f} {ratio:>15}")
 
 
-def write_json(out: Path, device_name: str, steady: list[dict], e2e: list[dict], partial: bool) -> None:
+def write_json(out: Path, device_name: str, steady: list[dict], e2e: list[dict], oom: list[dict],
+               partial: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,
-                                                     "partial": partial, "steady": steady, "e2e": e2e}, indent=1))
+                                                     "partial": partial, "steady": steady, "e2e": e2e,
+                                                     "e2e_out_of_memory": oom}, indent=1))
 
 
 def main() -> None:
@@ -159,6 +161,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if bench_decode.DEVICE.type == "cuda" else "cpu"
     steady: list[dict] = []
     e2e: list[dict] = []
+    oom: list[dict] = []  # end-to-end runs that did not fit, listed after the table
     tfit = None
     for preset_name in ("transformer-4b", "clsa-4b"):
         names = [v for v in args.variants if VARIANTS[v].preset == preset_name]
@@ -188,16 +191,23 @@ def main() -> None:
                     if not 1 <= r <= fit:
                         log(f"e2e {name}: {r} requests do not fit ({fit} do); skipped")
                         continue
-                    e2e.append(end_to_end(variant, model, n, r, args.new_tokens))
-                    log(f"e2e {name}: {e2e[-1]}")
-                write_json(Path(args.out), device_name, steady, e2e, partial=True)  # kept if a later one dies
+                    try:
+                        e2e.append(end_to_end(variant, model, n, r, args.new_tokens))
+                        log(f"e2e {name}: {e2e[-1]}")
+                    except torch.OutOfMemoryError as exc:  # reported; the next run still goes
+                        log(f"e2e {name} R={r}: out of memory ({str(exc)[:80]})")
+                        oom.append({"variant": name, "n": n, "requests": r, "error": "out of memory"})
+                write_json(Path(args.out), device_name, steady, e2e, oom, partial=True)  # kept if a later one dies
         del model
         if bench_decode.DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     report: list[str] = [f"device: {device_name}"]
     print_tables(steady, e2e, report)
+    for r in oom:
+        report.append(f"  {r['variant']} R={r['requests']}: out of memory")
+        print(report[-1])
     out = Path(args.out)
-    write_json(out, device_name, steady, e2e, partial=False)
+    write_json(out, device_name, steady, e2e, oom, partial=False)
     (out / "throughput.txt").write_text("\n".join(report) + "\n")
 
 
