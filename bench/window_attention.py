@@ -19,28 +19,18 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode import median_ms  # noqa: E402
 
 from services.engine.config import preset  # noqa: E402
 from services.engine.layers import sliding_window_attention  # noqa: E402
 
 window_module = importlib.import_module("kernels.window_attention")  # the package exports the function
+REPS = 10
 CONFIGS = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
            (128, 64, 8, 3)]
-
-
-def median_ms(fn, reps: int = 10) -> float:  # noqa: ANN001
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -57,7 +47,7 @@ def main() -> None:
         q, k, v = fused.split([hq * d, hkv * d, hkv * d], dim=-1)
         q, k, v = q.view(1, t, hq, d), k.view(1, t, hkv, d), v.view(1, t, hkv, d)
         want = sliding_window_attention(q, k, v, w, scale)
-        sdpa = median_ms(lambda q=q, k=k, v=v: sliding_window_attention(q, k, v, w, scale))
+        sdpa = median_ms(lambda q=q, k=k, v=v: sliding_window_attention(q, k, v, w, scale), REPS)
         flops = 4 * t * hq * d * min(w, t)  # the window's score and value products
         print(f"T={t:7d}  SDPA in blocks {sdpa:8.3f} ms", flush=True)
         row = {"t": t, "sdpa_blocks_ms": sdpa, "configs": []}
@@ -65,7 +55,7 @@ def main() -> None:
             window_module.WINDOW_CONFIG = config
             got = window_module.window_attention(q, k, v, w, scale)
             err = (got.float() - want.float()).abs().max().item()
-            ms = median_ms(lambda q=q, k=k, v=v: window_module.window_attention(q, k, v, w, scale))
+            ms = median_ms(lambda q=q, k=k, v=v: window_module.window_attention(q, k, v, w, scale), REPS)
             row["configs"].append({"config": config, "ms": ms, "max_abs_diff": err, "tflops": flops / ms / 1e9})
             print(f"  {config}: {ms:8.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  {sdpa / ms:5.2f}x SDPA  "
                   f"max |diff| {err:.2e}", flush=True)
