@@ -87,6 +87,14 @@ def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch
     return torch.zeros(scores.shape, dtype=torch.bool, device=q_idx.device).scatter_(-1, chosen, True) & causal
 
 
+def first_chunk_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sm_scale: float) -> torch.Tensor:
+    """A prompt's first chunk through a window layer: the Triton window kernel on a GPU (only the
+    window's key blocks), SDPA in blocks of the window elsewhere."""
+    if q.is_cuda:
+        return window_attention(q, k, v, window, sm_scale)
+    return sliding_window_attention(q, k, v, window, sm_scale)
+
+
 class CLSAModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -294,10 +302,8 @@ class CLSAModel(nn.Module):
         ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
         for i, layer in enumerate(self.own_kv_layers):
             q, k, v = layer.qkv(x, rope)
-            if fresh and q.is_cuda:
-                attn = window_attention(q, k, v, window, self.sm_scale)
-            elif fresh:
-                attn = sliding_window_attention(q, k, v, window, self.sm_scale)
+            if fresh:
+                attn = first_chunk_window(q, k, v, window, self.sm_scale)
             else:
                 keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
                 values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)

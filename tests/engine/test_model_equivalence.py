@@ -121,3 +121,29 @@ def test_clsa_is_dense_attention_over_exactly_the_topk_positions() -> None:
         attn = _softmax_attention(q, keys[selected], values[selected], model.sm_scale)
         h = layer.finish(h, attn[None, None])
     torch.testing.assert_close(got, model.logits(h)[0, 0].float(), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("attention", ["clsa", "dense"])
+def test_first_chunk_through_the_window_kernel_matches_whole_sequence(
+        attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's prefill path: each prompt's first chunk through the Triton window kernel (here
+    interpreted), prompts of different lengths batched in one chunk (padding rows at the end),
+    then decode - the whole-sequence model's logits."""
+    import services.engine.model as model_module
+    from kernels import window_attention
+
+    calls = []
+
+    def kernel(q, k, v, window, sm_scale):  # noqa: ANN001, ANN202
+        calls.append(q.shape)
+        return window_attention(q, k, v, window, sm_scale, backend="triton")
+
+    monkeypatch.setattr(model_module, "first_chunk_window", kernel)
+    engine = make_engine(prefill_chunk=64)
+    log = record_logits(engine)
+    prompts = [random_prompt(n, seed=n) for n in (3, 26, 40, 11)]
+    outs = run_requests(engine, [(p, GREEDY, attention) for p in prompts])
+    assert calls and all(shape[:2] == (4, 40) for shape in calls)  # one batched chunk, padded to 40
+    for prompt, out in zip(prompts, outs, strict=True):
+        torch.testing.assert_close(torch.stack(log[out.request_id]),
+                                   _expected_logits(engine, prompt, out.token_ids, attention), atol=ATOL, rtol=RTOL)
