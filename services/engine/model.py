@@ -89,8 +89,9 @@ def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch
 
 def first_chunk_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sm_scale: float) -> torch.Tensor:
     """A prompt's first chunk through a window layer: the Triton window kernel on a GPU (only the
-    window's key blocks), SDPA in blocks of the window elsewhere."""
-    if q.is_cuda:
+    window's key blocks; head_dim a power of two >= 16), SDPA in blocks of the window otherwise."""
+    d = q.shape[-1]
+    if q.is_cuda and d >= 16 and d & (d - 1) == 0:
         return window_attention(q, k, v, window, sm_scale)
     return sliding_window_attention(q, k, v, window, sm_scale)
 
