@@ -59,7 +59,12 @@ class IncrementalDetokenizer:
 
     Decodes a short window of recent ids; a delta is released only once it no longer ends in a
     partial UTF-8 character (U+FFFD), so multi-byte characters split across tokens come out whole.
+    At most MAX_PENDING ids are held back: a character is at most 4 bytes, so a longer run that
+    still decodes to nothing or to U+FFFD (ids without text, invalid bytes) is released as it
+    decodes, and the window - and each step's work - stays bounded however long the output.
     """
+
+    MAX_PENDING = 8
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
         self._tok = tokenizer
@@ -71,7 +76,8 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
         full_text = self._tok.decode(self._ids[self._prefix :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+        held = len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd")
+        if held and len(self._ids) - self._read < self.MAX_PENDING:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return full_text[len(prefix_text) :]

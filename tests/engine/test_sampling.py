@@ -109,3 +109,15 @@ def test_multibyte_characters_are_never_split() -> None:
     pieces = [detok.push(b) for b in "naïve 日本".encode()]
     assert "".join(pieces) + detok.flush() == "naïve 日本"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_detokenizer_releases_runs_without_text_and_keeps_its_window_bounded() -> None:
+    """Ids without text (past the byte range) or invalid bytes are held at most MAX_PENDING
+    tokens: the text is still exact, and each push decodes a bounded window."""
+    tok = ByteTokenizer()
+    detok = IncrementalDetokenizer(tok, [])
+    ids = [300] * 500 + [0xFF] * 50 + list("ok ü".encode()) + [0xFF] * 3
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) + detok.flush() == tok.decode(ids) == "\ufffd" * 50 + "ok ü" + "\ufffd" * 3
+    assert "ü" in "".join(pieces)  # a whole character, not two replacement marks
+    assert len(detok._ids) - detok._prefix <= 2 * IncrementalDetokenizer.MAX_PENDING
