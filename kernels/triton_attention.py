@@ -447,7 +447,7 @@ def launch_positions_to_rows(indices, block_table, seq_lens, rows, page: int) ->
 
 @triton.jit
 def _window_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, seq_len, window, sm_scale_log2,
+    q_ptr, k_ptr, v_ptr, out_ptr, n_queries, n_keys, q_offset, key_start, window, sm_scale_log2,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -455,7 +455,8 @@ def _window_attention_kernel(
 ):
     """Prefill attention to a sliding window: one program per (BLOCK_M queries, sequence, query
     head) walks only the key blocks its window touches, (W + BLOCK_M) / BLOCK_N of them, with the
-    online softmax of the decode kernels; query t sees keys t - W + 1 .. t."""
+    online softmax of the decode kernels. Query t is key t + q_offset and sees keys j with
+    key_start <= j and 0 <= t + q_offset - j < W."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -463,22 +464,22 @@ def _window_attention_kernel(
     kvh = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < seq_len
+    row_ok = offs_m < n_queries
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lo = tl.maximum(pid_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq_len)
+    lo = tl.maximum(pid_m * BLOCK_M + q_offset - window + 1, key_start) // BLOCK_N * BLOCK_N
+    hi = tl.minimum((pid_m + 1) * BLOCK_M + q_offset, n_keys)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < seq_len
+        col_ok = (offs_n < n_keys) & (offs_n >= key_start)
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        diff = offs_m[:, None] - offs_n[None, :]
+        diff = offs_m[:, None] + q_offset - offs_n[None, :]
         visible = (diff >= 0) & (diff < window) & col_ok[None, :]
         m_i, l_i, acc = _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -486,13 +487,13 @@ def _window_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def launch_window_attention(q, k, v, out, window: int, sm_scale: float, *, block_m: int, block_n: int,
-                            num_warps: int, num_stages: int) -> None:
-    """`out[b, t, h] = softmax over keys t - window + 1 .. t` for q [B, T, Hq, d], k, v [B, T, Hkv, d]
-    (last dimension contiguous)."""
-    batch, seq_len, n_q_heads, head_dim = q.shape
-    _window_attention_kernel[(triton.cdiv(seq_len, block_m), batch * n_q_heads)](
-        q, k, v, out, seq_len, window, sm_scale * LOG2E,
+def launch_window_attention(q, k, v, out, window: int, sm_scale: float, q_offset: int, key_start: int, *,
+                            block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    """`out[b, t, h]` = softmax over keys j of max(key_start, t + q_offset - window + 1) ..
+    t + q_offset, for q [B, Tq, Hq, d], k, v [B, Tk, Hkv, d] (last dimension contiguous)."""
+    batch, n_queries, n_q_heads, head_dim = q.shape
+    _window_attention_kernel[(triton.cdiv(n_queries, block_m), batch * n_q_heads)](
+        q, k, v, out, n_queries, k.shape[1], q_offset, key_start, window, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HQ=n_q_heads, G=n_q_heads // k.shape[2], D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kernels import dense_decode_attention
+from kernels._backend import Backend
 from kernels.paged import gather_tokens
 from kernels.window_attention import window_attention
 from services.engine.attention import CrossAttention
@@ -87,12 +88,22 @@ def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch
     return torch.zeros(scores.shape, dtype=torch.bool, device=q_idx.device).scatter_(-1, chosen, True) & causal
 
 
+# The window kernel's backend when `use_window_kernel` says yes ("auto": Triton on a GPU; the tests
+# set "triton" and make `use_window_kernel` say yes to run it interpreted on CPU tensors).
+WINDOW_BACKEND: Backend = "auto"
+
+
+def use_window_kernel(device: torch.device, head_dim: int) -> bool:
+    """Whether prefill's window layers go through `kernels.window_attention` (on a GPU, head_dim a
+    power of two >= 16) rather than SDPA (in blocks for a first chunk, under a mask after it)."""
+    return device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def first_chunk_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sm_scale: float) -> torch.Tensor:
-    """A prompt's first chunk through a window layer: the Triton window kernel on a GPU (only the
-    window's key blocks; head_dim a power of two >= 16), SDPA in blocks of the window otherwise."""
-    d = q.shape[-1]
-    if q.is_cuda and d >= 16 and d & (d - 1) == 0:
-        return window_attention(q, k, v, window, sm_scale)
+    """A prompt's first chunk through a window layer: the window kernel (only the window's key
+    blocks) where `use_window_kernel`, SDPA in blocks of the window otherwise."""
+    if use_window_kernel(q.device, q.shape[-1]):
+        return window_attention(q, k, v, window, sm_scale, backend=WINDOW_BACKEND)
     return sliding_window_attention(q, k, v, window, sm_scale)
 
 
@@ -289,12 +300,20 @@ class CLSAModel(nn.Module):
 
     def _self_decoder(self, x: torch.Tensor, ctx: StepContext, cache: KVCache, rope: Rope) -> torch.Tensor:
         """Sliding-window layers: keys are the ring buffer (tokens before the chunk) plus the chunk.
-        A prompt's first chunk on a GPU goes through the window kernel (kernels.window_attention)."""
+        On a GPU prefill chunks go through the window kernel (`kernels.window_attention`): a
+        first chunk over itself, a later one behind the ring's W rows in position order (every
+        sequence of a prefill chunk starts at the same position)."""
         window = self.cfg.swa_window
         # The prompt's first chunk: the ring is empty, so the window lies inside the chunk and
         # needs no [C, W + C] mask (16 GB of it for a 128K-token chunk).
         fresh = ctx.chunk_start == 0 and ctx.positions.shape[1] > 1
-        if not fresh:
+        behind_ring = not fresh and ctx.chunk_start is not None and use_window_kernel(x.device, self.cfg.head_dim)
+        if behind_ring:
+            start = int(ctx.chunk_start or 0)
+            # Ring rows of positions start - W .. start - 1, oldest first; those before 0 are not there.
+            order = (torch.arange(start - window, start, device=x.device) % window)[None, :]
+            key_start = max(0, window - start)
+        elif not fresh:
             ring_pos = cache.swa_pos[ctx.slots]  # [B, W]
             key_pos = torch.cat([ring_pos, ctx.positions], dim=1)[:, None, :]
             q_pos = ctx.positions[:, :, None]
@@ -305,6 +324,11 @@ class CLSAModel(nn.Module):
             q, k, v = layer.qkv(x, rope)
             if fresh:
                 attn = first_chunk_window(q, k, v, window, self.sm_scale)
+            elif behind_ring:
+                keys = torch.cat([cache.swa_k[i][ctx.slots[:, None], order], k], dim=1)
+                values = torch.cat([cache.swa_v[i][ctx.slots[:, None], order], v], dim=1)
+                attn = window_attention(q, keys, values, window, self.sm_scale, q_offset=window, key_start=key_start,
+                                        backend=WINDOW_BACKEND)
             else:
                 keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
                 values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)

@@ -124,26 +124,30 @@ def test_clsa_is_dense_attention_over_exactly_the_topk_positions() -> None:
 
 
 @pytest.mark.parametrize("attention", ["clsa", "dense"])
-def test_first_chunk_through_the_window_kernel_matches_whole_sequence(
-        attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU's prefill path: each prompt's first chunk through the Triton window kernel (here
-    interpreted), prompts of different lengths batched in one chunk (padding rows at the end),
-    then decode - the whole-sequence model's logits."""
+@pytest.mark.parametrize("chunk", [64, 5, 12])
+def test_prefill_through_the_window_kernel_matches_whole_sequence(
+        chunk: int, attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's prefill path: the self layers through the Triton window kernel (here
+    interpreted) - a first chunk over itself, later ones behind the ring (chunks of 5 and 12
+    around the window of 8) - prompts of different lengths batched (padding rows at the end),
+    then decode: the whole-sequence model's logits."""
     import services.engine.model as model_module
     from kernels import window_attention
 
     calls = []
 
-    def kernel(q, k, v, window, sm_scale):  # noqa: ANN001, ANN202
-        calls.append(q.shape)
-        return window_attention(q, k, v, window, sm_scale, backend="triton")
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(kwargs.get("q_offset", 0))
+        return window_attention(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "first_chunk_window", kernel)
-    engine = make_engine(prefill_chunk=64)
+    monkeypatch.setattr(model_module, "use_window_kernel", lambda device, head_dim: True)
+    monkeypatch.setattr(model_module, "WINDOW_BACKEND", "triton")
+    monkeypatch.setattr(model_module, "window_attention", counting)
+    engine = make_engine(prefill_chunk=chunk)
     log = record_logits(engine)
     prompts = [random_prompt(n, seed=n) for n in (3, 26, 40, 11)]
     outs = run_requests(engine, [(p, GREEDY, attention) for p in prompts])
-    assert calls and all(shape[:2] == (4, 40) for shape in calls)  # one batched chunk, padded to 40
+    assert 0 in calls and (chunk == 64 or SMALL.swa_window in calls)  # first chunks, and later ones behind the ring
     for prompt, out in zip(prompts, outs, strict=True):
         torch.testing.assert_close(torch.stack(log[out.request_id]),
                                    _expected_logits(engine, prompt, out.token_ids, attention), atol=ATOL, rtol=RTOL)

@@ -129,16 +129,32 @@ def test_window_attention_reference_is_softmax_over_the_last_window_keys() -> No
         torch.testing.assert_close(got[b, t, h], want)
 
 
+def test_window_attention_reference_behind_earlier_keys() -> None:
+    """A later chunk: 4 queries behind 6 keys of earlier tokens, the first 2 of them not there."""
+    from kernels.window_attention import window_attention_reference
+
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(1, 4, 2, 8, generator=gen), torch.randn(1, 10, 1, 8, generator=gen), \
+        torch.randn(1, 10, 1, 8, generator=gen)
+    got = window_attention_reference(q, k, v, 5, 0.5, q_offset=6, key_start=2)
+    for t in range(4):
+        lo = max(2, t + 6 - 4)
+        want = torch.softmax(k[0, lo : t + 7, 0] @ q[0, t, 1] * 0.5, dim=0) @ v[0, lo : t + 7, 0]
+        torch.testing.assert_close(got[0, t, 1], want)
+
+
 def test_window_attention_refuses_bad_arguments() -> None:
     from kernels import window_attention
 
     q, k = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 2, 16)
-    with pytest.raises(ValueError, match=r"q must be \[B, T, Hq, d\]"):
+    with pytest.raises(ValueError, match=r"q must be \[B, Tq, Hq, d\]"):
         window_attention(q[0], k, k, 2, 1.0)
     with pytest.raises(ValueError, match=r"Hq \(4\) must be a multiple of Hkv \(3\)"):
         window_attention(q, torch.randn(1, 5, 3, 16), torch.randn(1, 5, 3, 16), 2, 1.0)
-    with pytest.raises(ValueError, match="must be \\[B=1, T=5, Hkv, d=16\\]"):
+    with pytest.raises(ValueError, match="must be \\[B=1, Tq \\+ q_offset=5, Hkv, d=16\\]"):
         window_attention(q, k[:, :4], k[:, :4], 2, 1.0)
+    with pytest.raises(ValueError, match="need 0 <= key_start <= q_offset"):
+        window_attention(q[:, :3], k, k, 2, 1.0, q_offset=2, key_start=3)
     with pytest.raises(ValueError, match="window must be >= 1"):
         window_attention(q, k, k, 0, 1.0)
     with pytest.raises(ValueError, match="must match"):

@@ -322,3 +322,20 @@ def test_window_attention(case: str, dtype: torch.dtype) -> None:
     shorter = window_attention(q[:, : t - 9].contiguous(), k[:, : t - 9].contiguous(), v[:, : t - 9].contiguous(),
                                window, 1 / math.sqrt(d), backend="triton")
     torch.testing.assert_close(shorter, got[:, : t - 9], atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize(("q_offset", "key_start"), [(20, 0), (20, 13), (20, 20), (5, 3)])
+def test_window_attention_behind_earlier_keys(q_offset: int, key_start: int, dtype: torch.dtype) -> None:
+    """A later prefill chunk: the queries behind q_offset keys of earlier tokens (the ring, in
+    position order), the first key_start of them absent (fewer than W tokens came before)."""
+    from kernels import window_attention
+    from kernels.window_attention import window_attention_reference
+
+    gen = torch.Generator().manual_seed(q_offset + key_start)
+    b, tq, hq, hkv, d, window = 2, 37, 6, 2, 32, 20
+    q = torch.randn(b, tq, hq, d, generator=gen).to(dtype).to(DEVICE)
+    k, v = (torch.randn(b, tq + q_offset, hkv, d, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    got = window_attention(q, k, v, window, 0.2, q_offset=q_offset, key_start=key_start, backend="triton")
+    want = window_attention_reference(q, k, v, window, 0.2, q_offset, key_start)
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
