@@ -1,13 +1,15 @@
 """Prefill on one GPU: CLSA (YOCO) against the Transformer, through the engine's prefill.
 
-One prompt of N random tokens, prefilled by `ModelRunner.prefill` in one chunk (each model on its
-fastest path: the Transformer's 32 layers through SDPA's flash causal kernel; YOCO's 16 sliding-
-window layers through SDPA in blocks of the window, the shared K/V and indexer keys for every
-token, the cross layers for the last token only - YOCO's early exit), random bf16 weights of the
-DESIGN.md presets with stacked projections. Reports the median time of 3 prefills after a warm-up,
+One prompt of N random tokens, prefilled by `ModelRunner.prefill` in one chunk (or in chunks of
+--chunk tokens, as a server prefills), each model on its fastest path: the Transformer's 32 layers
+through SDPA's flash causal kernel; YOCO's 16 sliding-window layers through our window kernel
+(`kernels.window_attention`) on a GPU, the shared K/V and indexer keys for every token, the cross
+layers for the last token only - YOCO's early exit. Random bf16 weights of the DESIGN.md presets
+with stacked projections (--compile: the layers compiled, as the results in docs/performance.md).
+Reports the median time of 3 prefills after a warm-up,
 tokens/s and the ratio to the Transformer, for N in --ns.
 
-GPU: python bench/prefill.py --out DIR   (DIR/prefill.json, DIR/prefill.txt)
+GPU: python bench/prefill.py --compile --out DIR   (DIR/prefill.json, DIR/prefill.txt; --chunk C: chunked)
 CPU smoke run (clsa-tiny shapes, times meaningless): python bench/prefill.py --smoke
 """
 
@@ -38,12 +40,13 @@ from services.engine.sequence import Sequence  # noqa: E402
 VARIANTS = {"transformer": ("transformer-4b", False), "clsa": ("clsa-4b", True), "dense-yoco": ("clsa-4b", False)}
 
 
-def prefill_ms(model, n: int, sparse: bool, reps: int, profile: bool = False) -> float:  # noqa: ANN001
+def prefill_ms(model, n: int, sparse: bool, reps: int, profile: bool = False,  # noqa: ANN001
+               chunk: int | None = None) -> float:
     cfg = model.cfg
     device = next(model.parameters()).device
     blocks = -(-(n + 1) // BLOCK)
     cache = KVCache(cfg, blocks, BLOCK, 1, device, next(model.parameters()).dtype)
-    runner = ModelRunner(model, cache, cfg.index_topk, prefill_chunk=n)
+    runner = ModelRunner(model, cache, cfg.index_topk, prefill_chunk=chunk or n)
     gen = torch.Generator().manual_seed(n)
     prompt = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
     seq = Sequence(request_id="p", prompt_ids=prompt, params=SamplingParams(max_tokens=1), sparse=sparse,
@@ -79,6 +82,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="/tmp/prefill")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="prefill in chunks of this many tokens (default: the whole prompt in one chunk)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
     p.add_argument("--profile", action="store_true", help="list one prefill's kernels by GPU time (torch.profiler)")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=300 and 1000")
@@ -102,13 +107,15 @@ def main() -> None:
         with torch.inference_mode():
             for n in ns:
                 for name in names:
-                    ms = prefill_ms(model, n, VARIANTS[name][1], args.reps, args.profile)
-                    rows.append({"variant": name, "n": n, "prefill_ms": ms, "tok_s": n / ms * 1e3})
+                    ms = prefill_ms(model, n, VARIANTS[name][1], args.reps, args.profile, args.chunk)
+                    rows.append({"variant": name, "n": n, "prefill_ms": ms, "tok_s": n / ms * 1e3,
+                                 "chunk": min(args.chunk or n, n)})
                     log(f"prefill {name:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s")
         del model
         if bench_decode.DEVICE.type == "cuda":
             torch.cuda.empty_cache()
-    report = ["== prefill of one prompt (one chunk), median ms", f"{'N':>7} {'variant':>12} {'ms':>10} "
+    chunking = f"chunks of {args.chunk}" if args.chunk else "one chunk"
+    report = [f"== prefill of one prompt ({chunking}), median ms", f"{'N':>7} {'variant':>12} {'ms':>10} "
               f"{'tok/s':>10} {'vs transformer':>15}"]
     by = {(r["variant"], r["n"]): r for r in rows}
     for r in sorted(rows, key=lambda r: (r["n"], r["variant"])):
