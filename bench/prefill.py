@@ -6,8 +6,8 @@ through SDPA's flash causal kernel; YOCO's 16 sliding-window layers through our 
 (`kernels.window_attention`) on a GPU, the shared K/V and indexer keys for every token, the cross
 layers for the last token only - YOCO's early exit. Random bf16 weights of the DESIGN.md presets
 with stacked projections (--compile: the layers compiled, as the results in docs/performance.md).
-Reports the median time of 3 prefills after a warm-up,
-tokens/s and the ratio to the Transformer, for N in --ns.
+Reports the median time of 3 prefills after a warm-up, tokens/s and the ratio to the Transformer,
+for N in --ns.
 
 GPU: python bench/prefill.py --compile --out DIR   (DIR/prefill.json, DIR/prefill.txt; --chunk C: chunked)
 CPU smoke run (clsa-tiny shapes, times meaningless): python bench/prefill.py --smoke
