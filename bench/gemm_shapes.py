@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweep_kernels import graph_of  # noqa: E402
 
 from services.engine.config import preset  # noqa: E402
 
@@ -40,15 +43,7 @@ def shapes() -> dict[str, tuple[int, int]]:
 
 def graph_us(fn, calls: int) -> float:  # noqa: ANN001
     """Median us per call of `fn` (which makes `calls` calls) replayed as one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = graph_of(fn)
     for _ in range(3):
         g.replay()
     times = []

@@ -42,6 +42,11 @@ class SlotTables:
         self.table = torch.full((n_slots, max_blocks), trash_block, dtype=torch.int32, device=device)
         self._known: dict[int, tuple[int, str, int, int]] = {}  # slot -> (id(seq), request_id, blocks, last block)
 
+    @classmethod
+    def for_cache(cls, cache: KVCache, max_seq_len: int, trash_block: int) -> SlotTables:
+        """Tables for every slot of `cache`, wide enough for `max_seq_len` tokens."""
+        return cls(cache.slots.capacity, -(-max_seq_len // cache.block_size), trash_block, cache.k.device)
+
     def sync(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             n = len(seq.block_ids)
@@ -86,8 +91,7 @@ class StaticDecodeStep:
         self.index_topk, self.backend = index_topk, backend
         self.trash_block, self.spare_slot = trash_block, spare_slot
         device = cache.k.device
-        self.tables = tables or SlotTables(cache.slots.capacity, -(-(max_seq_len or model.cfg.max_seq_len)
-                                                                   // cache.block_size), trash_block, device)
+        self.tables = tables or SlotTables.for_cache(cache, max_seq_len or model.cfg.max_seq_len, trash_block)
         self.max_blocks = self.tables.max_blocks
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
@@ -200,8 +204,7 @@ class DecodeGraphs:
         self.capture = cache.k.device.type == "cuda" if capture is None else capture
         [self.trash_block] = cache.blocks.allocate(1)
         [self.spare_slot] = cache.slots.allocate(1)
-        self.tables = SlotTables(cache.slots.capacity, -(-(max_seq_len or model.cfg.max_seq_len) // cache.block_size),
-                                 self.trash_block, cache.k.device)
+        self.tables = SlotTables.for_cache(cache, max_seq_len or model.cfg.max_seq_len, self.trash_block)
         self._steps: dict[tuple[int, bool, str],
                           tuple[StaticDecodeStep, torch.cuda.CUDAGraph | None, torch.Tensor | None]]
         self._steps = {}

@@ -99,14 +99,6 @@ def use_window_kernel(device: torch.device, head_dim: int) -> bool:
     return device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def first_chunk_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sm_scale: float) -> torch.Tensor:
-    """A prompt's first chunk through a window layer: the window kernel (only the window's key
-    blocks) where `use_window_kernel`, SDPA in blocks of the window otherwise."""
-    if use_window_kernel(q.device, q.shape[-1]):
-        return window_attention(q, k, v, window, sm_scale, backend=WINDOW_BACKEND)
-    return sliding_window_attention(q, k, v, window, sm_scale)
-
-
 class CLSAModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -307,9 +299,10 @@ class CLSAModel(nn.Module):
         # The prompt's first chunk: the ring is empty, so the window lies inside the chunk and
         # needs no [C, W + C] mask (16 GB of it for a 128K-token chunk).
         fresh = ctx.chunk_start == 0 and ctx.positions.shape[1] > 1
-        behind_ring = not fresh and ctx.chunk_start is not None and use_window_kernel(x.device, self.cfg.head_dim)
+        kernel = ctx.chunk_start is not None and use_window_kernel(x.device, self.cfg.head_dim)  # prefill, GPU
+        behind_ring = kernel and not fresh
         if behind_ring:
-            start = int(ctx.chunk_start or 0)
+            start = ctx.chunk_start or 0
             # Ring rows of positions start - W .. start - 1, oldest first; those before 0 are not there.
             order = (torch.arange(start - window, start, device=x.device) % window)[None, :]
             key_start = max(0, window - start)
@@ -322,8 +315,10 @@ class CLSAModel(nn.Module):
         ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
         for i, layer in enumerate(self.own_kv_layers):
             q, k, v = layer.qkv(x, rope)
-            if fresh:
-                attn = first_chunk_window(q, k, v, window, self.sm_scale)
+            if fresh and kernel:
+                attn = window_attention(q, k, v, window, self.sm_scale, backend=WINDOW_BACKEND)
+            elif fresh:
+                attn = sliding_window_attention(q, k, v, window, self.sm_scale)
             elif behind_ring:
                 keys = torch.cat([cache.swa_k[i][ctx.slots[:, None], order], k], dim=1)
                 values = torch.cat([cache.swa_v[i][ctx.slots[:, None], order], v], dim=1)

@@ -24,9 +24,11 @@ def test_throughput_smoke_run_reports_every_variant(tmp_path: Path) -> None:
     assert not run["partial"]
     assert {r["variant"] for r in run["steady"]} == {"transformer", "clsa"}
     assert all(r["finite"] and r["tok_s"] > 0 for r in run["steady"])
-    for r in run["e2e"]:  # every request generated all its tokens; the phases add up to the wall time
-        assert r["new_tokens"] == 8 and r["tok_s"] == r["requests"] * 8 / r["wall_s"]
-        assert abs(r["prefill_s"] + r["decode_s"] - r["wall_s"]) < 1e-6
+    assert {(r["variant"], r["requests"]) for r in run["e2e"]} == {("transformer", 3), ("clsa", 3)}
+    for r in run["e2e"]:  # (the script asserts every request got its 8 tokens) prefill, then decode, then done
+        assert r["new_tokens"] == 8 and r["tok_s"] > 0
+        assert 0 < r["ttft_median_s"] <= r["prefill_s"] < r["last_token_s"] <= r["wall_s"]
+        assert r["decode_step_ms"] > 0
     assert "end to end" in stdout and (tmp_path / "throughput.txt").read_text().count("clsa") >= 2
 
 
