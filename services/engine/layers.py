@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear_op
 from services.engine.config import ModelConfig
+
+# Decode-sized projections (a few rows) on a GPU through kernels.skinny_linear, with their norm,
+# SiLU and residual fused; off: cuBLAS and separate kernels (a benchmark's A/B switch).
+SKINNY = True
 
 
 class RMSNorm(nn.Module):
@@ -36,6 +41,33 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
     return fused
 
 
+def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `project` takes the fused kernel: CUDA, fp16/bf16, at most SKINNY_MAX_M rows."""
+    rows = x.numel() // x.shape[-1]
+    return (SKINNY and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and rows <= SKINNY_MAX_M)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, silu: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + f(x) @ weight^T`: x [..., K] (with `silu`: [..., 2K], gate then up, f = silu(gate)
+    * up), f = `norm` or the identity; weight [N, K]; residual [..., N] or None -> [..., N]. A few
+    rows on a GPU (`use_skinny`): one kernel, nothing between the ops written out; else torch's ops."""
+    if use_skinny(x, weight):
+        lead = x.shape[:-1]
+        res = None if residual is None else residual.reshape(-1, residual.shape[-1])
+        out = skinny_linear_op(x.reshape(-1, x.shape[-1]), weight, None if norm is None else norm.weight,
+                               norm.eps if norm is not None else 0.0, silu, res)
+        return out.view(*lead, weight.shape[0])
+    if silu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm is not None:
+        x = norm(x)
+    y = F.linear(x, weight)
+    return y if residual is None else residual + y
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int) -> None:
         super().__init__()
@@ -44,11 +76,13 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(ffn_dim, d_model, bias=False)
         self.fused: torch.Tensor | None = None  # gate and up stacked (fuse_linears), for inference
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + FFN(norm(x)) (each part optional)."""
         if self.fused is not None:
-            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
-            return self.w_down(F.silu(gate) * up)
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+            return project(project(x, self.fused, norm), self.w_down.weight, silu=True, residual=residual)
+        h = x if norm is None else norm(x)
+        return project(F.silu(self.w_gate(h)) * self.w_up(h), self.w_down.weight, residual=residual)
 
 
 class Rope(NamedTuple):
@@ -154,8 +188,8 @@ class _Block(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual + output projection of the attention result `[B, C, Hq, d]`, then the FFN."""
-        x = x + self.wo(attn.flatten(-2))
-        return x + self.ffn(self.ffn_norm(x))
+        x = project(attn.flatten(-2), self.wo.weight, residual=x)
+        return self.ffn(x, self.ffn_norm, residual=x)
 
 
 class AttentionLayer(_Block):
@@ -172,12 +206,12 @@ class AttentionLayer(_Block):
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, C, D], positions: [B, C] (or their Rope) -> roped q [B, C, Hq, d], roped k and v [B, C, Hkv, d]."""
         b, c, _ = x.shape
-        h = self.attn_norm(x)
         cfg = self.cfg
         if self.fused is not None:
-            q, k, v = F.linear(h, self.fused).split(
+            q, k, v = project(x, self.fused, self.attn_norm).split(
                 [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
         else:
+            h = self.attn_norm(x)
             q, k, v = self.wq(h), self.wk(h), self.wv(h)
         q = q.reshape(b, c, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
@@ -203,12 +237,13 @@ class SharedKV(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor | Rope) -> tuple[torch.Tensor, ...]:
         """x: [B, C, D], positions [B, C] (or their Rope) -> k, v [B, C, Hkv, d], k_idx, q_idx [B, C, d_idx]."""
         b, c, _ = x.shape
-        h = self.kv_norm(x)
         cfg = self.cfg
         kv = cfg.n_kv_heads * cfg.head_dim
         if self.fused is not None:
-            k, v, k_idx, q_idx = F.linear(h, self.fused).split([kv, kv, cfg.index_dim, cfg.index_dim], dim=-1)
+            k, v, k_idx, q_idx = project(x, self.fused, self.kv_norm).split([kv, kv, cfg.index_dim, cfg.index_dim],
+                                                                            dim=-1)
         else:
+            h = self.kv_norm(x)
             k, v, k_idx, q_idx = self.wk(h), self.wv(h), self.wk_idx(h), self.wq_idx(h)
         k = k.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
@@ -223,7 +258,7 @@ class CrossLayer(_Block):
     def query(self, x: torch.Tensor, positions: torch.Tensor | Rope) -> torch.Tensor:
         """x: [B, C, D], positions [B, C] (or their Rope) -> q [B, C, Hq, d]."""
         b, c, _ = x.shape
-        q = self.wq(self.attn_norm(x)).view(b, c, self.cfg.n_heads, self.cfg.head_dim)
+        q = project(x, self.wq.weight, self.attn_norm).view(b, c, self.cfg.n_heads, self.cfg.head_dim)
         if self.cfg.cross_rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
         return q

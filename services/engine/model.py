@@ -32,6 +32,7 @@ from services.engine.layers import (
     causal_attention,
     fuse_linears,
     masked_attention,
+    project,
     rope_angles,
     sliding_window_attention,
 )
@@ -172,10 +173,7 @@ class CLSAModel(nn.Module):
         return cast(list[CrossLayer], list(self.cross_layers))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        if self.lm_head is None:
-            return h @ self.embed.weight.t()
-        return self.lm_head(h)
+        return project(x, self.embed.weight if self.lm_head is None else self.lm_head.weight, self.norm)
 
     # ---- whole-sequence path (spec, training) ----------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels._backend import interpreting
 from services.engine import SamplingParams
 from tests.conftest import SMALL, make_engine, variant
 from tests.helpers import GREEDY, random_prompt, record_logits, run_requests
@@ -123,6 +124,7 @@ def test_clsa_is_dense_attention_over_exactly_the_topk_positions() -> None:
     torch.testing.assert_close(got, model.logits(h)[0, 0].float(), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("attention", ["clsa", "dense"])
 @pytest.mark.parametrize("chunk", [64, 5, 12])
 def test_prefill_through_the_window_kernel_matches_whole_sequence(
@@ -151,3 +153,38 @@ def test_prefill_through_the_window_kernel_matches_whole_sequence(
     for prompt, out in zip(prompts, outs, strict=True):
         torch.testing.assert_close(torch.stack(log[out.request_id]),
                                    _expected_logits(engine, prompt, out.token_ids, attention), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fused", [True, False], ids=["stacked-projections", "own-projections"])
+@pytest.mark.parametrize("cfg_name", ["yoco", "transformer"])
+def test_decode_through_the_skinny_gemm_kernel_matches_whole_sequence(
+        cfg_name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's decode projections: every projection of a few rows (the decode steps, the
+    prefill's last position through the cross layers) through the Triton skinny-GEMM kernel
+    (here interpreted), its norm, SiLU and residual fused - the whole-sequence model's logits."""
+    import services.engine.layers as layers
+    from kernels.skinny_linear import skinny_linear
+
+    calls = []
+
+    def counting(*args):  # noqa: ANN002, ANN202
+        calls.append(args[1].shape)
+        return skinny_linear(*args, backend="triton")
+
+    monkeypatch.setattr(layers, "use_skinny", lambda x, w: x.numel() // x.shape[-1] <= 8)
+    monkeypatch.setattr(layers, "skinny_linear_op", counting)
+    engine = make_engine(CONFIGS[cfg_name], prefill_chunk=16)
+    if fused:
+        engine.model.fuse_projections()
+    log = record_logits(engine)
+    prompts = [random_prompt(n, seed=n) for n in (3, 26, 11)]
+    outs = run_requests(engine, [(p, GREEDY, "dense" if cfg_name == "transformer" else "clsa") for p in prompts])
+    cfg = engine.model.cfg
+    assert (cfg.vocab_size, cfg.d_model) in calls and (cfg.d_model, cfg.ffn_dim) in calls  # LM head, FFN down
+    monkeypatch.setattr(layers, "use_skinny", lambda x, w: False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        torch.testing.assert_close(torch.stack(log[out.request_id]),
+                                   _expected_logits(engine, prompt, out.token_ids,
+                                                    "dense" if cfg_name == "transformer" else "clsa"),
+                                   atol=ATOL, rtol=RTOL)

@@ -1,0 +1,99 @@
+"""A projection of a few rows - the decode step's GEMMs - with the ops around it fused:
+`y = residual + f(x) @ w^T`, f an RMSNorm of x, or silu(gate) * up of a stacked gate/up output.
+
+At decode a projection multiplies [M = batch, K] by a weight it must read whole, so its time is
+the weight's bytes; cuBLAS also pays ~6 us of ramp-up and drain per GEMM on an H200
+(bench/gemm_shapes.py), and the norm, SiLU and residual around it are kernels of their own. The
+Triton kernel (kernels/triton_gemm.py) reads each weight once at M <= SKINNY_MAX_M, fuses those
+ops, and with programmatic dependent launch streams its weight while the kernel before it drains.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._backend import Backend, interpreting, resolve_backend
+from kernels._checks import FLOAT_DTYPES, check_dtype, check_rank, check_same_device
+
+SKINNY_MAX_M = 64  # rows the kernel takes (one BLOCK_M tile); more go to cuBLAS
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; a small one when interpreting on the CPU.
+SKINNY_CONFIG = (16, 256, 4, 4)
+SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}  # (N, K) -> config, where one beats it
+SKINNY_CONFIG_INTERPRETED = (16, 32, 1, 1)
+PDL = True  # programmatic dependent launch on Hopper and later
+
+
+def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                            eps: float = 1e-6, silu: bool = False,
+                            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The spec, as the unfused model computes it: silu(gate) * up (x's two halves) when `silu`,
+    then RMSNorm (fp32 statistics, x's dtype out) when `norm_weight`, then F.linear, then the
+    residual added."""
+    if silu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm_weight is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
+    y = F.linear(x, w)
+    return y if residual is None else residual + y
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                  silu: bool = False, residual: torch.Tensor | None = None, backend: Backend = "auto") -> torch.Tensor:
+    """x: [M, K] ([M, 2K], gate then up, with `silu`); w: [N, K]; norm_weight: [K] or None;
+    residual: [M, N] or None -> [M, N] in x's dtype. M <= SKINNY_MAX_M for the kernel.
+
+    Raises ValueError for mismatched shapes or devices, TypeError for a dtype outside
+    fp32/fp16/bf16 or x and w of different dtypes."""
+    op = "skinny_linear"
+    check_rank(op, "x", x, 2, "[M, K]")
+    check_rank(op, "w", w, 2, "[N, K]")
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    if w.dtype != x.dtype:
+        raise TypeError(f"{op}: w's dtype {w.dtype} must be x's {x.dtype}")
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    if x.shape[1] != (2 * k if silu else k):
+        raise ValueError(f"{op}: x {tuple(x.shape)} must be [M, {'2K' if silu else 'K'}] for w {tuple(w.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"{op}: norm_weight {tuple(norm_weight.shape)} must be [K={k}]")
+    if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != x.dtype):
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} {residual.dtype} must be [M={m}, N={n}] {x.dtype}")
+    extra = {name: t for name, t in (("norm_weight", norm_weight), ("residual", residual)) if t is not None}
+    check_same_device(op, x=x, w=w, **extra)
+    if resolve_backend(backend, x.device, op) == "torch":
+        return skinny_linear_reference(x, w, norm_weight, eps, silu, residual)
+    if m > SKINNY_MAX_M:
+        raise ValueError(f"{op}: the Triton kernel takes M <= {SKINNY_MAX_M} rows, got {m}")
+    from kernels.triton_gemm import launch_skinny_gemm
+
+    x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out
+    block_n, block_k, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
+                                               else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
+    launch_skinny_gemm(x, w, out, residual, norm_weight, eps, silu=silu, block_n=block_n, block_k=block_k,
+                       num_warps=num_warps, num_stages=num_stages, pdl=_pdl(x.device))
+    return out
+
+
+def _pdl(device: torch.device) -> bool:
+    return PDL and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@torch.library.custom_op("clsa::skinny_linear", mutates_args=())
+def skinny_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
+                     residual: torch.Tensor | None) -> torch.Tensor:
+    """`skinny_linear` through the Triton kernel as one opaque op, so that a `torch.compile`d
+    layer calls it as it is instead of tracing into the launcher."""
+    return skinny_linear(x, w, norm_weight, eps, silu, residual, backend="triton")
+
+
+@skinny_linear_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
+      residual: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])

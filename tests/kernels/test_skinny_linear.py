@@ -1,0 +1,87 @@
+"""The skinny-GEMM kernel (kernels/skinny_linear.py) against its torch reference: interpreted on
+the CPU (CI), compiled on a CUDA device when run with TRITON_INTERPRET=0 on a machine that has one.
+Odd sizes (N and K not multiples of the blocks, M from 1 to the kernel's limit), each fusion the
+model uses, a strided input (the q columns of a stacked q/k/v output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels._backend import interpreting
+from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear, skinny_linear_op, skinny_linear_reference
+
+if interpreting():
+    DEVICE, DTYPES = "cpu", (torch.float32, torch.float16)
+elif torch.cuda.is_available():
+    DEVICE, DTYPES = "cuda", (torch.float32, torch.float16, torch.bfloat16)
+else:
+    pytest.skip("Triton needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # of the output's largest value
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SHAPES = {"m1-n63-k111": (1, 63, 111), "m7-n300-k64": (7, 300, 64), "m16-n17-k200": (16, 17, 200),
+          "m33-n40-k96": (33, 40, 96), f"m{SKINNY_MAX_M}-n24-k48": (SKINNY_MAX_M, 24, 48)}
+FUSIONS = {"plain": (False, False, False), "norm": (True, False, False), "norm+residual": (True, False, True),
+           "silu+residual": (False, True, True), "norm+silu": (True, True, False)}
+
+
+def _case(m: int, n: int, k: int, fusion: str, dtype: torch.dtype, seed: int = 0):  # noqa: ANN202
+    norm, silu, residual = FUSIONS[fusion]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k if silu else k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    g = torch.rand(k, generator=gen) + 0.5 if norm else None
+    r = torch.randn(m, n, generator=gen) if residual else None
+    return [None if t is None else t.to(DEVICE, dtype) for t in (x, w, g, r)], silu
+
+
+def _check(got: torch.Tensor, x, w, g, r, silu: bool, dtype: torch.dtype) -> None:  # noqa: ANN001
+    ref = skinny_linear_reference(x.float(), w.float(), None if g is None else g.float(), 1e-6, silu,
+                                  None if r is None else r.float())
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert torch.isfinite(got).all()
+    err = float((got.float() - ref).abs().max() / ref.abs().max())
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_skinny_linear(shape: str, fusion: str, dtype: torch.dtype) -> None:
+    (x, w, g, r), silu = _case(*SHAPES[shape], fusion, dtype)
+    _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, dtype)
+
+
+def test_skinny_linear_reads_a_strided_input_in_place() -> None:
+    (qkv, w, g, r), _ = _case(5, 48, 120, "norm+residual", torch.float32)
+    x = qkv[:, :40]  # the first 40 columns: rows 120 apart
+    w = w[:, :40].contiguous()
+    _check(skinny_linear(x, w, g[:40], 1e-6, False, r, backend="triton"), x, w, g[:40], r, False, torch.float32)
+
+
+def test_skinny_linear_op_is_the_kernel() -> None:
+    (x, w, g, r), silu = _case(7, 40, 64, "silu+residual", torch.float32)
+    got = skinny_linear_op(x, w, g, 1e-6, silu, r)
+    torch.testing.assert_close(got, skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), atol=0, rtol=0)
+    _check(got, x, w, g, r, silu, torch.float32)
+
+
+def test_skinny_linear_rejects_bad_input() -> None:
+    (x, w, g, r), _ = _case(4, 32, 64, "norm+residual", torch.float32)
+    with pytest.raises(ValueError, match=r"must be \[M, K\]"):
+        skinny_linear(x[:, :63], w, backend="triton")
+    with pytest.raises(ValueError, match="must be \\[M, 2K\\]"):
+        skinny_linear(x, w, silu=True, backend="triton")
+    with pytest.raises(ValueError, match="norm_weight"):
+        skinny_linear(x, w, g[:10], backend="triton")
+    with pytest.raises(ValueError, match="residual"):
+        skinny_linear(x, w, residual=r[:, :5], backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        skinny_linear(x, w.half(), backend="triton")
+    with pytest.raises(TypeError, match="must be one of"):
+        skinny_linear(x.long(), w.long(), backend="triton")
+    big = torch.zeros(SKINNY_MAX_M + 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=f"M <= {SKINNY_MAX_M}"):
+        skinny_linear(big, w, backend="triton")
+    assert skinny_linear(big, w, backend="torch").shape == (SKINNY_MAX_M + 1, 32)  # the reference has no limit
