@@ -4,7 +4,8 @@ Three parts, one GPU run (tables printed, DIR/skinny_gemm.json written):
 
 1. sweep: for each clsa-4b projection with the fusion the model gives it (norm before q/k/v, the
    cross query, gate/up and the LM head; SiLU before down; the residual after the output and down
-   projections), every (BLOCK_N, BLOCK_K, warps, stages) of the grid at M = --sweep-m, timed as
+   projections), every (BLOCK_N, BLOCK_K, programs: how far K is split) of the grid, then warps
+   and stages for the best, at M = --sweep-m, timed as
    gemm_shapes.py times cuBLAS: 16 calls in one CUDA graph, each on its own copy of the weight.
 2. rows: the best config of each shape at every M in --ms, with and without programmatic
    dependent launch, against F.linear alone and against the unfused torch ops (norm / SiLU /
@@ -33,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemm_shapes import COPIES, graph_us, shapes  # noqa: E402
 
 import kernels.skinny_linear as sl  # noqa: E402
-from kernels.triton_gemm import launch_skinny_gemm  # noqa: E402
 
 FUSION = {"qkv": "norm", "wo": "residual", "cross_wq": "norm", "gate_up": "norm", "down": "silu+residual",
           "lm_head": "norm"}
-GRID = [(bn, bk, w, s) for bn, bk, (w, s) in itertools.product(
-    (16, 32, 64), (128, 256, 512), ((4, 3), (4, 4), (8, 3), (2, 4)))]
+# (BLOCK_N, BLOCK_K, programs) at 4 warps, 3 stages; then warps and stages for the best of them.
+GRID = list(itertools.product((32, 64, 128), (128, 256, 512), (132, 264, 528)))
+WARPS_STAGES = ((4, 2), (8, 3), (8, 4), (2, 3))
 
 
 class Case:
@@ -54,11 +55,13 @@ class Case:
         self.out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         self.nbytes = n * k * 2
 
-    def kernel(self, cfg: tuple[int, int, int, int], pdl: bool):  # noqa: ANN201
-        bn, bk, w, s = cfg
-        return lambda: [launch_skinny_gemm(self.x, wt, self.out, self.r, self.nw, 1e-6, silu=self.silu,
-                                           block_n=bn, block_k=bk, num_warps=w, num_stages=s, pdl=pdl)
-                        for wt in self.ws]
+    def kernel(self, cfg: tuple[int, ...], pdl: bool):  # noqa: ANN201
+        n, k = self.ws[0].shape
+
+        def run() -> list[torch.Tensor]:  # the config and PDL are read at capture: a graph keeps them
+            sl.SKINNY_CONFIGS[(n, k)], sl.PDL = tuple(cfg), pdl
+            return [sl.skinny_linear(self.x, wt, self.nw, 1e-6, self.silu, self.r) for wt in self.ws]
+        return run
 
     def torch_ops(self):  # noqa: ANN201
         return lambda: [sl.skinny_linear_reference(self.x, wt, self.nw, 1e-6, self.silu, self.r) for wt in self.ws]
@@ -67,11 +70,22 @@ class Case:
         x = self.x[:, : self.ws[0].shape[1]]
         return lambda: [torch.nn.functional.linear(x, wt) for wt in self.ws]
 
-    def error(self, cfg: tuple[int, int, int, int]) -> float:
-        self.kernel(cfg, False)()
+    def error(self, cfg: tuple[int, ...]) -> float:
+        got = self.kernel(cfg, False)()[-1]
         nw, r = (None if t is None else t.float() for t in (self.nw, self.r))
         ref = sl.skinny_linear_reference(self.x.float(), self.ws[-1].float(), nw, 1e-6, self.silu, r)
-        return float((self.out.float() - ref).abs().max() / ref.abs().max())
+        return float((got.float() - ref).abs().max() / ref.abs().max())
+
+
+def timings(case: Case, name: str, configs: list[tuple[int, ...]]) -> list[tuple[float, tuple[int, ...]]]:
+    """(us per call, config) of each config the card can run."""
+    timed = []
+    for cfg in configs:
+        try:
+            timed.append((graph_us(case.kernel(cfg, True), COPIES), cfg))
+        except Exception as exc:  # noqa: BLE001 - a config the card cannot run (shared memory)
+            print(f"   {name} {cfg}: {type(exc).__name__}")
+    return timed
 
 
 def sweep(dev: torch.device, m: int) -> dict[str, dict]:
@@ -80,12 +94,9 @@ def sweep(dev: torch.device, m: int) -> dict[str, dict]:
     for name, (n, k) in shapes().items():
         case = Case(name, n, k, m, dev)
         t0 = time.time()
-        timed = []
-        for cfg in GRID:
-            try:
-                timed.append((graph_us(case.kernel(cfg, True), COPIES), cfg))
-            except Exception as exc:  # noqa: BLE001 - a config the card cannot run (shared memory)
-                print(f"   {name} {cfg}: {type(exc).__name__}")
+        timed = timings(case, name, [(bn, bk, programs, 4, 3) for bn, bk, programs in GRID])
+        bn, bk, programs, _, _ = min(timed)[1]
+        timed += timings(case, name, [(bn, bk, programs, w, s) for w, s in WARPS_STAGES])
         timed.sort()
         us, cfg = timed[0]
         best[name] = {"config": list(cfg), "us": us, "top5": [[t, list(c)] for t, c in timed[:5]]}
@@ -116,6 +127,7 @@ def rows(dev: torch.device, best: dict[str, dict], ms: list[int]) -> list[dict]:
                   f" TB/s)  no-pdl {res['no_pdl']:6.1f}  F.linear {res['linear']:6.1f}  torch ops "
                   f"{res['torch_ops']:6.1f}   err {err:.1e}", flush=True)
             del case
+    sl.PDL = True
     return out
 
 

@@ -17,10 +17,12 @@ from kernels._backend import Backend, interpreting, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_rank, check_same_device
 
 SKINNY_MAX_M = 64  # rows the kernel takes (one BLOCK_M tile); more go to cuBLAS
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; a small one when interpreting on the CPU.
-SKINNY_CONFIG = (16, 256, 4, 4)
-SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}  # (N, K) -> config, where one beats it
-SKINNY_CONFIG_INTERPRETED = (16, 32, 1, 1)
+# (BLOCK_N, BLOCK_K, programs, num_warps, num_stages) on a GPU: K is split until the grid has
+# about `programs` programs; a small one when interpreting on the CPU (split-K still exercised).
+SKINNY_CONFIG = (64, 256, 264, 4, 3)
+SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}  # (N, K) -> config, where one beats it
+SKINNY_CONFIG_INTERPRETED = (16, 32, 8, 1, 1)
+MAX_COLUMN_BLOCKS = 1 << 14  # split-K counters kept per device (N / BLOCK_N at most)
 PDL = True  # programmatic dependent launch on Hopper and later
 
 
@@ -74,11 +76,35 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | 
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
-                                               else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
-    launch_skinny_gemm(x, w, out, residual, norm_weight, eps, silu=silu, block_n=block_n, block_k=block_k,
-                       num_warps=num_warps, num_stages=num_stages, pdl=_pdl(x.device))
+    block_n, block_k, programs, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
+                                                         else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
+    column_blocks = -(-n // block_n)
+    if column_blocks > MAX_COLUMN_BLOCKS:
+        raise ValueError(f"{op}: N = {n} is over {MAX_COLUMN_BLOCKS * block_n} columns")
+    split_k = max(1, min(-(-k // block_k), -(-programs // column_blocks)))
+    block_m = max(16, 1 << (m - 1).bit_length())
+    part = sq = counters = None
+    if split_k > 1:
+        part = torch.empty(split_k * block_m * n, device=x.device, dtype=torch.float32)
+        sq = torch.empty(column_blocks * split_k * block_m, device=x.device, dtype=torch.float32)
+        counters = _counters(x.device)
+    launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
+                       block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                       pdl=_pdl(x.device))
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """The split-K counters of `device`, zero between launches (each launch resets those it
+    used). Shared by every launch on the device: launches on one stream run one after another
+    (a PDL-launched one touches them only after its wait), so the engine's single stream is safe;
+    kernels on two streams at once would race."""
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _pdl(device: torch.device) -> bool:

@@ -1,10 +1,15 @@
 """Triton GEMM for a few rows: y[M, N] = x[M, K] @ w[N, K]^T with M <= 64, the decode step's
 projections, where a GEMM's cost is reading its weight once.
 
-One program owns BLOCK_N output columns and walks the whole of K (no split-K, so no reduction
-pass and no workspace): it computes the transposed tile y^T[BLOCK_N, BLOCK_M] = w_tile @ x^T, the
-weight as the dot's left operand, so BLOCK_M (the batch, padded) can stay at 16 while each program
-streams BLOCK_N full weight rows. The fusions a decoder layer needs ride along:
+A program owns BLOCK_N output columns and one slice of K: it computes the transposed tile
+y^T[BLOCK_N, BLOCK_M] = w_tile @ x^T, the weight as the dot's left operand, so BLOCK_M (the
+batch, padded) stays at 16 while the program streams BLOCK_N weight rows. K is split (split-K)
+until there are enough programs to keep every SM's loads in flight - a 3072 x 3072 weight has
+only 48 column blocks of 64 - and the last split of a column block to finish sums the partial
+results in a fixed order (deterministic) and writes the output; a counter per column block, reset
+by that program, says which is last.
+
+The fusions a decoder layer needs ride along:
 
 - NORM: RMSNorm of x in the prologue. x's sum of squares is accumulated from the same tiles the
   dot reads, the norm's weight multiplies each tile, and 1 / rms scales the accumulator at the end
@@ -26,11 +31,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, K, stride_xm, sq,
+def _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq,
                 NORM: tl.constexpr, SILU: tl.constexpr):
-    """x's [BLOCK_M, BLOCK_K] tile at columns offs_k, as the dot's operand (x's dtype), and the
-    running sum of squares of x's rows (NORM)."""
-    mask = mask_m[:, None] & (offs_k < K)[None, :]
+    """x's [BLOCK_M, BLOCK_K] tile at columns offs_k (< k_end), as the dot's operand (x's dtype),
+    and the running sum of squares of x's rows (NORM). With SILU, x's row is [gate (K) | up (K)]."""
+    mask = mask_m[:, None] & (offs_k < k_end)[None, :]
     rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if SILU:
         gate = tl.load(rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -42,7 +47,7 @@ def _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, K, stride_xm, sq,
     if NORM:
         xf = xt.to(tl.float32)
         sq += tl.sum(xf * xf, axis=1)
-        g = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        g = tl.load(nw_ptr + offs_k, mask=offs_k < k_end, other=0.0).to(tl.float32)
         xt = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
     return xt, sq
 
@@ -57,36 +62,66 @@ def _dot(w, xt, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, M, N, K, eps,
+    x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, part_ptr, sq_ptr, count_ptr, M, N, K, k_slice, eps,
     stride_xm, stride_wn, stride_om, stride_rm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    k_start = split * k_slice
+    k_end = tl.minimum(k_start + k_slice, K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_m = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     # The first weight tile is in flight before the wait: no kernel writes a weight.
-    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     sq = tl.zeros([BLOCK_M], tl.float32)
-    xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, K, stride_xm, sq, NORM, SILU)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    acc = _dot(w, xt, acc, IEEE)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        ks = k0 + offs_k
-        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < K)[None, :], other=0.0)
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, K, stride_xm, sq, NORM, SILU)
+    xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+    acc = _dot(w, xt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+        ks = k0 + offs_k - k_start
+        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
         acc = _dot(w, xt, acc, IEEE)
+    mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT_K > 1:
+        # Split-K: each split leaves its partial sums (and its slice's sum of squares); the last
+        # split of this column block to finish adds them up in split order (so the result does
+        # not depend on which finished last) and resets the counter for the next launch.
+        tl.store(part_ptr + (split * BLOCK_M + offs_m)[None, :] * N + offs_n[:, None], acc, mask=mask)
+        if NORM:
+            tl.store(sq_ptr + (pid_n * SPLIT_K + split) * BLOCK_M + offs_m, sq, mask=mask_m)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptr + (s * BLOCK_M + offs_m)[None, :] * N + offs_n[:, None], mask=mask,
+                               other=0.0, cache_modifier=".cg")
+                if NORM:
+                    sq += tl.load(sq_ptr + (pid_n * SPLIT_K + s) * BLOCK_M + offs_m, mask=mask_m, other=0.0,
+                                  cache_modifier=".cg")
+            _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm, stride_om, NORM, RESIDUAL)
+            tl.store(count_ptr + pid_n, 0)
+    else:
+        _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm, stride_om, NORM, RESIDUAL)
+
+
+@triton.jit
+def _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm, stride_om,
+              NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """out^T[offs_n, offs_m] = acc / rms(x) (NORM) + residual^T (RESIDUAL)."""
     if NORM:
         acc = acc * tl.rsqrt(sq / K + eps)[None, :]
-    mask = mask_n[:, None] & mask_m[None, :]
     if RESIDUAL:
         res = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0)
         acc += res.to(tl.float32)
@@ -94,17 +129,25 @@ def _skinny_gemm_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, *, silu: bool, block_n: int, block_k: int,
-                       num_warps: int, num_stages: int, pdl: bool) -> None:
+def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, counters, *, silu: bool,
+                       block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
+                       pdl: bool) -> None:
     """out[M, N] = f(x) @ w^T (+ residual): x [M, K] (or [M, 2K] with `silu`), w [N, K], out and
-    residual [M, N], every last dim contiguous; `norm_weight` [K] or None (no RMSNorm)."""
+    residual [M, N], every last dim contiguous; `norm_weight` [K] or None (no RMSNorm). With
+    `split_k` > 1, K is cut into that many slices (multiples of block_k), one program each:
+    `part` fp32 [split_k * BLOCK_M * N] and `sq` fp32 [cdiv(N, block_n) * split_k * BLOCK_M]
+    hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
+    zero)."""
     m, n, k = out.shape[0], w.shape[0], w.shape[1]
     block_m = max(16, triton.next_power_of_2(m))
-    _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
+    k_slice = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_slice)
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
         x, w, out, residual if residual is not None else out, norm_weight if norm_weight is not None else w,
-        m, n, k, eps, x.stride(0), w.stride(0), out.stride(0),
+        part if split_k > 1 else out, sq if split_k > 1 else out, counters if split_k > 1 else out,
+        m, n, k, k_slice, eps, x.stride(0), w.stride(0), out.stride(0),
         residual.stride(0) if residual is not None else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None, SILU=silu,
-        RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None,
+        SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
         num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels._backend import interpreting
+import kernels.skinny_linear as skinny_module
 from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear, skinny_linear_op, skinny_linear_reference
 
 if interpreting():
@@ -37,8 +38,8 @@ def _case(m: int, n: int, k: int, fusion: str, dtype: torch.dtype, seed: int = 0
 
 
 def _check(got: torch.Tensor, x, w, g, r, silu: bool, dtype: torch.dtype) -> None:  # noqa: ANN001
-    ref = skinny_linear_reference(x.float(), w.float(), None if g is None else g.float(), 1e-6, silu,
-                                  None if r is None else r.float())
+    ref = skinny_linear_reference(x.double(), w.double(), None if g is None else g.double(), 1e-6, silu,
+                                  None if r is None else r.double())
     assert got.dtype == dtype and got.shape == ref.shape
     assert torch.isfinite(got).all()
     err = float((got.float() - ref).abs().max() / ref.abs().max())
@@ -51,6 +52,18 @@ def _check(got: torch.Tensor, x, w, g, r, silu: bool, dtype: torch.dtype) -> Non
 def test_skinny_linear(shape: str, fusion: str, dtype: torch.dtype) -> None:
     (x, w, g, r), silu = _case(*SHAPES[shape], fusion, dtype)
     _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, dtype)
+
+
+def test_split_k_sums_in_order_and_leaves_its_counters_zeroed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K cut into many slices (the last to finish sums them): twice the same bits, counters reset
+    for the next launch (a CUDA graph replays without clearing them)."""
+    for key in ("SKINNY_CONFIG_INTERPRETED", "SKINNY_CONFIG"):
+        monkeypatch.setattr(skinny_module, key, (16, 32, 64, 1, 1) if interpreting() else (32, 64, 1024, 4, 2))
+    (x, w, g, r), silu = _case(7, 50, 300, "norm+residual", torch.float32)
+    first = skinny_linear(x, w, g, 1e-6, silu, r, backend="triton")
+    _check(first, x, w, g, r, silu, torch.float32)
+    assert int(skinny_module._counters(x.device).abs().sum()) == 0
+    torch.testing.assert_close(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), first, atol=0, rtol=0)
 
 
 def test_skinny_linear_reads_a_strided_input_in_place() -> None:
