@@ -19,8 +19,16 @@ from kernels._checks import FLOAT_DTYPES, check_dtype, check_rank, check_same_de
 SKINNY_MAX_M = 64  # rows the kernel takes (one BLOCK_M tile); more go to cuBLAS
 # (BLOCK_N, BLOCK_K, programs, num_warps, num_stages) on a GPU: K is split until the grid has
 # about `programs` programs; a small one when interpreting on the CPU (split-K still exercised).
-SKINNY_CONFIG = (64, 256, 264, 4, 3)
-SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}  # (N, K) -> config, where one beats it
+SKINNY_CONFIG = (64, 128, 264, 4, 3)
+# The fastest of bench/skinny_gemm.py's sweep for clsa-4b's weights on an H200 at M = 7
+# (bench/results/decode/skinny_gemm.json), keyed (N, K):
+SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (5120, 3072): (128, 128, 264, 8, 3),  # self q/k/v stacked: 11.6 us, 2.70 TB/s
+    (3072, 3072): (64, 128, 264, 4, 3),  # output and cross query: 8.3-10.2 us
+    (16384, 3072): (128, 128, 132, 8, 3),  # FFN gate/up stacked: 27.0 us, 3.73 TB/s
+    (3072, 8192): (64, 128, 264, 8, 3),  # FFN down: 19.9 us, 2.53 TB/s
+    (32000, 3072): (128, 256, 132, 4, 3),  # LM head: 49.5 us, 3.97 TB/s
+}
 SKINNY_CONFIG_INTERPRETED = (16, 32, 8, 1, 1)
 MAX_COLUMN_BLOCKS = 1 << 14  # split-K counters kept per device (N / BLOCK_N at most)
 PDL = True  # programmatic dependent launch on Hopper and later

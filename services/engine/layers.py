@@ -11,9 +11,11 @@ from torch import nn
 from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear_op
 from services.engine.config import ModelConfig
 
-# Decode-sized projections (a few rows) on a GPU through kernels.skinny_linear, with their norm,
-# SiLU and residual fused; off: cuBLAS and separate kernels (a benchmark's A/B switch).
+# Decode-sized projections (up to SKINNY_ROWS rows) on a GPU through kernels.skinny_linear, with
+# their norm, SiLU and residual fused; off: cuBLAS and separate kernels (a benchmark's A/B switch).
+# At 32 rows cuBLAS's GEMMs are faster than the kernel's (bench/results/decode/skinny_gemm.json).
 SKINNY = True
+SKINNY_ROWS = 16
 
 
 class RMSNorm(nn.Module):
@@ -42,10 +44,10 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
 
 
 def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `project` takes the fused kernel: CUDA, fp16/bf16, at most SKINNY_MAX_M rows."""
+    """Whether `project` takes the fused kernel: CUDA, fp16/bf16, at most SKINNY_ROWS rows."""
     rows = x.numel() // x.shape[-1]
     return (SKINNY and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
-            and rows <= SKINNY_MAX_M)
+            and rows <= min(SKINNY_ROWS, SKINNY_MAX_M))
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, silu: bool = False,
