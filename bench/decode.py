@@ -84,7 +84,7 @@ def random_model(cfg: ModelConfig) -> CLSAModel:
     torch.set_default_dtype(dtype)  # built in bf16: no fp32 copy left in the allocator's cache
     try:
         with DEVICE:
-            model = CLSAModel(cfg).eval()
+            model = CLSAModel(cfg).eval().requires_grad_(False)  # inference: no autograd in the compiled layers
     finally:
         torch.set_default_dtype(default)
     if DEVICE.type == "cuda":

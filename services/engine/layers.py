@@ -44,10 +44,12 @@ def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
 
 
 def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `project` takes the fused kernel: CUDA, fp16/bf16, at most SKINNY_ROWS rows."""
+    """Whether `project` takes the fused kernel: CUDA, fp16/bf16, at most SKINNY_ROWS rows, and no
+    gradient wanted (the kernel has no backward: training keeps torch's ops)."""
     rows = x.numel() // x.shape[-1]
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return (SKINNY and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
-            and rows <= min(SKINNY_ROWS, SKINNY_MAX_M))
+            and rows <= min(SKINNY_ROWS, SKINNY_MAX_M) and not wants_grad)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, silu: bool = False,
