@@ -1,7 +1,8 @@
 """What ptxas makes of every Triton launch configuration, without a GPU (clsa-4b heads, bf16).
 
 Compiles each kernel as the launchers would launch it on an H200 (sm_90, 132 SMs) at B = 1, 8
-and 32 - the default configurations and the wide sparse kernel's sweep variants - and prints the
+and 32 - the default configurations, the wide sparse kernel's sweep variants, and the skinny GEMM
+for each clsa-4b projection (with and without its L2 prefetch) at B <= 16 - and prints the
 registers per thread, the bytes spilled to local memory per thread, the shared memory, and how many
 programs fit on an SM. Spills and occupancy decide a memory-bound kernel's speed before any
 timing; this is the check to run on the CPU before spending device time.
@@ -33,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 
 import kernels.decode_attention as da  # noqa: E402
+import kernels.skinny_linear as sl  # noqa: E402
 
 it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
 import kernels.triton_attention as ta  # noqa: E402
+import kernels.triton_gemm as tg  # noqa: E402
 from kernels.compile_only import Compiled, compiled_for  # noqa: E402
 
 HQ, HKV, D, D_IDX, K, PAGE, N = 24, 8, 128, 128, 2048, 16, 131072
@@ -90,6 +93,26 @@ def topk(case: dict, batch: int, cooperative: bool) -> None:
     it._launch(case["qidx"], case["kidx"], case["table"], case["lens"], K, out, cooperative, SMS)
 
 
+SKINNY_FUSIONS = {(5120, 3072): "norm", (3072, 3072): "residual", (16384, 3072): "norm", (3072, 8192): "silu",
+                  (32000, 3072): "norm"}  # clsa-4b's decode projections (N, K) and the fusion each gets
+
+
+def skinny(batch: int, n: int, k: int, prefetch: bool) -> None:
+    """The skinny GEMM for a [N, K] weight at M = batch, as `skinny_linear` plans it."""
+    fusion = SKINNY_FUSIONS[(n, k)]
+    block_n, block_k, split_k, warps, stages = sl.launch_plan(n, k)
+    x = torch.zeros(batch, 2 * k if fusion == "silu" else k, dtype=torch.bfloat16)
+    out = torch.zeros(batch, n, dtype=torch.bfloat16)
+    columns = -(-n // block_n)
+    tg.launch_skinny_gemm(x, torch.zeros(n, k, dtype=torch.bfloat16), out,
+                          out.clone() if fusion in ("residual", "silu") else None,
+                          torch.ones(k, dtype=torch.bfloat16) if fusion == "norm" else None, 1e-6,
+                          torch.zeros(split_k * 16 * n), torch.zeros(columns * split_k * 16),
+                          torch.zeros(columns, dtype=torch.int32), silu=fusion == "silu", block_n=block_n,
+                          block_k=block_k, split_k=split_k, num_warps=warps, num_stages=stages, pdl=True,
+                          prefetch=prefetch)
+
+
 def collect() -> list[dict]:
     rows: list[dict] = []
 
@@ -113,6 +136,11 @@ def collect() -> list[dict]:
             if not (wide_default and tuple(variant) == tuple(da.WIDE_CONFIG)):
                 record("sparse", batch, "wide " + str(list(variant)), False, sparse, case, batch, variant)
         record("dense", batch, "default", True, dense, case, batch)
+        if batch <= 16:  # the model's skinny-GEMM rows (layers.SKINNY_ROWS)
+            for n, k in SKINNY_FUSIONS:
+                for prefetch in (False, True):
+                    record("skinny", batch, f"{n}x{k}" + (" L2 prefetch" if prefetch else ""),
+                           prefetch == sl.PREFETCH_L2, skinny, batch, n, k, prefetch)
     return rows
 
 

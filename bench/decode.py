@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels.skinny_linear as skinny_linear  # noqa: E402
 import services.engine.layers as layers  # noqa: E402
 from services.engine.cache import KVCache  # noqa: E402
 from services.engine.config import ModelConfig, preset  # noqa: E402
@@ -295,12 +296,16 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="list each step's kernels by GPU time (torch.profiler)")
     p.add_argument("--no-skinny", action="store_true",
                    help="decode projections through cuBLAS and separate norm/SiLU/residual kernels (layers.SKINNY off)")
+    p.add_argument("--skinny-prefetch", action="store_true",
+                   help="the skinny GEMM's weight slice prefetched to L2 before its PDL wait "
+                        "(skinny_linear.PREFETCH_L2)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
     global DEVICE, PROFILE
     PROFILE = args.profile
     layers.SKINNY = not args.no_skinny
+    skinny_linear.PREFETCH_L2 = args.skinny_prefetch
     if args.smoke:
         DEVICE = torch.device("cpu")
         args.ns, args.reps = ["200", "300"], 2

@@ -8,7 +8,8 @@ Three parts, one GPU run (tables printed, DIR/skinny_gemm.json written):
    and stages for the best, at M = --sweep-m, timed as
    gemm_shapes.py times cuBLAS: 16 calls in one CUDA graph, each on its own copy of the weight.
 2. rows: the best config of each shape at every M in --ms, with and without programmatic
-   dependent launch, against F.linear alone and against the unfused torch ops (norm / SiLU /
+   dependent launch (and with the L2 prefetch of each program's weight slice before its wait,
+   `skinny_linear.PREFETCH_L2`), against F.linear alone and against the unfused torch ops (norm / SiLU /
    residual kernels included) - each result checked against the fp32 reference first.
 3. layers: 16 decoder layers' projections in a dependent chain (norm + q/k/v, output + residual,
    norm + gate/up, SiLU + down + residual; the attention replaced by the q slice), the kernel
@@ -38,7 +39,7 @@ import kernels.skinny_linear as sl  # noqa: E402
 FUSION = {"qkv": "norm", "wo": "residual", "cross_wq": "norm", "gate_up": "norm", "down": "silu+residual",
           "lm_head": "norm"}
 # (BLOCK_N, BLOCK_K, programs) at 4 warps, 3 stages; then warps and stages for the best of them.
-GRID = list(itertools.product((32, 64, 128), (128, 256, 512), (132, 264, 528)))
+GRID = list(itertools.product((32, 64, 128), (128, 256, 512), (132, 240, 264, 396, 528)))
 WARPS_STAGES = ((4, 2), (8, 3), (8, 4), (2, 3))
 
 
@@ -55,11 +56,11 @@ class Case:
         self.out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
         self.nbytes = n * k * 2
 
-    def kernel(self, cfg: tuple[int, ...], pdl: bool):  # noqa: ANN201
+    def kernel(self, cfg: tuple[int, ...], pdl: bool, prefetch: bool = False):  # noqa: ANN201
         n, k = self.ws[0].shape
 
-        def run() -> list[torch.Tensor]:  # the config and PDL are read at capture: a graph keeps them
-            sl.SKINNY_CONFIGS[(n, k)], sl.PDL = tuple(cfg), pdl
+        def run() -> list[torch.Tensor]:  # the config and flags are read at capture: a graph keeps them
+            sl.SKINNY_CONFIGS[(n, k)], sl.PDL, sl.PREFETCH_L2 = tuple(cfg), pdl, prefetch
             return [sl.skinny_linear(self.x, wt, self.nw, 1e-6, self.silu, self.r) for wt in self.ws]
         return run
 
@@ -119,15 +120,17 @@ def rows(dev: torch.device, best: dict[str, dict], ms: list[int]) -> list[dict]:
                 print(f"{name:>9} M={m:>3}: {cfg} fails ({type(exc).__name__})")
                 continue
             res = {"pdl": graph_us(case.kernel(cfg, True), COPIES), "no_pdl": graph_us(case.kernel(cfg, False), COPIES),
+                   "pdl_prefetch": graph_us(case.kernel(cfg, True, True), COPIES),
                    "linear": graph_us(case.linear_only(), COPIES), "torch_ops": graph_us(case.torch_ops(), COPIES)}
             out.append({"shape": name, "fusion": FUSION[name], "n": n, "k": k, "m": m, "config": list(cfg),
                         "rel_err": err, **{f"{key}_us": us for key, us in res.items()},
                         "pdl_tbs": case.nbytes / res["pdl"] / 1e6})
             print(f"{name:>9} M={m:>3} {FUSION[name]:>14}: pdl {res['pdl']:6.1f} ({case.nbytes / res['pdl'] / 1e6:.2f}"
-                  f" TB/s)  no-pdl {res['no_pdl']:6.1f}  F.linear {res['linear']:6.1f}  torch ops "
+                  f" TB/s)  +prefetch {res['pdl_prefetch']:6.1f}  no-pdl {res['no_pdl']:6.1f}"
+                  f"  F.linear {res['linear']:6.1f}  torch ops "
                   f"{res['torch_ops']:6.1f}   err {err:.1e}", flush=True)
             del case
-    sl.PDL = True
+    sl.PDL, sl.PREFETCH_L2 = True, False
     return out
 
 
@@ -160,12 +163,16 @@ def layers(dev: torch.device, ms: list[int], n_layers: int = 16) -> list[dict]:
         try:
             err = float((kern().float() - ref().float()).abs().max() / ref().float().abs().max())
             t_k, t_r = graph_us(kern, n_layers), graph_us(ref, n_layers)
+            sl.PREFETCH_L2 = True
+            t_p = graph_us(kern, n_layers)
         except Exception as exc:  # noqa: BLE001 - as in rows()
             print(f"M={m:>3}: fails ({type(exc).__name__})")
             continue
-        out.append({"m": m, "kernel_us": t_k, "torch_us": t_r, "rel_err": err})
-        print(f"M={m:>3}: kernel {t_k:6.1f} us/layer  torch ops {t_r:6.1f}  saved {t_r - t_k:5.1f}  err {err:.1e}",
-              flush=True)
+        finally:
+            sl.PREFETCH_L2 = False
+        out.append({"m": m, "kernel_us": t_k, "kernel_prefetch_us": t_p, "torch_us": t_r, "rel_err": err})
+        print(f"M={m:>3}: kernel {t_k:6.1f} us/layer  with L2 prefetch {t_p:6.1f}  torch ops {t_r:6.1f}  saved "
+              f"{t_r - t_k:5.1f}  err {err:.1e}", flush=True)
     return out
 
 

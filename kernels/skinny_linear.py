@@ -32,6 +32,9 @@ SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
 SKINNY_CONFIG_INTERPRETED = (16, 32, 8, 1, 1)
 MAX_COLUMN_BLOCKS = 1 << 14  # split-K counters kept per device (N / BLOCK_N at most)
 PDL = True  # programmatic dependent launch on Hopper and later
+# Each program asks L2 for its whole weight slice before its PDL wait. An experiment, off until
+# bench/skinny_gemm.py (its "pdl+prefetch" column) and decode.py --skinny-prefetch show it helps.
+PREFETCH_L2 = False
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
@@ -84,12 +87,10 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | 
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, programs, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
-                                                         else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
+    block_n, block_k, split_k, num_warps, num_stages = launch_plan(n, k)
     column_blocks = -(-n // block_n)
     if column_blocks > MAX_COLUMN_BLOCKS:
         raise ValueError(f"{op}: N = {n} is over {MAX_COLUMN_BLOCKS * block_n} columns")
-    split_k = max(1, min(-(-k // block_k), -(-programs // column_blocks)))
     block_m = max(16, 1 << (m - 1).bit_length())
     part = sq = counters = None
     if split_k > 1:
@@ -98,8 +99,17 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | 
         counters = _counters(x.device)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=_pdl(x.device))
+                       pdl=_pdl(x.device), prefetch=PREFETCH_L2 and _pdl(x.device))
     return out
+
+
+def launch_plan(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) for a [N, K] weight: its configuration,
+    K split until the grid has about the configuration's number of programs."""
+    block_n, block_k, programs, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
+                                                         else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
+    split_k = max(1, min(-(-k // block_k), -(-programs // -(-n // block_n))))
+    return block_n, block_k, split_k, num_warps, num_stages
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

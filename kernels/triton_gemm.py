@@ -53,6 +53,13 @@ def _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, s
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at `ptrs` (no registers written; PTX prefetch.global.L2)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _dot(w, xt, acc, IEEE: tl.constexpr):
     """acc += w @ xt^T (fp32 inputs in IEEE fp32, not TF32)."""
     if IEEE:
@@ -66,6 +73,7 @@ def _skinny_gemm_kernel(
     stride_xm, stride_wn, stride_om, stride_rm,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,6 +89,14 @@ def _skinny_gemm_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     # The first weight tile is in flight before the wait: no kernel writes a weight.
     w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0)
+    if PREFETCH_LINES > 0:
+        # The rest of this program's weight slice on its way to L2 while the kernel before still
+        # runs (what the wait below would otherwise leave idle); out-of-range lines and rows
+        # clamped to ones in range.
+        lines = k_start + BLOCK_K + tl.arange(0, PREFETCH_LINES) * LINE
+        lines = tl.where(lines < k_end, lines, k_start)
+        rows = w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wn
+        _prefetch_l2(rows + lines[None, :])
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     sq = tl.zeros([BLOCK_M], tl.float32)
@@ -131,17 +147,22 @@ def _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm
 
 def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, counters, *, silu: bool,
                        block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
-                       pdl: bool) -> None:
+                       pdl: bool, prefetch: bool = False) -> None:
     """out[M, N] = f(x) @ w^T (+ residual): x [M, K] (or [M, 2K] with `silu`), w [N, K], out and
     residual [M, N], every last dim contiguous; `norm_weight` [K] or None (no RMSNorm). With
     `split_k` > 1, K is cut into that many slices (multiples of block_k), one program each:
     `part` fp32 [split_k * BLOCK_M * N] and `sq` fp32 [cdiv(N, block_n) * split_k * BLOCK_M]
     hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
-    zero)."""
+    zero). `prefetch`: each program asks L2 for its whole weight slice before its PDL wait
+    (compiled only: the interpreter has no inline assembly)."""
     m, n, k = out.shape[0], w.shape[0], w.shape[1]
     block_m = max(16, triton.next_power_of_2(m))
     k_slice = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_slice)
+    line = 128 // w.element_size()
+    prefetch_lines = 0
+    if prefetch and k_slice > block_k:
+        prefetch_lines = triton.next_power_of_2(triton.cdiv(k_slice - block_k, line))
     _skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
         x, w, out, residual if residual is not None else out, norm_weight if norm_weight is not None else w,
         part if split_k > 1 else out, sq if split_k > 1 else out, counters if split_k > 1 else out,
@@ -149,5 +170,6 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         residual.stride(0) if residual is not None else 0,
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None,
         SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        PREFETCH_LINES=prefetch_lines, LINE=line, num_warps=num_warps, num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )

@@ -27,7 +27,8 @@ def test_default_launch_configurations_compile_for_sm90_without_spills(tmp_path:
     defaults = [r for r in rows if r["default"]]
     kernels = {(r["op"], r["kernel"]) for r in defaults}
     assert {("index_topk", "_topk_kernel"), ("sparse", "_decode_partial_kernel"), ("sparse", "_merge_splits_kernel"),
-            ("dense", "_decode_partial_kernel"), ("rows", "_positions_to_rows_kernel")} <= kernels
+            ("dense", "_decode_partial_kernel"), ("rows", "_positions_to_rows_kernel"),
+            ("skinny", "_skinny_gemm_kernel")} <= kernels
     for r in defaults:
         assert r["spill_bytes"] == 0, r
     # The cooperative top-k needs every program of its grid resident at once: 4 per SM on 132 SMs.
@@ -37,3 +38,7 @@ def test_default_launch_configurations_compile_for_sm90_without_spills(tmp_path:
     # Every wide-kernel variant the GPU sweep times compiles, and without spills.
     wide = [r for r in rows if r["kernel"] == "_sparse_wide_partial_kernel"]
     assert wide and all(r["spill_bytes"] == 0 for r in wide), [r for r in wide if r["spill_bytes"]]
+    # The skinny GEMM of every clsa-4b projection, its L2 prefetch (inline PTX) included, compiles
+    # without spills and keeps its weight loads asynchronous (the pipeliner's cp.async).
+    skinny = [r for r in rows if r["op"] == "skinny"]
+    assert len(skinny) == 2 * 2 * 5 and all(r["spill_bytes"] == 0 and r["async_copies"] > 0 for r in skinny), skinny

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels._backend import interpreting
 import kernels.skinny_linear as skinny_module
+from kernels._backend import interpreting
 from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear, skinny_linear_op, skinny_linear_reference
 
 if interpreting():
@@ -64,6 +64,14 @@ def test_split_k_sums_in_order_and_leaves_its_counters_zeroed(monkeypatch: pytes
     _check(first, x, w, g, r, silu, torch.float32)
     assert int(skinny_module._counters(x.device).abs().sum()) == 0
     torch.testing.assert_close(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), first, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the L2 prefetch is inline PTX: compiled only")
+@pytest.mark.parametrize("fusion", ["norm", "silu+residual"])
+def test_skinny_linear_with_l2_prefetch(fusion: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(skinny_module, "PREFETCH_L2", True)
+    (x, w, g, r), silu = _case(7, 3000, 1000, fusion, torch.bfloat16)
+    _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.bfloat16)
 
 
 def test_skinny_linear_reads_a_strided_input_in_place() -> None:
