@@ -77,17 +77,25 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | 
     check_same_device(op, x=x, w=w, **extra)
     if resolve_backend(backend, x.device, op) == "torch":
         return skinny_linear_reference(x, w, norm_weight, eps, silu, residual)
-    if m > SKINNY_MAX_M:
-        raise ValueError(f"{op}: the Triton kernel takes M <= {SKINNY_MAX_M} rows, got {m}")
+    return _launch(op, x, w, norm_weight, eps, silu, residual)
+
+
+def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
+            residual: torch.Tensor | None, block_n: int | None = None, rope: tuple | None = None,
+            ring: tuple | None = None) -> torch.Tensor:
+    """The kernel's launch: workspaces, configuration (`block_n` overriding its BLOCK_N)."""
     from kernels.triton_gemm import launch_skinny_gemm
 
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    if m > SKINNY_MAX_M:
+        raise ValueError(f"{op}: the Triton kernel takes M <= {SKINNY_MAX_M} rows, got {m}")
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
-    block_n, block_k, split_k, num_warps, num_stages = launch_plan(n, k)
+    block_n, block_k, split_k, num_warps, num_stages = launch_plan(n, k, block_n)
     column_blocks = -(-n // block_n)
     if column_blocks > MAX_COLUMN_BLOCKS:
         raise ValueError(f"{op}: N = {n} is over {MAX_COLUMN_BLOCKS * block_n} columns")
@@ -99,15 +107,86 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | 
         counters = _counters(x.device)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=_pdl(x.device), prefetch=PREFETCH_L2 and _pdl(x.device))
+                       pdl=_pdl(x.device), prefetch=PREFETCH_L2 and _pdl(x.device), rope=rope, ring=ring)
     return out
 
 
-def launch_plan(n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) for a [N, K] weight: its configuration,
-    K split until the grid has about the configuration's number of programs."""
-    block_n, block_k, programs, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
-                                                         else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
+def skinny_qkv_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
+                         cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+                         ring_k: torch.Tensor, ring_v: torch.Tensor, slots: torch.Tensor,
+                         ring_rows: torch.Tensor) -> torch.Tensor:
+    """The spec, as the unfused self layer computes it: the stacked q/k/v projection of
+    rmsnorm(x), q and k rotated (rotate-half RoPE, fp32), k and v written to
+    ring_k / ring_v[slots[m], ring_rows[m]]; returns [M, (Hq + 2 Hkv) d] (q and k rotated)."""
+    m, d = x.shape[0], 2 * cos.shape[-1]
+    y = skinny_linear_reference(x, w, norm_weight, eps)
+    q, k, v = y.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
+
+    def rotate(t: torch.Tensor, heads: int) -> torch.Tensor:
+        tf = t.float().view(m, heads, d)
+        t1, t2 = tf[..., : d // 2], tf[..., d // 2:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], dim=-1).to(t.dtype).view(m, heads * d)
+
+    q, k = rotate(q, n_heads), rotate(k, n_kv_heads)
+    ring_k[slots, ring_rows] = k.view(m, n_kv_heads, d).to(ring_k.dtype)
+    ring_v[slots, ring_rows] = v.view(m, n_kv_heads, d).to(ring_v.dtype)
+    return torch.cat([q, k, v], dim=-1)
+
+
+def skinny_qkv(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+               sin: torch.Tensor, n_heads: int, n_kv_heads: int, ring_k: torch.Tensor, ring_v: torch.Tensor,
+               slots: torch.Tensor, ring_rows: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """A self layer's decode projection in one kernel: `skinny_linear` of the stacked q/k/v weight
+    with RoPE and the ring-buffer writes in its epilogue, so nothing runs between it and the
+    attention over the ring. x: [M, K]; w: [(Hq + 2 Hkv) d, K]; cos, sin: fp32 [M, d / 2];
+    ring_k, ring_v: [S, W, Hkv, d] (rows contiguous), written at [slots[m], ring_rows[m]] (int64
+    [M]) -> [M, (Hq + 2 Hkv) d], q and k rotated. d a power of two >= 16 for the kernel.
+
+    Raises ValueError for mismatched shapes, TypeError for bad dtypes."""
+    op = "skinny_qkv"
+    check_rank(op, "x", x, 2, "[M, K]")
+    check_rank(op, "ring_k", ring_k, 4, "[S, W, Hkv, d]")
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    if w.dtype != x.dtype or ring_k.dtype != x.dtype or ring_v.dtype != x.dtype:
+        raise TypeError(f"{op}: w {w.dtype} and the rings {ring_k.dtype}, {ring_v.dtype} must have x's dtype {x.dtype}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
+        raise ValueError(f"{op}: norm_weight {tuple(norm_weight.shape)} must be [K={x.shape[1]}]")
+    m, d = x.shape[0], ring_k.shape[3]
+    if tuple(cos.shape) != (m, d // 2) or sin.shape != cos.shape or cos.dtype != torch.float32 or d % 2:
+        raise ValueError(f"{op}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be fp32 [M={m}, d/2={d // 2}]")
+    if w.dim() != 2 or w.shape[0] != (n_heads + 2 * n_kv_heads) * d or w.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: w {tuple(w.shape)} must be [(Hq + 2 Hkv) d = {(n_heads + 2 * n_kv_heads) * d}, "
+                         f"K = {x.shape[1]}]")
+    if ring_v.shape != ring_k.shape or ring_k.shape[2:] != (n_kv_heads, d):
+        raise ValueError(f"{op}: rings {tuple(ring_k.shape)}, {tuple(ring_v.shape)} must be [S, W, Hkv={n_kv_heads}, "
+                         f"d={d}]")
+    for name, t in (("slots", slots), ("ring_rows", ring_rows)):
+        check_dtype(op, name, t, (torch.int64,))
+        if tuple(t.shape) != (m,):
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} must be [M={m}]")
+    check_same_device(op, x=x, w=w, cos=cos, sin=sin, ring_k=ring_k, ring_v=ring_v, slots=slots,
+                      ring_rows=ring_rows)
+    if resolve_backend(backend, x.device, op) == "torch":
+        return skinny_qkv_reference(x, w, norm_weight, eps, cos, sin, n_heads, n_kv_heads, ring_k, ring_v, slots,
+                                    ring_rows)
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"{op}: the Triton kernel needs head_dim a power of two >= 16, got {d}")
+    strided = any(r.stride(3) != 1 or r.stride(2) != d for r in (ring_k, ring_v))
+    if strided or ring_v.stride()[:2] != ring_k.stride()[:2]:
+        raise ValueError(f"{op}: each ring row [Hkv, d] must be contiguous, both rings strided alike")
+    return _launch(op, x, w, norm_weight, eps, False, None, block_n=d,
+                   rope=(cos.contiguous(), sin.contiguous(), (n_heads + n_kv_heads) * d),
+                   ring=(ring_k, ring_v, slots, ring_rows, n_heads * d, (n_heads + n_kv_heads) * d))
+
+
+def launch_plan(n: int, k: int, block_n: int | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) for a [N, K] weight: its configuration
+    (`block_n` in place of its BLOCK_N: one head per column block for RoPE), K split until the
+    grid has about the configuration's number of programs."""
+    config_n, block_k, programs, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
+                                                          else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
+    block_n = block_n or config_n
     split_k = max(1, min(-(-k // block_k), -(-programs // -(-n // block_n))))
     return block_n, block_k, split_k, num_warps, num_stages
 

@@ -71,9 +71,11 @@ def _dot(w, xt, acc, IEEE: tl.constexpr):
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, part_ptr, sq_ptr, count_ptr, M, N, K, k_slice, eps,
     stride_xm, stride_wn, stride_om, stride_rm,
+    cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+    stride_ring_slot, stride_ring_row,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -126,35 +128,76 @@ def _skinny_gemm_kernel(
                 if NORM:
                     sq += tl.load(sq_ptr + (pid_n * SPLIT_K + s) * BLOCK_M + offs_m, mask=mask_m, other=0.0,
                                   cache_modifier=".cg")
-            _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm, stride_om, NORM, RESIDUAL)
+            _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, pid_n, M, K, eps, stride_rm, stride_om,
+                      cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0,
+                      v_col0, stride_ring_slot, stride_ring_row, BLOCK_N, BLOCK_M, NORM, RESIDUAL, ROPE, RING)
             tl.store(count_ptr + pid_n, 0)
     else:
-        _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm, stride_om, NORM, RESIDUAL)
+        _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, pid_n, M, K, eps, stride_rm, stride_om,
+                  cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+                  stride_ring_slot, stride_ring_row, BLOCK_N, BLOCK_M, NORM, RESIDUAL, ROPE, RING)
 
 
 @triton.jit
-def _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, K, eps, stride_rm, stride_om,
-              NORM: tl.constexpr, RESIDUAL: tl.constexpr):
-    """out^T[offs_n, offs_m] = acc / rms(x) (NORM) + residual^T (RESIDUAL)."""
+def _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, pid_n, M, K, eps, stride_rm, stride_om,
+              cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+              stride_ring_slot, stride_ring_row, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              NORM: tl.constexpr, RESIDUAL: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr):
+    """out^T[offs_n, offs_m] = acc / rms(x) (NORM), rotated (ROPE: a column block below
+    `rope_cols` is one head), + residual^T (RESIDUAL); with RING, the K and V heads' columns
+    (k_col0 .. v_col0, v_col0 .. N) also go to row ring_row[m] of slot slot[m] of the rings."""
     if NORM:
         acc = acc * tl.rsqrt(sq / K + eps)[None, :]
+    if ROPE:
+        if pid_n * BLOCK_N < rope_cols:
+            acc = _rotate_half(acc, cos_ptr, sin_ptr, offs_m, offs_m < M, BLOCK_N, BLOCK_M)
     if RESIDUAL:
         res = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0)
         acc += res.to(tl.float32)
     tl.store(out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if RING:
+        col0 = pid_n * BLOCK_N
+        if col0 >= k_col0:
+            slot = tl.load(slot_ptr + offs_m, mask=offs_m < M, other=0)
+            row = tl.load(ring_row_ptr + offs_m, mask=offs_m < M, other=0)
+            dest = slot.to(tl.int64)[None, :] * stride_ring_slot + row.to(tl.int64)[None, :] * stride_ring_row
+            if col0 < v_col0:
+                tl.store(ring_k_ptr + dest + (offs_n - k_col0)[:, None], acc.to(ring_k_ptr.dtype.element_ty),
+                         mask=mask)
+            else:
+                tl.store(ring_v_ptr + dest + (offs_n - v_col0)[:, None], acc.to(ring_v_ptr.dtype.element_ty),
+                         mask=mask)
+
+
+@triton.jit
+def _rotate_half(acc, cos_ptr, sin_ptr, offs_m, mask_m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """RoPE of one head's [d = BLOCK_N, BLOCK_M] tile (rotate-half: column j pairs with j + d / 2),
+    by cos and sin [M, d / 2] fp32."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    offs_j = tl.arange(0, HALF)
+    angle = offs_m[None, :] * HALF + offs_j[:, None]
+    c = tl.load(cos_ptr + angle, mask=mask_m[None, :], other=1.0)
+    s = tl.load(sin_ptr + angle, mask=mask_m[None, :], other=0.0)
+    x1, x2 = tl.split(tl.permute(tl.reshape(acc, (2, HALF, BLOCK_M)), (1, 2, 0)))
+    rotated = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)  # [HALF, BLOCK_M, 2]
+    return tl.reshape(tl.permute(rotated, (2, 0, 1)), (BLOCK_N, BLOCK_M))
 
 
 def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, counters, *, silu: bool,
                        block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
-                       pdl: bool, prefetch: bool = False) -> None:
+                       pdl: bool, prefetch: bool = False, rope=None, ring=None) -> None:
     """out[M, N] = f(x) @ w^T (+ residual): x [M, K] (or [M, 2K] with `silu`), w [N, K], out and
     residual [M, N], every last dim contiguous; `norm_weight` [K] or None (no RMSNorm). With
     `split_k` > 1, K is cut into that many slices (multiples of block_k), one program each:
     `part` fp32 [split_k * BLOCK_M * N] and `sq` fp32 [cdiv(N, block_n) * split_k * BLOCK_M]
     hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
     zero). `prefetch`: each program asks L2 for its whole weight slice before its PDL wait
-    (compiled only: the interpreter has no inline assembly)."""
+    (compiled only: the interpreter has no inline assembly). `rope`: (cos, sin, rope_cols) - cos
+    and sin fp32 [M, block_n / 2] contiguous, the first rope_cols columns rotated, one head of
+    block_n columns per column block. `ring`: (ring_k, ring_v, slots, ring_rows, k_col0, v_col0) -
+    rings [slots, W, ...] whose rows are contiguous, columns k_col0 .. v_col0 of out written to
+    ring_k[slots[m], ring_rows[m]], columns v_col0 .. N to ring_v."""
     m, n, k = out.shape[0], w.shape[0], w.shape[1]
     block_m = max(16, triton.next_power_of_2(m))
     k_slice = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
@@ -168,8 +211,12 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         part if split_k > 1 else out, sq if split_k > 1 else out, counters if split_k > 1 else out,
         m, n, k, k_slice, eps, x.stride(0), w.stride(0), out.stride(0),
         residual.stride(0) if residual is not None else 0,
+        *(rope[:2] if rope is not None else (out, out)), *(ring[:4] if ring is not None else (out,) * 4),
+        rope[2] if rope is not None else 0, *(ring[4:] if ring is not None else (0, 0)),
+        *((ring[0].stride(0), ring[0].stride(1)) if ring is not None else (0, 0)),
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None,
         SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
-        PREFETCH_LINES=prefetch_lines, LINE=line, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH_LINES=prefetch_lines, LINE=line, ROPE=rope is not None, RING=ring is not None,
+        num_warps=num_warps, num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )

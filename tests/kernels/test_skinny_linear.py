@@ -10,7 +10,14 @@ import torch
 
 import kernels.skinny_linear as skinny_module
 from kernels._backend import interpreting
-from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear, skinny_linear_op, skinny_linear_reference
+from kernels.skinny_linear import (
+    SKINNY_MAX_M,
+    skinny_linear,
+    skinny_linear_op,
+    skinny_linear_reference,
+    skinny_qkv,
+    skinny_qkv_reference,
+)
 
 if interpreting():
     DEVICE, DTYPES = "cpu", (torch.float32, torch.float16)
@@ -106,3 +113,60 @@ def test_skinny_linear_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=f"M <= {SKINNY_MAX_M}"):
         skinny_linear(big, w, backend="triton")
     assert skinny_linear(big, w, backend="torch").shape == (SKINNY_MAX_M + 1, 32)  # the reference has no limit
+
+
+QKV_SHAPES = {"m1-h4x2-d16": (1, 4, 2, 16, 40), "m7-h2x1-d32": (7, 2, 1, 32, 70), "m16-h8x2-d16": (16, 8, 2, 16, 33)}
+
+
+def _rope(m: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.randint(0, 130_000, (m,), generator=gen)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(d // 2).float() / (d // 2)))
+    angles = pos.float()[:, None] * inv_freq
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", list(QKV_SHAPES))
+def test_skinny_qkv_rotates_and_writes_the_rings(shape: str, dtype: torch.dtype) -> None:
+    """The self layer's fused q/k/v: the projection of rmsnorm(x), q and k rotated, k and v in
+    their ring rows - and no other ring row touched (poisoned with NaN)."""
+    m, hq, hkv, d, k = QKV_SHAPES[shape]
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn((hq + 2 * hkv) * d, k, generator=gen) / k**0.5).to(DEVICE, dtype)
+    g = (torch.rand(k, generator=gen) + 0.5).to(DEVICE, dtype)
+    cos, sin = _rope(m, d, gen)
+    slots_n, window = m + 3, 8
+    slots = torch.randperm(slots_n, generator=gen)[:m].to(DEVICE)
+    rows = torch.randint(0, window, (m,), generator=gen).to(DEVICE)
+    ring_k, ring_v = (torch.full((slots_n, window, hkv, d), float("nan"), device=DEVICE, dtype=dtype) for _ in "kv")
+    ref_k, ref_v = (torch.full((slots_n, window, hkv, d), float("nan"), device=DEVICE, dtype=torch.float64)
+                    for _ in "kv")
+    got = skinny_qkv(x, w, g, 1e-6, cos, sin, hq, hkv, ring_k, ring_v, slots, rows, backend="triton")
+    ref = skinny_qkv_reference(x.double(), w.double(), g.double(), 1e-6, cos.double(), sin.double(), hq, hkv,
+                               ref_k, ref_v, slots, rows)
+    scale = float(ref.abs().max())
+    assert got.dtype == dtype and float((got.double() - ref).abs().max()) / scale < TOL[dtype]
+    for ring, expected in ((ring_k, ref_k), (ring_v, ref_v)):
+        written = ~torch.isnan(expected)
+        assert torch.equal(~torch.isnan(ring), written)  # those rows, and only those
+        assert float((ring.double()[written] - expected[written]).abs().max()) / scale < TOL[dtype]
+
+
+def test_skinny_qkv_rejects_bad_input() -> None:
+    m, hq, hkv, d, k = QKV_SHAPES["m7-h2x1-d32"]
+    x, w = torch.zeros(m, k, device=DEVICE), torch.zeros((hq + 2 * hkv) * d, k, device=DEVICE)
+    cos = sin = torch.zeros(m, d // 2, device=DEVICE)
+    ring = torch.zeros(4, 8, hkv, d, device=DEVICE)
+    idx = torch.zeros(m, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="cos"):
+        skinny_qkv(x, w, None, 1e-6, cos[:, :3], sin[:, :3], hq, hkv, ring, ring.clone(), idx, idx, backend="triton")
+    with pytest.raises(ValueError, match="must be \\[\\(Hq \\+ 2 Hkv\\) d"):
+        skinny_qkv(x, w[:-1], None, 1e-6, cos, sin, hq, hkv, ring, ring.clone(), idx, idx, backend="triton")
+    with pytest.raises(ValueError, match="rings"):
+        skinny_qkv(x, w, None, 1e-6, cos, sin, hq, hkv, ring, ring[:, :4], idx, idx, backend="triton")
+    with pytest.raises(TypeError, match="slots"):
+        skinny_qkv(x, w, None, 1e-6, cos, sin, hq, hkv, ring, ring.clone(), idx.int(), idx, backend="triton")
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.zeros(4, 8, d, hkv, device=DEVICE).transpose(2, 3)
+        skinny_qkv(x, w, None, 1e-6, cos, sin, hq, hkv, strided, strided, idx, idx, backend="triton")
