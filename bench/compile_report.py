@@ -2,7 +2,8 @@
 
 Compiles each kernel as the launchers would launch it on an H200 (sm_90, 132 SMs) at B = 1, 8
 and 32 - the default configurations, the wide sparse kernel's sweep variants, and the skinny GEMM
-for each clsa-4b projection (with and without its L2 prefetch) at B <= 16 - and prints the
+for each clsa-4b projection (with and without its L2 prefetch, and the self layer's q/k/v with
+RoPE and ring writes fused) at B <= 16 - and prints the
 registers per thread, the bytes spilled to local memory per thread, the shared memory, and how many
 programs fit on an SM. Spills and occupancy decide a memory-bound kernel's speed before any
 timing; this is the check to run on the CPU before spending device time.
@@ -39,6 +40,7 @@ import kernels.skinny_linear as sl  # noqa: E402
 it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
 import kernels.triton_attention as ta  # noqa: E402
 import kernels.triton_gemm as tg  # noqa: E402
+import services.engine.graph_step as gs  # noqa: E402
 from kernels.compile_only import Compiled, compiled_for  # noqa: E402
 
 HQ, HKV, D, D_IDX, K, PAGE, N = 24, 8, 128, 128, 2048, 16, 131072
@@ -113,6 +115,22 @@ def skinny(batch: int, n: int, k: int, prefetch: bool) -> None:
                           prefetch=prefetch)
 
 
+def skinny_qkv(batch: int) -> None:
+    """The self layer's fused q/k/v + RoPE + ring writes (`skinny_qkv`) at M = batch."""
+    n, k = (HQ + 2 * HKV) * D, 3072
+    _, block_k, split_k, warps, stages = sl.launch_plan(n, k, D)
+    columns = n // D
+    ring = torch.zeros(batch + 1, 512, HKV, D, dtype=torch.bfloat16)
+    idx = torch.zeros(batch, dtype=torch.int64)
+    tg.launch_skinny_gemm(torch.zeros(batch, k, dtype=torch.bfloat16), torch.zeros(n, k, dtype=torch.bfloat16),
+                          torch.zeros(batch, n, dtype=torch.bfloat16), None, torch.ones(k, dtype=torch.bfloat16), 1e-6,
+                          torch.zeros(split_k * 16 * n), torch.zeros(columns * split_k * 16),
+                          torch.zeros(columns, dtype=torch.int32), silu=False, block_n=D, block_k=block_k,
+                          split_k=split_k, num_warps=warps, num_stages=stages, pdl=True,
+                          rope=(torch.zeros(batch, D // 2), torch.zeros(batch, D // 2), (HQ + HKV) * D),
+                          ring=(ring, ring.clone(), idx, idx, HQ * D, (HQ + HKV) * D))
+
+
 def collect() -> list[dict]:
     rows: list[dict] = []
 
@@ -141,6 +159,7 @@ def collect() -> list[dict]:
                 for prefetch in (False, True):
                     record("skinny", batch, f"{n}x{k}" + (" L2 prefetch" if prefetch else ""),
                            prefetch == sl.PREFETCH_L2, skinny, batch, n, k, prefetch)
+            record("skinny_qkv", batch, "rope + rings", gs.FUSED_QKV_RING, skinny_qkv, batch)
     return rows
 
 

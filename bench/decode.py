@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.skinny_linear as skinny_linear  # noqa: E402
+import services.engine.graph_step as graph_step  # noqa: E402
 import services.engine.layers as layers  # noqa: E402
 from services.engine.cache import KVCache  # noqa: E402
 from services.engine.config import ModelConfig, preset  # noqa: E402
@@ -299,6 +300,8 @@ def main() -> None:
     p.add_argument("--skinny-prefetch", action="store_true",
                    help="the skinny GEMM's weight slice prefetched to L2 before its PDL wait "
                         "(skinny_linear.PREFETCH_L2)")
+    p.add_argument("--fused-qkv", action="store_true",
+                   help="each self layer's q/k/v, RoPE and ring writes as one kernel (graph_step.FUSED_QKV_RING)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
@@ -306,6 +309,7 @@ def main() -> None:
     PROFILE = args.profile
     layers.SKINNY = not args.no_skinny
     skinny_linear.PREFETCH_L2 = args.skinny_prefetch
+    graph_step.FUSED_QKV_RING = args.fused_qkv
     if args.smoke:
         DEVICE = torch.device("cpu")
         args.ns, args.reps = ["200", "300"], 2

@@ -13,6 +13,10 @@
 #            sparse merge / splits / PDL / wide shapes (~4 min)                  -> tune.json, tune.txt
 #   profile  Nsight Compute counters of index_topk and one sparse layer at B = 1, 8 (~1 min) -> ncu.txt
 #   bench    bench/kernels.py, with --wide-from $OUT/sparse_wide.json when the wide step ran (~1 min)
+#   skinny   the skinny-GEMM work of issue 7: its compiled tests and the CUDA-graph engine tests, the
+#            kernel's sweep against cuBLAS (L2 prefetch column included), then the decode step at 128K,
+#            B = 1 and 7, for each path: cuBLAS, the kernel, + L2 prefetch, + the fused q/k/v (~9 min)
+#                                                                           -> skinny/, decode_*/
 #   ab       an A/B of two versions of the kernels on one machine (~20 s a round): the files under
 #            ab_old/ (made on the CPU by `bash bench/gpu_session.sh ab-prepare REV FILE...`, carried
 #            with `carry: ["ab_old"]`: it is git-ignored) stand in for their namesakes in the "old"
@@ -67,6 +71,21 @@ for step in "$@"; do
         args=()
         [ -s "$OUT/sparse_wide.json" ] && args=(--wide-from "$OUT/sparse_wide.json")
         timeout 200 python3 bench/kernels.py --out "$OUT" "${args[@]}" 2>&1 | tail -60
+        ;;
+    skinny)
+        TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_skinny_linear.py \
+            tests/engine/test_graph_step.py -k "skinny or split or qkv or cuda" > "$OUT/skinny_tests.txt" 2>&1
+        grep -E "passed|failed|^FAILED|^ERROR" "$OUT/skinny_tests.txt" | head -12
+        timeout 330 python3 bench/skinny_gemm.py --out "$OUT/skinny" 2>&1 | grep -v -i warn | tail -45
+        for path in no-skinny skinny skinny-prefetch fused-qkv; do
+            case $path in
+            no-skinny) flags=(--no-skinny) ;; skinny) flags=() ;; skinny-prefetch) flags=(--skinny-prefetch) ;;
+            fused-qkv) flags=(--fused-qkv) ;;
+            esac
+            timeout 120 python3 bench/decode.py --ns 128K --bs 1 7 --variants clsa --compile --fuse --no-breakdown \
+                --reps 10 "${flags[@]}" --out "$OUT/decode_$path" > "$OUT/decode_$path.txt" 2>&1
+            echo "-- $path (rc $?)"; grep -E "^ 131072 " "$OUT/decode_$path.txt" | head -2
+        done
         ;;
     ab)
         [ -d ab_old ] || { echo "ab: no ab_old/ (run ab-prepare on the CPU, carry it)"; continue; }

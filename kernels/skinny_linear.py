@@ -220,3 +220,19 @@ def skinny_linear_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
 def _(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, silu: bool,
       residual: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("clsa::skinny_qkv", mutates_args=("ring_k", "ring_v"))
+def skinny_qkv_op(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor, n_heads: int, n_kv_heads: int, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                  slots: torch.Tensor, ring_rows: torch.Tensor) -> torch.Tensor:
+    """`skinny_qkv` through the Triton kernel as one opaque op (it writes the rings)."""
+    return skinny_qkv(x, w, norm_weight, eps, cos, sin, n_heads, n_kv_heads, ring_k, ring_v, slots, ring_rows,
+                      backend="triton")
+
+
+@skinny_qkv_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+      sin: torch.Tensor, n_heads: int, n_kv_heads: int, ring_k: torch.Tensor, ring_v: torch.Tensor,
+      slots: torch.Tensor, ring_rows: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -20,6 +20,7 @@ import torch
 
 from kernels import dense_decode_attention
 from kernels._backend import Backend
+from services.engine import layers
 from services.engine.attention import make_cross_attention
 from services.engine.cache import KVCache
 from services.engine.layers import Rope, rope_angles
@@ -27,6 +28,10 @@ from services.engine.model import CLSAModel
 from services.engine.sequence import Sequence
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Each self layer's q/k/v projection, RoPE and ring-buffer writes as one kernel
+# (`AttentionLayer.qkv_into_rings`) where the skinny GEMM takes the batch. An experiment, off
+# until bench/decode.py --fused-qkv shows it helps on a GPU.
+FUSED_QKV_RING = False
 STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
 
@@ -175,9 +180,12 @@ class StaticDecodeStep:
         ring_table = slots[:, None].to(torch.int32)
         ring_lens = torch.clamp(pos + 1, max=window).to(torch.int32)
         for i, layer in enumerate(model.own_kv_layers):
-            q, k, v = layer.qkv(x, rope)
-            cache.swa_k[i, slots, ring_rows] = k[:, 0]
-            cache.swa_v[i, slots, ring_rows] = v[:, 0]
+            if FUSED_QKV_RING and layer.fused is not None and layers.use_skinny(x, layer.fused):
+                q = layer.qkv_into_rings(x, rope, cache.swa_k[i], cache.swa_v[i], slots, ring_rows)
+            else:
+                q, k, v = layer.qkv(x, rope)
+                cache.swa_k[i, slots, ring_rows] = k[:, 0]
+                cache.swa_v[i, slots, ring_rows] = v[:, 0]
             out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,
                                          model.sm_scale, backend=self.backend)
             x = layer.finish(x, out[:, None])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear_op
+from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear_op, skinny_qkv_op
 from services.engine.config import ModelConfig
 
 # Decode-sized projections (up to SKINNY_ROWS rows) on a GPU through kernels.skinny_linear, with
@@ -222,6 +222,20 @@ class AttentionLayer(_Block):
         v = v.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
         theta = self.cfg.rope_theta
         return apply_rope(q, positions, theta), apply_rope(k, positions, theta), v
+
+
+    def qkv_into_rings(self, x: torch.Tensor, rope: Rope, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                       slots: torch.Tensor, ring_rows: torch.Tensor) -> torch.Tensor:
+        """Decode's `qkv` for one token a sequence (x [B, 1, D]) in one kernel (`kernels.skinny_qkv`:
+        stacked projections and `use_skinny` needed): k and v go straight to row ring_rows[b] of
+        slot slots[b] of the layer's rings [S, W, Hkv, d]; returns the roped q [B, 1, Hq, d]."""
+        cfg = self.cfg
+        b = x.shape[0]
+        assert self.fused is not None
+        out = skinny_qkv_op(x.reshape(b, -1), self.fused, self.attn_norm.weight, self.attn_norm.eps,
+                            rope.cos.reshape(b, -1).contiguous(), rope.sin.reshape(b, -1).contiguous(), cfg.n_heads,
+                            cfg.n_kv_heads, ring_k, ring_v, slots, ring_rows)
+        return out[:, : cfg.n_heads * cfg.head_dim].view(b, 1, cfg.n_heads, cfg.head_dim)
 
 
 class SharedKV(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels._backend import interpreting
 from services.engine import EngineConfig, LLMEngine
 from services.engine.graph_step import DecodeGraphs, StaticDecodeStep, buckets_up_to
 from services.engine.sampling import SamplingParams
@@ -19,8 +20,10 @@ from tests.helpers import random_prompt, record_logits, run_requests
 REQUESTS = [(21, "clsa", 9), (3, "dense", 4), (14, "clsa", 12), (9, "clsa", 6), (30, "dense", 10)]
 
 
-def _generate(graphs: bool, backend: str = "torch", cfg=None) -> tuple[list, list]:  # noqa: ANN001
+def _generate(graphs: bool, backend: str = "torch", cfg=None, prepare=None) -> tuple[list, list]:  # noqa: ANN001
     engine = make_engine(**({"cfg": cfg} if cfg is not None else {}), attention_backend=backend)
+    if prepare is not None:
+        prepare(engine)
     if graphs:
         engine.runner.graphs = DecodeGraphs(engine.model, engine.cache, engine.index_topk, max_batch=4,
                                             backend=backend, capture=False)
@@ -45,6 +48,34 @@ def test_static_step_gives_the_eager_decode_logits(arch: str) -> None:
 def test_static_step_on_triton_kernels_matches_the_eager_torch_decode() -> None:
     want_logits, want_tokens = _generate(False, "torch")
     got_logits, got_tokens = _generate(True, "triton")
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
+def test_static_step_through_the_fused_qkv_kernel_matches_the_eager_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each self layer's q/k/v, RoPE and ring writes as one kernel (graph_step.FUSED_QKV_RING,
+    here interpreted), the other projections through the skinny GEMM: the eager decode's tokens
+    and logits, padding rows included (they write the spare slot's ring)."""
+    import services.engine.graph_step as graph_step
+    import services.engine.layers as layers
+    from kernels.skinny_linear import skinny_qkv
+
+    def fused(engine: LLMEngine) -> None:
+        engine.model.fuse_projections()
+    want_logits, want_tokens = _generate(False, prepare=fused)
+    calls = []
+
+    def counting(*args):  # noqa: ANN002, ANN202
+        calls.append(args[1].shape)
+        return skinny_qkv(*args, backend="triton")
+
+    monkeypatch.setattr(graph_step, "FUSED_QKV_RING", True)
+    monkeypatch.setattr(layers, "use_skinny", lambda x, w: x.numel() // x.shape[-1] <= 8)
+    monkeypatch.setattr(layers, "skinny_qkv_op", counting)
+    got_logits, got_tokens = _generate(True, "triton", prepare=fused)
+    assert len(calls) >= 2 * make_model().cfg.n_self_layers  # every self layer, every step
     assert got_tokens == want_tokens
     for got, want in zip(got_logits, want_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
