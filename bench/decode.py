@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels.decode_attention as decode_attention  # noqa: E402
 import kernels.skinny_linear as skinny_linear  # noqa: E402
 import services.engine.graph_step as graph_step  # noqa: E402
 import services.engine.layers as layers  # noqa: E402
@@ -302,6 +303,8 @@ def main() -> None:
                         "(skinny_linear.PREFETCH_L2)")
     p.add_argument("--fused-qkv", action="store_true",
                    help="each self layer's q/k/v, RoPE and ring writes as one kernel (graph_step.FUSED_QKV_RING)")
+    p.add_argument("--attention-pdl-max-batch", type=int, default=None,
+                   help="launch the attention kernels with PDL up to this batch (decode_attention.PDL_MAX_BATCH)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
@@ -310,6 +313,8 @@ def main() -> None:
     layers.SKINNY = not args.no_skinny
     skinny_linear.PREFETCH_L2 = args.skinny_prefetch
     graph_step.FUSED_QKV_RING = args.fused_qkv
+    if args.attention_pdl_max_batch is not None:
+        decode_attention.PDL_MAX_BATCH = args.attention_pdl_max_batch
     if args.smoke:
         DEVICE = torch.device("cpu")
         args.ns, args.reps = ["200", "300"], 2
