@@ -223,7 +223,6 @@ class AttentionLayer(_Block):
         theta = self.cfg.rope_theta
         return apply_rope(q, positions, theta), apply_rope(k, positions, theta), v
 
-
     def qkv_into_rings(self, x: torch.Tensor, rope: Rope, ring_k: torch.Tensor, ring_v: torch.Tensor,
                        slots: torch.Tensor, ring_rows: torch.Tensor) -> torch.Tensor:
         """Decode's `qkv` for one token a sequence (x [B, 1, D]) in one kernel (`kernels.skinny_qkv`:
