@@ -17,6 +17,9 @@ The fusions a decoder layer needs ride along:
 - SILU: x is [M, 2K], gate then up (a stacked gate/up projection's output): the input tile is
   silu(gate) * up, computed as it is loaded.
 - RESIDUAL: y = residual + x @ w^T in the epilogue.
+- ROPE and RING (a self layer's stacked q/k/v, `skinny_qkv`): with one head per column block,
+  the q and k heads are rotated in the epilogue (rotate-half, by the step's cos and sin), and
+  the k and v heads are also stored into their ring-buffer rows.
 
 Launched with programmatic dependent launch (`pdl=True`, Hopper and later) the kernel lets the
 next one launch at once, loads its first weight tile - weights are never written by a kernel -
