@@ -57,3 +57,13 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def cuda_capability(device: torch.device) -> int:
+    """The major compute capability of a CUDA device (9 on Hopper), cached per device."""
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    return int(torch.cuda.get_device_capability(index)[0])

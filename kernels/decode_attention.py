@@ -6,12 +6,11 @@ the query's dtype.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 
-from kernels._backend import Backend, interpreting, num_sms, resolve_backend
+from kernels._backend import Backend, cuda_capability, interpreting, num_sms, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_paged, check_rank, check_same_device
 from kernels.paged import gather_tokens
 
@@ -170,16 +169,8 @@ def _config(config: tuple[int, int, int, bool]) -> tuple[int, int, int, bool]:
 
 
 def _pdl(device: torch.device, batch: int) -> bool:
-    return PDL and batch <= PDL_MAX_BATCH and device.type == "cuda" and not interpreting() and _capability(device) >= 9
-
-
-@functools.cache
-def _capability_of(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _capability(device: torch.device) -> int:
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+    return (PDL and batch <= PDL_MAX_BATCH and device.type == "cuda" and not interpreting()
+            and cuda_capability(device) >= 9)
 
 
 def _partials(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:

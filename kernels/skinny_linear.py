@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._backend import Backend, interpreting, resolve_backend
+from kernels._backend import Backend, cuda_capability, interpreting, resolve_backend
 from kernels._checks import FLOAT_DTYPES, check_dtype, check_rank, check_same_device
 
 SKINNY_MAX_M = 64  # rows the kernel takes (one BLOCK_M tile); more go to cuBLAS
@@ -107,9 +107,10 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
         part = torch.empty(split_k * block_m * n, device=x.device, dtype=torch.float32)
         sq = torch.empty(column_blocks * split_k * block_m, device=x.device, dtype=torch.float32)
         counters = _counters(x.device)
+    pdl = _pdl(x.device)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=_pdl(x.device), prefetch=PREFETCH_L2 and _pdl(x.device), rope=rope, ring=ring)
+                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring)
     return out
 
 
@@ -207,7 +208,7 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 
 def _pdl(device: torch.device) -> bool:
-    return PDL and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and device.type == "cuda" and not interpreting() and cuda_capability(device) >= 9
 
 
 @torch.library.custom_op("clsa::skinny_linear", mutates_args=())

@@ -18,13 +18,7 @@ from kernels.skinny_linear import (
     skinny_qkv,
     skinny_qkv_reference,
 )
-
-if interpreting():
-    DEVICE, DTYPES = "cpu", (torch.float32, torch.float16)
-elif torch.cuda.is_available():
-    DEVICE, DTYPES = "cuda", (torch.float32, torch.float16, torch.bfloat16)
-else:
-    pytest.skip("Triton needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+from tests.kernels.triton_device import DEVICE, DTYPES
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # of the output's largest value
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

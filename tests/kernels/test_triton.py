@@ -21,15 +21,10 @@ from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk, spa
 from kernels._backend import interpreting
 from kernels.decode_attention import dense_decode_attention_reference, sparse_decode_attention_reference
 from kernels.index_topk import index_topk_reference
+from tests.kernels.triton_device import DEVICE, DTYPES
 
 index_topk_module = importlib.import_module("kernels.index_topk")  # the package exports the function
 
-if interpreting():
-    DEVICE, DTYPES = "cpu", (torch.float32, torch.float16)
-elif torch.cuda.is_available():
-    DEVICE, DTYPES = "cuda", (torch.float32, torch.float16, torch.bfloat16)
-else:
-    pytest.skip("Triton needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
 
 BLOCK = 16
 POISON = 0x7FFF_FFF0
