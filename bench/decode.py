@@ -281,7 +281,8 @@ def print_tables(rows: list[dict], report: list[str]) -> None:
 
 def write_json(out: Path, device_name: str, tfit: dict, rows: list[dict], partial: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__, "partial": partial,
+    (out / "decode.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                                 "argv": sys.argv[1:], "partial": partial,
                                                  "transformer_fit": tfit, "rows": rows}, indent=1))
 
 
@@ -305,6 +306,12 @@ def main() -> None:
                    help="each self layer's q/k/v, RoPE and ring writes as one kernel (graph_step.FUSED_QKV_RING)")
     p.add_argument("--attention-pdl-max-batch", type=int, default=None,
                    help="launch the attention kernels with PDL up to this batch (decode_attention.PDL_MAX_BATCH)")
+    p.add_argument("--sparse-small-max-batch", type=int, default=None,
+                   help="sparse attention's one-launch configuration (fused merge) up to this batch "
+                        "(decode_attention.SMALL_BATCH)")
+    p.add_argument("--dense-fused-max-batch", type=int, default=None,
+                   help="dense (ring) attention merges in its last split up to this batch "
+                        "(decode_attention.DENSE_FUSED_MAX_BATCH)")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
@@ -315,6 +322,10 @@ def main() -> None:
     graph_step.FUSED_QKV_RING = args.fused_qkv
     if args.attention_pdl_max_batch is not None:
         decode_attention.PDL_MAX_BATCH = args.attention_pdl_max_batch
+    if args.sparse_small_max_batch is not None:
+        decode_attention.SMALL_BATCH = args.sparse_small_max_batch
+    if args.dense_fused_max_batch is not None:
+        decode_attention.DENSE_FUSED_MAX_BATCH = args.dense_fused_max_batch
     if args.smoke:
         DEVICE = torch.device("cpu")
         args.ns, args.reps = ["200", "300"], 2

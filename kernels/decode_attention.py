@@ -80,6 +80,9 @@ SPARSE_CONFIG = (64, 4, 2, False)
 SPARSE_SMALL_CONFIG = (64, 4, 1, True)
 SMALL_BATCH = 1
 DENSE_CONFIG = (128, 4, 3, False)
+# Dense attention at up to DENSE_FUSED_MAX_BATCH sequences merges its splits in the partial kernel's
+# last split (one launch a layer, as SPARSE_SMALL_CONFIG); 0: DENSE_CONFIG's choice at every batch.
+DENSE_FUSED_MAX_BATCH = 0
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
 SPARSE_SMALL_WAVES = 3
@@ -182,6 +185,20 @@ def _partials(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Te
     return o_part, lse_part, counters
 
 
+# The dense kernels' partials and split counters per (shape, splits, device), kept: a fresh set per
+# call costs a zero-fill launch ahead of every layer, which breaks the chain of PDL launches. Safe
+# because launches on one stream run in order and the fused merge leaves its counters zero (as the
+# skinny GEMM's, kernels/skinny_linear.py); concurrent streams would need their own.
+_DENSE_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _dense_workspace(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
+    key = (*q.shape, n_kv_heads, n_splits, q.device)
+    if key not in _DENSE_WORKSPACE:
+        _DENSE_WORKSPACE[key] = _partials(q, n_kv_heads, n_splits)
+    return _DENSE_WORKSPACE[key]
+
+
 def _output(op: str, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty_like(q)
@@ -279,9 +296,10 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     from kernels.triton_attention import launch_decode, plan_splits
 
     block_n, warps, stages, fused = _config(DENSE_CONFIG)
+    fused = fused or q.shape[0] <= DENSE_FUSED_MAX_BATCH
     max_len = block_table.shape[1] * k_cache.shape[1]
     n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], sms, block_n, DENSE_WAVES)
-    o_part, lse_part, counters = _partials(q, k_cache.shape[2], n_splits)
+    o_part, lse_part, counters = _dense_workspace(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
                   num_stages=stages, fused_merge=fused, pdl=pdl)
