@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import decode as bench_decode  # noqa: E402
 from decode import BLOCK, log, parse_n, random_model  # noqa: E402
 
+import services.engine.layers as layers  # noqa: E402
 from services.engine.cache import KVCache  # noqa: E402
 from services.engine.config import preset  # noqa: E402
 from services.engine.runner import ModelRunner  # noqa: E402
@@ -86,8 +87,11 @@ def main() -> None:
                    help="prefill in chunks of this many tokens (default: the whole prompt in one chunk)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (CLSAModel.compile_layers)")
     p.add_argument("--profile", action="store_true", help="list one prefill's kernels by GPU time (torch.profiler)")
+    p.add_argument("--no-silu-kernel", action="store_true",
+                   help="the SwiGLU gate through torch's ops (inductor's fused kernel) instead of kernels.silu_mul")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=300 and 1000")
     args = p.parse_args()
+    layers.SILU_KERNEL = not args.no_silu_kernel
     if args.smoke:
         bench_decode.DEVICE = torch.device("cpu")
         args.ns, args.reps = ["300", "1000"], 1
@@ -125,7 +129,7 @@ def main() -> None:
     print("\n".join(report), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prefill.json").write_text(json.dumps({"rows": rows}, indent=1))
+    (out / "prefill.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=1))
     (out / "prefill.txt").write_text("\n".join(report) + "\n")
 
 

@@ -75,14 +75,16 @@ def _check(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # (bench/sweep_kernels.py; docs/kernels.md). One fixed configuration when interpreting (no
 # autotuning there); the tests run both merge paths. Sparse attention at up to SMALL_BATCH
 # sequences (SPARSE_SMALL_*) is latency, not bytes: its splits are merged by the last one to
-# finish, so a layer is one launch (16 layers at B=1: 90 us against 99 with a merge kernel).
+# finish, so a layer is one launch (16 layers at B=1: 90 us against 99 with a merge kernel; in
+# the whole clsa-4b step at 128K, B=7, with SMALL_BATCH 7 instead of 1: 2.906 -> 2.871 ms).
 SPARSE_CONFIG = (64, 4, 2, False)
 SPARSE_SMALL_CONFIG = (64, 4, 1, True)
-SMALL_BATCH = 1
+SMALL_BATCH = 7
 DENSE_CONFIG = (128, 4, 3, False)
 # Dense attention at up to DENSE_FUSED_MAX_BATCH sequences merges its splits in the partial kernel's
 # last split (one launch a layer, as SPARSE_SMALL_CONFIG); 0: DENSE_CONFIG's choice at every batch.
-DENSE_FUSED_MAX_BATCH = 0
+# The clsa-4b step at 128K, B=7 (16 ring layers): 2.906 -> 2.858 ms; both fused: 2.832.
+DENSE_FUSED_MAX_BATCH = 7
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
 SPARSE_SMALL_WAVES = 3
@@ -91,8 +93,10 @@ DENSE_WAVES = 16
 # is resident, with its first K/V rows in flight, before the kernel ahead of it ends; it waits only
 # to read the query and to write. Measured on the H200: 16 layers at B=1 in 100 us instead of 150;
 # at B=8 and 32 a lone call costs 3-4 us more with it and a chain gains nothing, so it is off there.
+# In the whole step, between PDL-launched skinny GEMMs, it pays at B=7 too (clsa-4b, 128K:
+# 3.013 -> 2.954 ms), so up to the Transformer's largest batch at 128K.
 PDL = True
-PDL_MAX_BATCH = 1
+PDL_MAX_BATCH = 7
 # The wide sparse kernel at WIDE_MIN_BATCH sequences or more: one program per (sequence, group of
 # KV heads, split), each selected token's rows of the group's heads read as one contiguous piece.
 # (BLOCK_N tokens, KV heads per program, num_warps, num_stages, programs per SM). Measured on the

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.silu_mul import silu_mul_op
 from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear_op, skinny_qkv_op
 from services.engine.config import ModelConfig
 
@@ -16,6 +17,10 @@ from services.engine.config import ModelConfig
 # At 32 rows cuBLAS's GEMMs are faster than the kernel's (bench/results/decode/skinny_gemm.json).
 SKINNY = True
 SKINNY_ROWS = 16
+# Larger projections' SwiGLU gate (silu(gate) * up of the stacked gate/up output) on a GPU through
+# kernels.silu_mul's Triton pass, at the card's bandwidth; off: torch's ops (fused by inductor
+# when the layer is compiled). The prefill's A/B switch (bench/prefill.py --no-silu-kernel).
+SILU_KERNEL = True
 
 
 class RMSNorm(nn.Module):
@@ -52,6 +57,11 @@ def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and rows <= min(SKINNY_ROWS, SKINNY_MAX_M) and not wants_grad)
 
 
+def use_silu_kernel(x: torch.Tensor) -> bool:
+    """Whether `project`'s SwiGLU gate takes kernels.silu_mul: CUDA, no gradient wanted."""
+    return SILU_KERNEL and x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, silu: bool = False,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """`residual + f(x) @ weight^T`: x [..., K] (with `silu`: [..., 2K], gate then up, f = silu(gate)
@@ -63,7 +73,9 @@ def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, 
         out = skinny_linear_op(x.reshape(-1, x.shape[-1]), weight, None if norm is None else norm.weight,
                                norm.eps if norm is not None else 0.0, silu, res)
         return out.view(*lead, weight.shape[0])
-    if silu:
+    if silu and use_silu_kernel(x):
+        x = silu_mul_op(x)
+    elif silu:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
     if norm is not None:
