@@ -3,7 +3,7 @@
 Compiles each kernel as the launchers would launch it on an H200 (sm_90, 132 SMs) at B = 1, 8
 and 32 - the default configurations, the wide sparse kernel's sweep variants, and the skinny GEMM
 for each clsa-4b projection (with and without its L2 prefetch, and the self layer's q/k/v with
-RoPE and ring writes fused) at B <= 16 - and prints the
+RoPE and ring writes fused) at B <= 16, and the prefill's SwiGLU gate pass - and prints the
 registers per thread, the bytes spilled to local memory per thread, the shared memory, and how many
 programs fit on an SM. Spills and occupancy decide a memory-bound kernel's speed before any
 timing; this is the check to run on the CPU before spending device time.
@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 
 import kernels.decode_attention as da  # noqa: E402
+import kernels.silu_mul as sm  # noqa: E402
 import kernels.skinny_linear as sl  # noqa: E402
 
 it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
 import kernels.triton_attention as ta  # noqa: E402
 import kernels.triton_gemm as tg  # noqa: E402
+import kernels.triton_pointwise as tp  # noqa: E402
 import services.engine.graph_step as gs  # noqa: E402
 from kernels.compile_only import Compiled, compiled_for  # noqa: E402
 
@@ -131,6 +133,13 @@ def skinny_qkv(batch: int) -> None:
                           ring=(ring, ring.clone(), idx, idx, HQ * D, (HQ + HKV) * D))
 
 
+def silu_mul(rows: int) -> None:
+    """The prefill's SwiGLU gate over `rows` tokens of clsa-4b's FFN (F = 8192)."""
+    block_m, block_f, warps = sm.SILU_MUL_CONFIG
+    tp.launch_silu_mul(torch.zeros(rows, 2 * 8192, dtype=torch.bfloat16), torch.zeros(rows, 8192, dtype=torch.bfloat16),
+                       block_m=block_m, block_f=block_f, num_warps=warps)
+
+
 def collect() -> list[dict]:
     rows: list[dict] = []
 
@@ -160,6 +169,7 @@ def collect() -> list[dict]:
                     record("skinny", batch, f"{n}x{k}" + (" L2 prefetch" if prefetch else ""),
                            prefetch == sl.PREFETCH_L2, skinny, batch, n, k, prefetch)
             record("skinny_qkv", batch, "rope + rings", gs.FUSED_QKV_RING, skinny_qkv, batch)
+    record("silu_mul", 1024, "prefill chunk", True, silu_mul, 1024)
     return rows
 
 
