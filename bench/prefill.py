@@ -89,12 +89,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="list one prefill's kernels by GPU time (torch.profiler)")
     p.add_argument("--no-silu-kernel", action="store_true",
                    help="the SwiGLU gate through torch's ops (inductor's fused kernel) instead of kernels.silu_mul")
-    p.add_argument("--no-residual-gemm", action="store_true",
-                   help="residuals added after the GEMMs, not in cuBLAS's epilogue (layers.RESIDUAL_GEMM off)")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=300 and 1000")
     args = p.parse_args()
     layers.SILU_KERNEL = not args.no_silu_kernel
-    layers.RESIDUAL_GEMM = not args.no_residual_gemm
     if args.smoke:
         bench_decode.DEVICE = torch.device("cpu")
         args.ns, args.reps = ["300", "1000"], 1

@@ -21,21 +21,6 @@ SKINNY_ROWS = 16
 # kernels.silu_mul's Triton pass, at the card's bandwidth; off: torch's ops (fused by inductor
 # when the layer is compiled). The prefill's A/B switch (bench/prefill.py --no-silu-kernel).
 SILU_KERNEL = True
-# Larger projections' residual added by cuBLAS's GEMM epilogue (torch.addmm, beta = 1, as one opaque
-# op) on a GPU, instead of an add pass over the output; off: `residual + F.linear(...)` (inductor
-# fuses the add with the next norm). The prefill's A/B switch (bench/prefill.py --no-residual-gemm).
-RESIDUAL_GEMM = True
-
-
-@torch.library.custom_op("clsa::linear_residual", mutates_args=())
-def linear_residual_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + x @ weight^T for 2-D x [M, K], weight [N, K], residual [M, N]: one cuBLAS GEMM."""
-    return torch.addmm(residual, x, weight.t())
-
-
-@linear_residual_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return residual.new_empty(x.shape[0], weight.shape[0])
 
 
 class RMSNorm(nn.Module):
@@ -72,14 +57,10 @@ def use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and rows <= min(SKINNY_ROWS, SKINNY_MAX_M) and not wants_grad)
 
 
-def _gpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CUDA tensors and no gradient wanted (the custom ops have no backward: training keeps torch's ops)."""
-    return x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-
-
 def use_silu_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `project`'s SwiGLU gate takes kernels.silu_mul."""
-    return SILU_KERNEL and _gpu_inference(x, weight)
+    """Whether `project`'s SwiGLU gate takes kernels.silu_mul: CUDA tensors, no gradient wanted (the
+    kernel has no backward: training keeps torch's ops)."""
+    return SILU_KERNEL and x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, silu: bool = False,
@@ -100,10 +81,6 @@ def project(x: torch.Tensor, weight: torch.Tensor, norm: RMSNorm | None = None, 
         x = F.silu(gate) * up
     if norm is not None:
         x = norm(x)
-    if residual is not None and RESIDUAL_GEMM and _gpu_inference(x, weight) and residual.dtype == x.dtype:
-        lead = x.shape[:-1]
-        y = linear_residual_op(x.reshape(-1, x.shape[-1]), weight, residual.reshape(-1, weight.shape[0]))
-        return y.view(*lead, weight.shape[0])
     y = F.linear(x, weight)
     return y if residual is None else residual + y
 
