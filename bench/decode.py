@@ -302,8 +302,8 @@ def main() -> None:
     p.add_argument("--skinny-prefetch", action="store_true",
                    help="the skinny GEMM's weight slice prefetched to L2 before its PDL wait "
                         "(skinny_linear.PREFETCH_L2)")
-    p.add_argument("--fused-qkv", action="store_true",
-                   help="each self layer's q/k/v, RoPE and ring writes as one kernel (graph_step.FUSED_QKV_RING)")
+    p.add_argument("--no-fused-qkv", action="store_true",
+                   help="q/k/v, RoPE and ring writes as separate kernels (graph_step.FUSED_QKV_RING off)")
     p.add_argument("--attention-pdl-max-batch", type=int, default=None,
                    help="launch the attention kernels with PDL up to this batch (decode_attention.PDL_MAX_BATCH)")
     p.add_argument("--sparse-small-max-batch", type=int, default=None,
@@ -319,7 +319,7 @@ def main() -> None:
     PROFILE = args.profile
     layers.SKINNY = not args.no_skinny
     skinny_linear.PREFETCH_L2 = args.skinny_prefetch
-    graph_step.FUSED_QKV_RING = args.fused_qkv
+    graph_step.FUSED_QKV_RING = not args.no_fused_qkv
     if args.attention_pdl_max_batch is not None:
         decode_attention.PDL_MAX_BATCH = args.attention_pdl_max_batch
     if args.sparse_small_max_batch is not None:
