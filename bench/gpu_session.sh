@@ -15,8 +15,8 @@
 #   bench    bench/kernels.py, with --wide-from $OUT/sparse_wide.json when the wide step ran (~1 min)
 #   skinny   the skinny-GEMM work of issue 7: its compiled tests and the CUDA-graph engine tests, the
 #            kernel's sweep against cuBLAS (L2 prefetch column included), then the decode step at 128K,
-#            B = 1 and 7, for each path: cuBLAS, the kernel, + L2 prefetch, + the fused q/k/v, + PDL for
-#            the attention kernels at B = 7 (~10 min; over two calls: SKINNY_PATHS="..." picks the paths,
+#            B = 1 and 7, for each path: cuBLAS, the kernel without the fused q/k/v, the default, the
+#            default + L2 prefetch (~10 min; over two calls: SKINNY_PATHS="..." picks the paths,
 #            SKINNY_SWEEP=0 skips the tests and the sweep)
 #                                                                           -> skinny/, decode_*/
 #   ab       an A/B of two versions of the kernels on one machine (~20 s a round): the files under
@@ -81,10 +81,10 @@ for step in "$@"; do
             grep -E "passed|failed|^FAILED|^ERROR" "$OUT/skinny_tests.txt" | head -12
             timeout 330 python3 bench/skinny_gemm.py --out "$OUT/skinny" 2>&1 | grep -v -i warn | tail -45
         fi
-        for path in ${SKINNY_PATHS:-no-skinny skinny skinny-prefetch fused-qkv attention-pdl}; do
+        for path in ${SKINNY_PATHS:-no-skinny no-fused-qkv default skinny-prefetch}; do
             case $path in
-            no-skinny) flags=(--no-skinny) ;; skinny) flags=() ;; skinny-prefetch) flags=(--skinny-prefetch) ;;
-            fused-qkv) flags=(--fused-qkv) ;; attention-pdl) flags=(--fused-qkv --attention-pdl-max-batch 8) ;;
+            no-skinny) flags=(--no-skinny) ;; no-fused-qkv) flags=(--no-fused-qkv) ;; default) flags=() ;;
+            skinny-prefetch) flags=(--skinny-prefetch) ;;
             esac
             timeout 120 python3 bench/decode.py --ns 128K --bs 1 7 --variants clsa --compile --fuse --no-breakdown \
                 --reps 10 "${flags[@]}" --out "$OUT/decode_$path" > "$OUT/decode_$path.txt" 2>&1
