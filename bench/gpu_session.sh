@@ -19,6 +19,9 @@
 #            default + L2 prefetch (~10 min; over two calls: SKINNY_PATHS="..." picks the paths,
 #            SKINNY_SWEEP=0 skips the tests and the sweep)
 #                                                                           -> skinny/, decode_*/
+#   issue7   issue 7's 128K targets in one call: the decode step of every variant at B = 1 and 7 with its
+#            breakdown, then the one-chunk prefill of the Transformer and CLSA (~4 min cold)
+#                                                                      -> decode/, decode.txt, prefill/
 #   ab       an A/B of two versions of the kernels on one machine (~20 s a round): the files under
 #            ab_old/ (made on the CPU by `bash bench/gpu_session.sh ab-prepare REV FILE...`, carried
 #            with `carry: ["ab_old"]`: it is git-ignored) stand in for their namesakes in the "old"
@@ -90,6 +93,14 @@ for step in "$@"; do
                 --reps 10 "${flags[@]}" --out "$OUT/decode_$path" > "$OUT/decode_$path.txt" 2>&1
             echo "-- $path (rc $?)"; grep -E "^ 131072 " "$OUT/decode_$path.txt" | head -2
         done
+        ;;
+    issue7)
+        timeout 240 python3 bench/decode.py --ns 128K --bs 1 7 --compile --fuse --reps 10 --out "$OUT/decode" \
+            > "$OUT/decode.txt" 2>&1
+        echo "decode rc $?"; grep -E "^ 131072 " "$OUT/decode.txt"
+        timeout 180 python3 bench/prefill.py --compile --ns 128K --variants transformer clsa --out "$OUT/prefill" \
+            > "$OUT/prefill.txt" 2>&1
+        echo "prefill rc $?"; tail -3 "$OUT/prefill.txt"
         ;;
     ab)
         [ -d ab_old ] || { echo "ab: no ab_old/ (run ab-prepare on the CPU, carry it)"; continue; }

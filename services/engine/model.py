@@ -281,7 +281,9 @@ class CLSAModel(nn.Module):
         """The cross-decoder for one token per sequence. x: [B, D], positions: [B]. The caller has
         planned `attention` for this step; every layer runs it on the same plan."""
         h = x[:, None]
-        rope = rope_angles(positions[:, None], self.cfg.head_dim, self.cfg.rope_theta)
+        # RoPE's angles only where the cross queries rotate (`cross_rope`): else a few kernels a step for nothing
+        rope = (rope_angles(positions[:, None], self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.cross_rope
+                else positions[:, None])
         for layer in self.cross_decoder:
             q = layer.query(h, rope)[:, 0]
             out = attention.run(q, cache.k[0], cache.v[0])
