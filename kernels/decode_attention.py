@@ -6,6 +6,7 @@ the query's dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -189,18 +190,15 @@ def _partials(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Te
     return o_part, lse_part, counters
 
 
-# The dense kernels' partials and split counters per (shape, splits, device), kept: a fresh set per
-# call costs a zero-fill launch ahead of every layer, which breaks the chain of PDL launches. Safe
-# because launches on one stream run in order and the fused merge leaves its counters zero (as the
-# skinny GEMM's, kernels/skinny_linear.py); concurrent streams would need their own.
-_DENSE_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
-
-
-def _dense_workspace(q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
+def _kept_partials(workspace: dict, q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
+    """`_partials` kept in the caller's `workspace` per (shape, splits, device) instead of made (and
+    zero-filled) per call: a zero-fill launch ahead of every layer breaks a chain of PDL launches.
+    The counters stay valid because the fused merge leaves them zero and launches on one stream run
+    in order (calls on concurrent streams need workspaces of their own)."""
     key = (*q.shape, n_kv_heads, n_splits, q.device)
-    if key not in _DENSE_WORKSPACE:
-        _DENSE_WORKSPACE[key] = _partials(q, n_kv_heads, n_splits)
-    return _DENSE_WORKSPACE[key]
+    if key not in workspace:
+        workspace[key] = _partials(q, n_kv_heads, n_splits)
+    return workspace[key]
 
 
 def _output(op: str, q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -248,11 +246,14 @@ def dense_decode_attention(
     *,
     backend: Backend = "auto",
     out: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over all positions < seq_lens[b] of a paged cache.
 
     Shapes as `sparse_decode_attention`, without `indices`. The split grid is sized from the block
     table's width (an upper bound of every length), so no device-to-host sync is needed.
+    `workspace`: a dict the caller keeps for calls of fixed shapes (a CUDA graph's decode step):
+    the kernels' scratch is kept in it between calls rather than allocated and zeroed per call.
     """
     op = "dense_decode_attention"
     _check(op, q, k_cache, v_cache, block_table, seq_lens)
@@ -261,7 +262,8 @@ def dense_decode_attention(
         out.copy_(dense_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, sm_scale))
         return out
     launch_dense(q, k_cache, v_cache, block_table, seq_lens, sm_scale, out, sms=num_sms(q.device),
-                 pdl=_pdl(q.device, q.shape[0]))
+                 pdl=_pdl(q.device, q.shape[0]),
+                 buffers=_partials if workspace is None else functools.partial(_kept_partials, workspace))
     return out
 
 
@@ -294,16 +296,18 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *, sms: int, pdl: bool) -> None:
+                 seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *, sms: int, pdl: bool,
+                 buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials) -> None:
     """The Triton dense kernels in the configuration this batch takes on a card of `sms`
-    multiprocessors (`dense_decode_attention` and bench/compile_report.py launch through it)."""
+    multiprocessors (`dense_decode_attention` and bench/compile_report.py launch through it);
+    `buffers` gives the partials, as `launch_sparse`'s."""
     from kernels.triton_attention import launch_decode, plan_splits
 
     block_n, warps, stages, fused = _config(DENSE_CONFIG)
     fused = fused or q.shape[0] <= DENSE_FUSED_MAX_BATCH
     max_len = block_table.shape[1] * k_cache.shape[1]
     n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], sms, block_n, DENSE_WAVES)
-    o_part, lse_part, counters = _dense_workspace(q, k_cache.shape[2], n_splits)
+    o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
                   num_stages=stages, fused_merge=fused, pdl=pdl)

@@ -27,6 +27,8 @@ class CrossAttention:
         self._indices: torch.Tensor | None = None
         self._sparse_rows: torch.Tensor | None = None  # set only when the batch mixes modes
         self._dense_rows: torch.Tensor | None = None
+        # Set by a caller of fixed shapes (the CUDA graph's step): the dense kernels' kept scratch.
+        self.dense_workspace: dict | None = None
 
     def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
              seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
@@ -66,7 +68,7 @@ class CrossAttention:
     def _dense(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                rows: torch.Tensor | slice) -> torch.Tensor:
         return dense_decode_attention(q[rows], k_cache, v_cache, self._block_table[rows], self._seq_lens[rows],
-                                      self.sm_scale, backend=self.backend)
+                                      self.sm_scale, backend=self.backend, workspace=self.dense_workspace)
 
 
 class PerLayerTopkAttention(CrossAttention):

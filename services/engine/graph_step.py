@@ -104,6 +104,11 @@ class StaticDecodeStep:
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
         self.attention = make_cross_attention(policy, model.sm_scale, backend)
+        # The dense kernels' scratch for this step's fixed shapes, kept across layers and replays
+        # (no zero-fill launch between the PDL launches of a layer chain): the ring layers', the
+        # Transformer's and DENSE cross layers'.
+        self.dense_workspace: dict = {}
+        self.attention.dense_workspace = self.dense_workspace
 
     def load(self, seqs: list[Sequence]) -> None:
         """Copy the step's inputs for `seqs` (each to decode its last token) into the buffers; no
@@ -147,7 +152,7 @@ class StaticDecodeStep:
                 self._write(cache.k[i], k[:, 0])
                 self._write(cache.v[i], v[:, 0])
                 out = dense_decode_attention(q[:, 0], cache.k[i], cache.v[i], block_table, self.seq_lens,
-                                             model.sm_scale, backend=self.backend)
+                                             model.sm_scale, backend=self.backend, workspace=self.dense_workspace)
                 x = layer.finish(x, out[:, None])
             return x[:, 0] if upto != "logits" else model.logits(x[:, 0])
         x = self._self_decoder(x, rope)
@@ -187,7 +192,7 @@ class StaticDecodeStep:
                 cache.swa_k[i, slots, ring_rows] = k[:, 0]
                 cache.swa_v[i, slots, ring_rows] = v[:, 0]
             out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,
-                                         model.sm_scale, backend=self.backend)
+                                         model.sm_scale, backend=self.backend, workspace=self.dense_workspace)
             x = layer.finish(x, out[:, None])
         cache.swa_pos[slots, ring_rows] = pos
         return x

@@ -267,15 +267,16 @@ def test_dense_layers_share_one_workspace_and_leave_its_counters_zero(monkeypatc
     partials, merged by the last split (DENSE_FUSED_MAX_BATCH): each layer's own answer, and the
     split counters back to zero for the next step (a CUDA graph replays them as they are)."""
     monkeypatch.setattr(decode_attention, "DENSE_FUSED_MAX_BATCH", 64)
-    monkeypatch.setattr(decode_attention, "_DENSE_WORKSPACE", {})
     q, k_cache, v_cache, table, seq_lens = _attention_case(4, 64, torch.float32, seed=5)
+    workspace: dict = {}
     for layer in range(3):
         q_layer = torch.randn_like(q)
-        got = dense_decode_attention(q_layer, k_cache, v_cache, table, seq_lens, 0.125, backend="triton")
+        got = dense_decode_attention(q_layer, k_cache, v_cache, table, seq_lens, 0.125, backend="triton",
+                                     workspace=workspace)
         want = dense_decode_attention_reference(q_layer, k_cache, v_cache, table, seq_lens, 0.125)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
-    (workspace,) = decode_attention._DENSE_WORKSPACE.values()
-    assert int(workspace[2].count_nonzero()) == 0
+    ((_, _, counters),) = workspace.values()
+    assert int(counters.count_nonzero()) == 0
 
 
 def test_wrapper_plans_once_and_runs_every_layer() -> None:
