@@ -2,7 +2,8 @@
 
 Compiles each kernel as the launchers would launch it on an H200 (sm_90, 132 SMs) at B = 1, 8
 and 32 - the default configurations, the wide sparse kernel's sweep variants, and the skinny GEMM
-for each clsa-4b projection (with and without its L2 prefetch, and the self layer's q/k/v with
+for each clsa-4b projection (with and without its L2 prefetch or 2-3 weight tiles loaded before
+its PDL wait, and the self layer's q/k/v with
 RoPE and ring writes fused) at B <= 16, and the prefill's SwiGLU gate pass - and prints the
 registers per thread, the bytes spilled to local memory per thread, the shared memory, and how many
 programs fit on an SM. Spills and occupancy decide a memory-bound kernel's speed before any
@@ -101,8 +102,9 @@ SKINNY_FUSIONS = {(5120, 3072): "norm", (3072, 3072): "residual", (16384, 3072):
                   (32000, 3072): "norm"}  # clsa-4b's decode projections (N, K) and the fusion each gets
 
 
-def skinny(batch: int, n: int, k: int, prefetch: bool) -> None:
-    """The skinny GEMM for a [N, K] weight at M = batch, as `skinny_linear` plans it."""
+def skinny(batch: int, n: int, k: int, prefetch: bool, pre_wait: int = 1) -> None:
+    """The skinny GEMM for a [N, K] weight at M = batch, as `skinny_linear` plans it (`pre_wait`
+    weight tiles loaded before the PDL wait)."""
     fusion = SKINNY_FUSIONS[(n, k)]
     block_n, block_k, split_k, warps, stages = sl.launch_plan(n, k)
     x = torch.zeros(batch, 2 * k if fusion == "silu" else k, dtype=torch.bfloat16)
@@ -114,7 +116,7 @@ def skinny(batch: int, n: int, k: int, prefetch: bool) -> None:
                           torch.zeros(split_k * 16 * n), torch.zeros(columns * split_k * 16),
                           torch.zeros(columns, dtype=torch.int32), silu=fusion == "silu", block_n=block_n,
                           block_k=block_k, split_k=split_k, num_warps=warps, num_stages=stages, pdl=True,
-                          prefetch=prefetch)
+                          prefetch=prefetch, pre_wait_tiles=pre_wait)
 
 
 def skinny_qkv(batch: int) -> None:
@@ -167,7 +169,10 @@ def collect() -> list[dict]:
             for n, k in SKINNY_FUSIONS:
                 for prefetch in (False, True):
                     record("skinny", batch, f"{n}x{k}" + (" L2 prefetch" if prefetch else ""),
-                           prefetch == sl.PREFETCH_L2, skinny, batch, n, k, prefetch)
+                           prefetch == sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == 1, skinny, batch, n, k, prefetch)
+                for pre_wait in (2, 3):
+                    record("skinny", batch, f"{n}x{k} {pre_wait} tiles pre-wait",
+                           not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == pre_wait, skinny, batch, n, k, False, pre_wait)
             record("skinny_qkv", batch, "rope + rings", gs.FUSED_QKV_RING, skinny_qkv, batch)
     record("silu_mul", 1024, "prefill chunk", True, silu_mul, 1024)
     return rows

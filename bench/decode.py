@@ -302,6 +302,8 @@ def main() -> None:
     p.add_argument("--skinny-prefetch", action="store_true",
                    help="the skinny GEMM's weight slice prefetched to L2 before its PDL wait "
                         "(skinny_linear.PREFETCH_L2)")
+    p.add_argument("--skinny-pre-wait-tiles", type=int, default=None, choices=(1, 2, 3),
+                   help="weight tiles a skinny-GEMM program loads before its PDL wait (skinny_linear.PRE_WAIT_TILES)")
     p.add_argument("--no-fused-qkv", action="store_true",
                    help="q/k/v, RoPE and ring writes as separate kernels (graph_step.FUSED_QKV_RING off)")
     p.add_argument("--attention-pdl-max-batch", type=int, default=None,
@@ -320,6 +322,8 @@ def main() -> None:
     layers.SKINNY = not args.no_skinny
     skinny_linear.PREFETCH_L2 = args.skinny_prefetch
     graph_step.FUSED_QKV_RING = not args.no_fused_qkv
+    if args.skinny_pre_wait_tiles is not None:
+        skinny_linear.PRE_WAIT_TILES = args.skinny_pre_wait_tiles
     if args.attention_pdl_max_batch is not None:
         decode_attention.PDL_MAX_BATCH = args.attention_pdl_max_batch
     if args.sparse_small_max_batch is not None:

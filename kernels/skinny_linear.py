@@ -37,6 +37,10 @@ PDL = True  # programmatic dependent launch on Hopper and later
 # Each program asks L2 for its whole weight slice before its PDL wait. An experiment, off until
 # bench/skinny_gemm.py (its "pdl+prefetch" column) and decode.py --skinny-prefetch show it helps.
 PREFETCH_L2 = False
+# Weight tiles each program loads into registers before its PDL wait (1 to 3; the first tile's
+# load before the wait is what lets a GEMM stream while the kernel ahead drains). An experiment
+# at 2 and 3, off until bench/decode.py --skinny-pre-wait-tiles shows it helps.
+PRE_WAIT_TILES = 1
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
@@ -91,6 +95,8 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     if m > SKINNY_MAX_M:
         raise ValueError(f"{op}: the Triton kernel takes M <= {SKINNY_MAX_M} rows, got {m}")
+    if PRE_WAIT_TILES not in (1, 2, 3):
+        raise ValueError(f"{op}: PRE_WAIT_TILES must be 1, 2 or 3, got {PRE_WAIT_TILES}")
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
@@ -110,7 +116,7 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
     pdl = _pdl(x.device)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring)
+                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES)
     return out
 
 

@@ -75,6 +75,18 @@ def test_skinny_linear_with_l2_prefetch(fusion: str, monkeypatch: pytest.MonkeyP
     _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.bfloat16)
 
 
+@pytest.mark.parametrize("pre_wait", [2, 3])
+@pytest.mark.parametrize("shape", ["m1-n63-k111", "m7-n300-k64", "m16-n17-k200"])
+def test_skinny_linear_with_tiles_loaded_before_the_wait(shape: str, pre_wait: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two or three weight tiles per program before the PDL wait (PRE_WAIT_TILES), slices of one,
+    two or many tiles (the tiles past a slice's end contribute nothing), each fusion's tiles."""
+    monkeypatch.setattr(skinny_module, "PRE_WAIT_TILES", pre_wait)
+    for fusion in ("norm+residual", "silu+residual"):
+        (x, w, g, r), silu = _case(*SHAPES[shape], fusion, torch.float32)
+        _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.float32)
+
+
 def test_skinny_linear_reads_a_strided_input_in_place() -> None:
     (qkv, w, g, r), _ = _case(5, 48, 120, "norm+residual", torch.float32)
     x = qkv[:, :40]  # the first 40 columns: rows 120 apart
