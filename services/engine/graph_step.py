@@ -30,7 +30,7 @@ from services.engine.sequence import Sequence
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Each self layer's q/k/v projection, RoPE and ring-buffer writes as one kernel
 # (`AttentionLayer.qkv_into_rings`) where the skinny GEMM takes the batch. Measured on the H200
-# (bench/decode.py --fused-qkv, 128K): B=1 2.589 -> 2.457 ms, B=7 3.165 -> 3.013 ms.
+# (bench/decode.py [--no-fused-qkv], 128K): B=1 2.589 -> 2.457 ms, B=7 3.165 -> 3.013 ms.
 FUSED_QKV_RING = True
 STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
