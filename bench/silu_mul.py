@@ -16,26 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode import median_ms  # noqa: E402
 
 import kernels.silu_mul as silu_module  # noqa: E402
 
 CONFIGS = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8), (8, 512, 4), (16, 256, 4)]
 
 
-def time_us(fn, reps: int = 10) -> float:  # noqa: ANN001
-    """Median of `reps` timed calls after two warm-ups (CUDA events)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+def time_us(fn) -> float:  # noqa: ANN001
+    """Median of 10 CUDA-event-timed calls after warm-ups (bench/decode.py's timer), in us."""
+    return median_ms(fn, 10) * 1e3
 
 
 def main() -> None:
