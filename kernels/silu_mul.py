@@ -28,7 +28,8 @@ def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(x: torch.Tensor, backend: Backend = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., 2F], last dimension contiguous -> [..., F] (written into `out` when given)."""
+    """x: [..., 2F] (its rows copied contiguous first if they are not) -> [..., F] (written into `out`
+    when given)."""
     op = "silu_mul"
     check_dtype(op, "x", x, FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] % 2:
