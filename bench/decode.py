@@ -304,6 +304,12 @@ def main() -> None:
                         "(skinny_linear.PREFETCH_L2)")
     p.add_argument("--skinny-pre-wait-tiles", type=int, default=None, choices=(1, 2, 3),
                    help="weight tiles a skinny-GEMM program loads before its PDL wait (skinny_linear.PRE_WAIT_TILES)")
+    p.add_argument("--skinny-weight-eviction", default=None, choices=("", "evict_first", "evict_last"),
+                   help="L2 eviction policy of the skinny GEMM's weight loads (skinny_linear.WEIGHT_EVICTION)")
+    p.add_argument("--sparse-kv-eviction", default=None, choices=("", "evict_first", "evict_last"),
+                   help="L2 eviction policy of the sparse kernels' K/V loads (triton_attention.SPARSE_KV_EVICTION)")
+    p.add_argument("--dense-kv-eviction", default=None, choices=("", "evict_first", "evict_last"),
+                   help="L2 eviction policy of the ring kernels' K/V loads (triton_attention.DENSE_KV_EVICTION)")
     p.add_argument("--no-fused-qkv", action="store_true",
                    help="q/k/v, RoPE and ring writes as separate kernels (graph_step.FUSED_QKV_RING off)")
     p.add_argument("--attention-pdl-max-batch", type=int, default=None,
@@ -324,6 +330,14 @@ def main() -> None:
     graph_step.FUSED_QKV_RING = not args.no_fused_qkv
     if args.skinny_pre_wait_tiles is not None:
         skinny_linear.PRE_WAIT_TILES = args.skinny_pre_wait_tiles
+    if args.skinny_weight_eviction is not None:
+        skinny_linear.WEIGHT_EVICTION = args.skinny_weight_eviction
+    if args.sparse_kv_eviction is not None or args.dense_kv_eviction is not None:
+        import kernels.triton_attention as triton_attention
+        if args.sparse_kv_eviction is not None:
+            triton_attention.SPARSE_KV_EVICTION = args.sparse_kv_eviction
+        if args.dense_kv_eviction is not None:
+            triton_attention.DENSE_KV_EVICTION = args.dense_kv_eviction
     if args.attention_pdl_max_batch is not None:
         decode_attention.PDL_MAX_BATCH = args.attention_pdl_max_batch
     if args.sparse_small_max_batch is not None:

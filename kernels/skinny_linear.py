@@ -41,6 +41,11 @@ PREFETCH_L2 = False
 # load before the wait is what lets a GEMM stream while the kernel ahead drains). An experiment
 # at 2 and 3, off until bench/decode.py --skinny-pre-wait-tiles shows it helps.
 PRE_WAIT_TILES = 1
+# The L2 eviction policy of the weight loads: "evict_first" lets a weight that is read once per
+# step stream past what the next kernels read again (the shared KV cache's selected rows). An
+# experiment, "" (the default policy) until bench/decode.py --skinny-weight-eviction shows it helps.
+WEIGHT_EVICTION = ""
+EVICTION_POLICIES = ("", "evict_first", "evict_last")
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
@@ -97,6 +102,8 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
         raise ValueError(f"{op}: the Triton kernel takes M <= {SKINNY_MAX_M} rows, got {m}")
     if PRE_WAIT_TILES not in (1, 2, 3):
         raise ValueError(f"{op}: PRE_WAIT_TILES must be 1, 2 or 3, got {PRE_WAIT_TILES}")
+    if WEIGHT_EVICTION not in EVICTION_POLICIES:
+        raise ValueError(f"{op}: WEIGHT_EVICTION must be one of {EVICTION_POLICIES}, got {WEIGHT_EVICTION!r}")
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
@@ -116,7 +123,8 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
     pdl = _pdl(x.device)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES)
+                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES,
+                       weight_eviction=WEIGHT_EVICTION)
     return out
 
 

@@ -27,6 +27,13 @@ EARLY_TRIGGER = True
 # the block table and the cache, which nothing in a chain of attention kernels writes, and
 # everything else only after its own wait (which implies every earlier kernel has completed).
 PARTIAL_EARLY_TRIGGER = True  # B=1, 16 layers: 5.68 -> 5.41 us a layer (bench/floors.py, floors.json)
+# L2 eviction policy of the K/V loads ("", "evict_first", "evict_last"). Every cross layer of a
+# step reads the same selected rows of the one shared cache (8 MiB a sequence at 128K), so
+# "evict_last" may keep them in L2 for the layers after; a window's ring is read once a step,
+# so "evict_first" may keep it from pushing them out. Experiments, "" (the default policy)
+# until bench/decode.py --sparse-kv-eviction / --dense-kv-eviction show they help.
+SPARSE_KV_EVICTION = ""
+DENSE_KV_EVICTION = ""
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
@@ -95,7 +102,7 @@ def _merge_group(o_part_ptr, lse_part_ptr, out_ptr, b, h0, n_splits,
 @triton.jit
 def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, stride_kh,
               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              SPARSE: tl.constexpr):
+              SPARSE: tl.constexpr, EVICT: tl.constexpr):
     """K and V rows of items n0 .. n0 + BLOCK_N (< end) of KV head h, and which are valid."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -109,8 +116,9 @@ def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, st
     rows = tl.where(valid, rows, 0).to(tl.int64)
     kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
     kv_mask = valid[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)  # issued with K: both in flight at once
+    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
+    # V issued with K: both in flight at once.
+    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
     return k, v, valid
 
 
@@ -127,7 +135,23 @@ def _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE: tl.cons
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(visible, s * sm_scale_log2, float("-inf"))
+    return _softmax_step(tl.where(visible, s * sm_scale_log2, float("-inf")), v, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
+def _attend_all(q, k, v, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
+    """`_attend` for a block every query sees whole: no mask to build or apply."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return _softmax_step(s * sm_scale_log2, v, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Folds scores `s` (base 2, -inf where not visible) and their values `v` into the running
+    (m_i, l_i, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # Until a row has seen a valid key its max is -inf; shift by 0 then so exp2 stays finite.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,7 +174,7 @@ def _decode_partial_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_GM: tl.constexpr, EARLY: tl.constexpr,
+    BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -177,7 +201,7 @@ def _decode_partial_kernel(
     # dependent launch): the rows, the block table and the cache are never written by the kernel
     # just before this one (the query and the outputs are, so they wait).
     k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
-                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE)
+                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -189,7 +213,7 @@ def _decode_partial_kernel(
     m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
         k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
-                                D, PAGE, BLOCK_N, BLOCK_D, SPARSE)
+                                D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
     has = l_i > 0
@@ -218,7 +242,7 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _packed_block(k_ptr, v_ptr, rows_ptr, n0, end, h0, stride_kr, stride_kh, HKV: tl.constexpr, D: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr):
     """K and V of selected tokens n0 .. n0 + BLOCK_N (< end) for KV heads h0 .. h0 + BLOCK_H, as
     [BLOCK_N * BLOCK_H, BLOCK_D] tiles whose row r is (token r // BLOCK_H, head h0 + r % BLOCK_H):
     a token's heads are adjacent in the cache, so each token is one contiguous BLOCK_H x d read."""
@@ -232,8 +256,9 @@ def _packed_block(k_ptr, v_ptr, rows_ptr, n0, end, h0, stride_kr, stride_kh, HKV
     rows = tl.where(valid, rows, 0).to(tl.int64)
     offs = rows[:, None] * stride_kr + head[:, None] * stride_kh + offs_d[None, :]
     mask = valid[:, None] & (offs_d[None, :] < D)
-    k = tl.load(k_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)  # issued with K: both in flight at once
+    k = tl.load(k_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT)
+    # V issued with K: both in flight at once.
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT)
     return k, v, valid, head
 
 
@@ -243,6 +268,7 @@ def _sparse_wide_partial_kernel(
     stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     """Sparse partial attention, one program per (sequence, group of BLOCK_H KV heads, split): each
     selected token's K (and V) rows of all the group's heads - contiguous in the cache - are read
@@ -259,7 +285,7 @@ def _sparse_wide_partial_kernel(
     # The first block's rows are in flight before waiting on the previous kernel (as in
     # `_decode_partial_kernel`: only the query and the outputs are written by the kernel before).
     k, v, valid, kv_head = _packed_block(k_ptr, v_ptr, rows_row, start, end, h0, stride_kr, stride_kh, HKV, D,
-                                         BLOCK_H, BLOCK_N, BLOCK_D)
+                                         BLOCK_H, BLOCK_N, BLOCK_D, EVICT)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -277,7 +303,7 @@ def _sparse_wide_partial_kernel(
                                    sm_scale_log2, IEEE)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
         k, v, valid, kv_head = _packed_block(k_ptr, v_ptr, rows_row, n0, end, h0, stride_kr, stride_kh, HKV, D,
-                                             BLOCK_H, BLOCK_N, BLOCK_D)
+                                             BLOCK_H, BLOCK_N, BLOCK_D, EVICT)
         m_i, l_i, acc = _attend_masked(q, k, v, valid[None, :] & (own == kv_head[None, :]), m_i, l_i, acc,
                                        sm_scale_log2, IEEE)
 
@@ -366,7 +392,8 @@ def launch_decode(
         HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_GM=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse,
         IEEE=q.dtype.itemsize == 4,
-        FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER, num_warps=num_warps,
+        FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER,
+        EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, num_warps=num_warps,
         num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:
@@ -413,7 +440,8 @@ def launch_sparse_wide(q, k_cache, v_cache, rows, sm_scale: float, n_items: int,
         q, k_cache, v_cache, rows, o_part, lse_part, sm_scale * LOG2E, n_items, split_size,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), rows.stride(0), *part_strides[:5],
         HKV=n_kv_heads, G=group, D=head_dim, BLOCK_H=block_h, BLOCK_Q=max(16, triton.next_power_of_2(block_h * group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype.itemsize == 4, USE_PDL=pdl, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype.itemsize == 4, USE_PDL=pdl, EVICT=SPARSE_KV_EVICTION,
+        num_warps=num_warps,
         num_stages=num_stages, **_pdl(pdl),
     )
     launch_merge(o_part, lse_part, out, n_splits, part_strides, pdl)
@@ -456,13 +484,19 @@ def _window_attention_kernel(
     """Prefill attention to a sliding window: one program per (BLOCK_M queries, sequence, query
     head) walks only the key blocks its window touches, (W + BLOCK_M) / BLOCK_N of them, with the
     online softmax of the decode kernels. Query t is key t + q_offset and sees keys j with
-    key_start <= j and 0 <= t + q_offset - j < W."""
+    key_start <= j and 0 <= t + q_offset - j < W.
+
+    The walk has three parts: the blocks at the window's far edge (some queries past them),
+    the interior that every query of the block sees whole (W / BLOCK_N - 1 of the
+    W / BLOCK_N + 1 blocks at BLOCK_M = BLOCK_N, loaded and scored with no mask), and the
+    blocks at the causal diagonal."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     kvh = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < n_queries
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -470,21 +504,44 @@ def _window_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lo = tl.maximum(pid_m * BLOCK_M + q_offset - window + 1, key_start) // BLOCK_N * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M + q_offset, n_keys)
+    lo = tl.maximum(m0 + q_offset - window + 1, key_start) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(m0 + BLOCK_M + q_offset, n_keys)
+    # Block [s, s + BLOCK_N) is seen whole by queries m0 .. m0 + BLOCK_M - 1 when key_start <= s,
+    # s + BLOCK_N - 1 <= m0 + q_offset (< n_keys) and m0 + BLOCK_M - 1 + q_offset - s < W.
+    mid_lo = tl.cdiv(tl.maximum(key_start, m0 + BLOCK_M + q_offset - window), BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), tl.cdiv(hi, BLOCK_N) * BLOCK_N)
+    mid_hi = tl.maximum(tl.minimum(m0 + q_offset + 1, n_keys) // BLOCK_N * BLOCK_N, mid_lo)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    for start in range(lo, hi, BLOCK_N):
+    for start in range(lo, mid_lo, BLOCK_N):
+        m_i, l_i, acc = _window_block(q, k_base, v_base, offs_m, start, n_keys, q_offset, key_start, window,
+                                      stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2, D, BLOCK_N, IEEE)
+    for start in range(mid_lo, mid_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = (offs_n < n_keys) & (offs_n >= key_start)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        diff = offs_m[:, None] + q_offset - offs_n[None, :]
-        visible = (diff >= 0) & (diff < window) & col_ok[None, :]
-        m_i, l_i, acc = _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE)
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        m_i, l_i, acc = _attend_all(q, k, v, m_i, l_i, acc, sm_scale_log2, IEEE)
+    for start in range(mid_hi, hi, BLOCK_N):
+        m_i, l_i, acc = _window_block(q, k_base, v_base, offs_m, start, n_keys, q_offset, key_start, window,
+                                      stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2, D, BLOCK_N, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _window_block(q, k_base, v_base, offs_m, start, n_keys, q_offset, key_start, window, stride_kt, stride_vt,
+                  m_i, l_i, acc, sm_scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One key block at an edge of the window: loads masked to the keys present, scores masked
+    to the window and the causal diagonal."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = (offs_n < n_keys) & (offs_n >= key_start)
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    diff = offs_m[:, None] + q_offset - offs_n[None, :]
+    visible = (diff >= 0) & (diff < window) & col_ok[None, :]
+    return _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE)
 
 
 def launch_window_attention(q, k, v, out, window: int, sm_scale: float, q_offset: int, key_start: int, *,

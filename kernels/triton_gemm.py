@@ -79,7 +79,7 @@ def _skinny_gemm_kernel(
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr,
-    PRE_WAIT: tl.constexpr,
+    PRE_WAIT: tl.constexpr, EVICT_W: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,13 +95,15 @@ def _skinny_gemm_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     # The first PRE_WAIT (1 to 3) weight tiles are in flight before the wait: no kernel writes a
     # weight. Tiles past the slice's end load as zeros (their x tiles are zeros too).
-    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0)
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0,
+                eviction_policy=EVICT_W)
     if PRE_WAIT >= 2:
         w1 = tl.load(w_rows + (offs_k + BLOCK_K)[None, :], mask=mask_n[:, None] & (offs_k + BLOCK_K < k_end)[None, :],
-                     other=0.0)
+                     other=0.0, eviction_policy=EVICT_W)
     if PRE_WAIT >= 3:
         w2 = tl.load(w_rows + (offs_k + 2 * BLOCK_K)[None, :],
-                     mask=mask_n[:, None] & (offs_k + 2 * BLOCK_K < k_end)[None, :], other=0.0)
+                     mask=mask_n[:, None] & (offs_k + 2 * BLOCK_K < k_end)[None, :], other=0.0,
+                     eviction_policy=EVICT_W)
     if PREFETCH_LINES > 0:
         # The rest of this program's weight slice on its way to L2 while the kernel before still
         # runs (what the wait below would otherwise leave idle); out-of-range lines and rows
@@ -124,7 +126,8 @@ def _skinny_gemm_kernel(
         acc = _dot(w2, xt, acc, IEEE)
     for k0 in range(k_start + PRE_WAIT * BLOCK_K, k_end, BLOCK_K):
         ks = k0 + offs_k - k_start
-        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0,
+                    eviction_policy=EVICT_W)
         xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
         acc = _dot(w, xt, acc, IEEE)
     mask = mask_n[:, None] & mask_m[None, :]
@@ -204,13 +207,15 @@ def _rotate_half(acc, cos_ptr, sin_ptr, offs_m, mask_m, BLOCK_N: tl.constexpr, B
 
 def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, counters, *, silu: bool,
                        block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
-                       pdl: bool, prefetch: bool = False, rope=None, ring=None, pre_wait_tiles: int = 1) -> None:
+                       pdl: bool, prefetch: bool = False, rope=None, ring=None, pre_wait_tiles: int = 1,
+                       weight_eviction: str = "") -> None:
     """out[M, N] = f(x) @ w^T (+ residual): x [M, K] (or [M, 2K] with `silu`), w [N, K], out and
     residual [M, N], every last dim contiguous; `norm_weight` [K] or None (no RMSNorm). With
     `split_k` > 1, K is cut into that many slices (multiples of block_k), one program each:
     `part` fp32 [split_k * BLOCK_M * N] and `sq` fp32 [cdiv(N, block_n) * split_k * BLOCK_M]
     hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
     zero). `pre_wait_tiles` (1 to 3): weight tiles each program loads before its PDL wait.
+    `weight_eviction`: the L2 eviction policy of the weight loads ("", "evict_first", "evict_last").
     `prefetch`: each program asks L2 for its whole weight slice before its PDL wait
     (compiled only: the interpreter has no inline assembly). `rope`: (cos, sin, rope_cols) - cos
     and sin fp32 [M, block_n / 2] contiguous, the first rope_cols columns rotated, one head of
@@ -236,6 +241,6 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None,
         SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
         PREFETCH_LINES=prefetch_lines, LINE=line, ROPE=rope is not None, RING=ring is not None,
-        PRE_WAIT=pre_wait_tiles, num_warps=num_warps, num_stages=num_stages,
+        PRE_WAIT=pre_wait_tiles, EVICT_W=weight_eviction, num_warps=num_warps, num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -311,6 +311,7 @@ WINDOW_CASES = {  # (B, T, Hq, Hkv, d, window)
     "mha-window1": (1, 40, 2, 2, 32, 1),
     "window-over-T": (1, 35, 4, 1, 16, 500),
     "gqa4-d128": (1, 70, 4, 1, 128, 33),
+    "interior-blocks": (1, 130, 2, 1, 32, 64),  # whole key blocks inside the window, unmasked
 }
 
 
@@ -337,15 +338,17 @@ def test_window_attention(case: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
-@pytest.mark.parametrize(("q_offset", "key_start"), [(20, 0), (20, 13), (20, 20), (5, 3)])
-def test_window_attention_behind_earlier_keys(q_offset: int, key_start: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("q_offset", "key_start", "window"), [(20, 0, 20), (20, 13, 20), (20, 20, 20), (5, 3, 20),
+                                                               (45, 9, 50), (64, 0, 64)])
+def test_window_attention_behind_earlier_keys(q_offset: int, key_start: int, window: int,
+                                              dtype: torch.dtype) -> None:
     """A later prefill chunk: the queries behind q_offset keys of earlier tokens (the ring, in
     position order), the first key_start of them absent (fewer than W tokens came before)."""
     from kernels import window_attention
     from kernels.window_attention import window_attention_reference
 
     gen = torch.Generator().manual_seed(q_offset + key_start)
-    b, tq, hq, hkv, d, window = 2, 37, 6, 2, 32, 20
+    b, tq, hq, hkv, d = 2, 37, 6, 2, 32
     q = torch.randn(b, tq, hq, d, generator=gen).to(dtype).to(DEVICE)
     k, v = (torch.randn(b, tq + q_offset, hkv, d, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
     got = window_attention(q, k, v, window, 0.2, q_offset=q_offset, key_start=key_start, backend="triton")
