@@ -23,6 +23,12 @@
 #            breakdown, the one-chunk prefill of the Transformer and CLSA, then CLSA's step with 2 and 3
 #            weight tiles loaded before each skinny GEMM's PDL wait, and CLSA's prefill kernels
 #            (--profile) (~7 min cold)            -> decode/, decode.txt, prefill/, pre_wait_*.txt, prefill_profile.txt
+#   switches issue 7's open experiments in one call: the window kernel at 128K before and after its
+#            unmasked interior (the old kernels/triton_attention.py from ab_old/, made by
+#            `bash bench/gpu_session.sh ab-prepare REV kernels/triton_attention.py`, carried), then
+#            bench/decode_ab.py over the skinny GEMM's pre-wait tiles and the L2 eviction policies
+#            ($AB_SETTINGS overrides the list), then CLSA's one-chunk prefill (~8 min cold)
+#                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
 #   ab       an A/B of two versions of the kernels on one machine (~20 s a round): the files under
 #            ab_old/ (made on the CPU by `bash bench/gpu_session.sh ab-prepare REV FILE...`, carried
 #            with `carry: ["ab_old"]`: it is git-ignored) stand in for their namesakes in the "old"
@@ -110,6 +116,28 @@ for step in "$@"; do
         timeout 90 python3 bench/prefill.py --compile --ns 128K --variants clsa --profile --reps 1 --out /tmp/pp \
             > "$OUT/prefill_profile.txt" 2>&1
         echo "prefill profile rc $?"; grep -A26 "kernels:" "$OUT/prefill_profile.txt" | cut -c1-130
+        ;;
+    switches)
+        if [ -f ab_old/kernels/triton_attention.py ]; then
+            cp kernels/triton_attention.py /tmp/triton_attention.new.py
+            cp ab_old/kernels/triton_attention.py kernels/triton_attention.py
+            timeout 100 python3 bench/window_attention.py --ts 131072 --out "$OUT/window_old" > "$OUT/window_old.txt" 2>&1
+            echo "window (old kernel) rc $?"; cat "$OUT/window_old.txt" | cut -c1-110
+            cp /tmp/triton_attention.new.py kernels/triton_attention.py
+        fi
+        timeout 100 python3 bench/window_attention.py --ts 131072 --out "$OUT/window_new" > "$OUT/window_new.txt" 2>&1
+        echo "window rc $?"; cat "$OUT/window_new.txt" | cut -c1-110
+        SL=kernels.skinny_linear TA=kernels.triton_attention
+        settings=${AB_SETTINGS:-"base: pre2:$SL.PRE_WAIT_TILES=2 pre3:$SL.PRE_WAIT_TILES=3
+            kv_last:$TA.SPARSE_KV_EVICTION=evict_last
+            kv_last_ring_first:$TA.SPARSE_KV_EVICTION=evict_last,$TA.DENSE_KV_EVICTION=evict_first
+            w_first_kv_last:$SL.WEIGHT_EVICTION=evict_first,$TA.SPARSE_KV_EVICTION=evict_last"}
+        args=(); for s in $settings; do args+=(--setting "$s"); done
+        timeout 330 python3 bench/decode_ab.py "${args[@]}" --rounds 2 --out "$OUT/decode_ab" > "$OUT/decode_ab.txt" 2>&1
+        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
+        timeout 150 python3 bench/prefill.py --compile --ns 128K --variants clsa --out "$OUT/prefill_clsa" \
+            > "$OUT/prefill_clsa.txt" 2>&1
+        echo "prefill rc $?"; tail -4 "$OUT/prefill_clsa.txt"
         ;;
     ab)
         [ -d ab_old ] || { echo "ab: no ab_old/ (run ab-prepare on the CPU, carry it)"; continue; }

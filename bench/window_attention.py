@@ -30,7 +30,7 @@ from services.engine.layers import sliding_window_attention  # noqa: E402
 window_module = importlib.import_module("kernels.window_attention")  # the package exports the function
 REPS = 10
 CONFIGS = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
-           (128, 64, 8, 3)]
+           (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
 
 
 def main() -> None:

@@ -38,3 +38,25 @@ def test_prefill_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert {(r["variant"], r["n"]) for r in rows} == {(v, n) for v in ("transformer", "clsa", "dense-yoco")
                                                       for n in (300, 1000)}
     assert "vs transformer" in (tmp_path / "prefill.txt").read_text()
+
+
+def test_decode_ab_smoke_run_times_each_setting_and_puts_the_switches_back(tmp_path: Path) -> None:
+    stdout = _run("decode_ab.py", tmp_path, "--setting", "base:", "--setting",
+                  "pre2:kernels.skinny_linear.PRE_WAIT_TILES=2,kernels.triton_attention.SPARSE_KV_EVICTION=evict_last",
+                  "--bs", "1", "2", "--rounds", "2")
+    run = json.loads((tmp_path / "decode_ab.json").read_text())
+    assert list(run["settings"]) == ["base", "pre2"]
+    assert run["settings"]["pre2"]["switches"] == ["kernels.skinny_linear.PRE_WAIT_TILES=2",
+                                                   "kernels.triton_attention.SPARSE_KV_EVICTION='evict_last'"]
+    for setting in run["settings"].values():  # one time per round at each batch
+        assert {b: len(ts) for b, ts in setting["step_ms"].items()} == {"1": 2, "2": 2}
+        assert all(t > 0 for ts in setting["step_ms"].values() for t in ts)
+    assert "pre2" in stdout and "(1.000)" in stdout
+
+
+def test_decode_ab_refuses_an_unknown_switch_before_starting(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_ab.py"), "--smoke", "--out", str(tmp_path),
+                           "--setting", "bad:kernels.skinny_linear.NO_SUCH_SWITCH=1"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0 and "kernels.skinny_linear has no NO_SUCH_SWITCH" in done.stderr
+    assert not (tmp_path / "decode_ab.json").exists()
