@@ -20,9 +20,8 @@
 #            SKINNY_SWEEP=0 skips the tests and the sweep)
 #                                                                           -> skinny/, decode_*/
 #   issue7   issue 7's 128K targets in one call: the decode step of every variant at B = 1 and 7 with its
-#            breakdown, the one-chunk prefill of the Transformer and CLSA, then CLSA's step with 2 and 3
-#            weight tiles loaded before each skinny GEMM's PDL wait, and CLSA's prefill kernels
-#            (--profile) (~7 min cold)            -> decode/, decode.txt, prefill/, pre_wait_*.txt, prefill_profile.txt
+#            breakdown, the one-chunk prefill of the Transformer and CLSA, and CLSA's prefill kernels
+#            (--profile) (~6 min cold)                    -> decode/, decode.txt, prefill/, prefill_profile.txt
 #   switches issue 7's open experiments in one call: the window kernel at 128K before and after its
 #            unmasked interior (the old kernels/triton_attention.py from ab_old/, made by
 #            `bash bench/gpu_session.sh ab-prepare REV kernels/triton_attention.py`, carried), then
@@ -108,11 +107,6 @@ for step in "$@"; do
         timeout 180 python3 bench/prefill.py --compile --ns 128K --variants transformer clsa --out "$OUT/prefill" \
             > "$OUT/prefill.txt" 2>&1
         echo "prefill rc $?"; tail -3 "$OUT/prefill.txt"
-        for tiles in 2 3; do
-            timeout 90 python3 bench/decode.py --ns 128K --bs 1 7 --variants clsa --compile --fuse --no-breakdown \
-                --reps 10 --skinny-pre-wait-tiles $tiles --out /tmp/pre_wait_$tiles > "$OUT/pre_wait_$tiles.txt" 2>&1
-            echo "-- $tiles weight tiles before the wait (rc $?)"; grep -E "^ 131072 " "$OUT/pre_wait_$tiles.txt"
-        done
         timeout 90 python3 bench/prefill.py --compile --ns 128K --variants clsa --profile --reps 1 --out /tmp/pp \
             > "$OUT/prefill_profile.txt" 2>&1
         echo "prefill profile rc $?"; grep -A26 "kernels:" "$OUT/prefill_profile.txt" | cut -c1-130

@@ -38,12 +38,14 @@ PDL = True  # programmatic dependent launch on Hopper and later
 # bench/skinny_gemm.py (its "pdl+prefetch" column) and decode.py --skinny-prefetch show it helps.
 PREFETCH_L2 = False
 # Weight tiles each program loads into registers before its PDL wait (1 to 3; the first tile's
-# load before the wait is what lets a GEMM stream while the kernel ahead drains). An experiment
-# at 2 and 3, off until bench/decode.py --skinny-pre-wait-tiles shows it helps.
-PRE_WAIT_TILES = 1
+# load before the wait is what lets a GEMM stream while the kernel ahead drains). 3 on the H200
+# (bench/decode_ab.py, bench/results/decode/decode_ab_switches.json: the 128K step at B = 1 / 7
+# 2.378 / 2.842 ms with 1 tile, 2.353 / 2.808 with 2, 2.310 / 2.770 with 3).
+PRE_WAIT_TILES = 3
 # The L2 eviction policy of the weight loads: "evict_first" lets a weight that is read once per
 # step stream past what the next kernels read again (the shared KV cache's selected rows). An
-# experiment, "" (the default policy) until bench/decode.py --skinny-weight-eviction shows it helps.
+# experiment, "" (the default policy): in the same A/B, "evict_first" here with the sparse K/V
+# "evict_last" changed the step by under 0.5% (noise).
 WEIGHT_EVICTION = ""
 EVICTION_POLICIES = ("", "evict_first", "evict_last")
 

@@ -30,8 +30,9 @@ PARTIAL_EARLY_TRIGGER = True  # B=1, 16 layers: 5.68 -> 5.41 us a layer (bench/f
 # L2 eviction policy of the K/V loads ("", "evict_first", "evict_last"). Every cross layer of a
 # step reads the same selected rows of the one shared cache (8 MiB a sequence at 128K), so
 # "evict_last" may keep them in L2 for the layers after; a window's ring is read once a step,
-# so "evict_first" may keep it from pushing them out. Experiments, "" (the default policy)
-# until bench/decode.py --sparse-kv-eviction / --dense-kv-eviction show they help.
+# so "evict_first" may keep it from pushing them out. Experiments, "" (the default policy): on
+# the H200 at 128K either changed the decode step by under 0.5% (bench/decode_ab.py,
+# bench/results/decode/decode_ab_switches.json); the selected rows (56 MiB at B = 7) outgrow L2.
 SPARSE_KV_EVICTION = ""
 DENSE_KV_EVICTION = ""
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
@@ -136,16 +137,6 @@ def _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE: tl.cons
     else:
         s = tl.dot(q, tl.trans(k))
     return _softmax_step(tl.where(visible, s * sm_scale_log2, float("-inf")), v, m_i, l_i, acc, IEEE)
-
-
-@triton.jit
-def _attend_all(q, k, v, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
-    """`_attend` for a block every query sees whole: no mask to build or apply."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    return _softmax_step(s * sm_scale_log2, v, m_i, l_i, acc, IEEE)
 
 
 @triton.jit
@@ -484,19 +475,13 @@ def _window_attention_kernel(
     """Prefill attention to a sliding window: one program per (BLOCK_M queries, sequence, query
     head) walks only the key blocks its window touches, (W + BLOCK_M) / BLOCK_N of them, with the
     online softmax of the decode kernels. Query t is key t + q_offset and sees keys j with
-    key_start <= j and 0 <= t + q_offset - j < W.
-
-    The walk has three parts: the blocks at the window's far edge (some queries past them),
-    the interior that every query of the block sees whole (W / BLOCK_N - 1 of the
-    W / BLOCK_N + 1 blocks at BLOCK_M = BLOCK_N, loaded and scored with no mask), and the
-    blocks at the causal diagonal."""
+    key_start <= j and 0 <= t + q_offset - j < W."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     kvh = h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < n_queries
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -504,44 +489,21 @@ def _window_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lo = tl.maximum(m0 + q_offset - window + 1, key_start) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(m0 + BLOCK_M + q_offset, n_keys)
-    # Block [s, s + BLOCK_N) is seen whole by queries m0 .. m0 + BLOCK_M - 1 when key_start <= s,
-    # s + BLOCK_N - 1 <= m0 + q_offset (< n_keys) and m0 + BLOCK_M - 1 + q_offset - s < W.
-    mid_lo = tl.cdiv(tl.maximum(key_start, m0 + BLOCK_M + q_offset - window), BLOCK_N) * BLOCK_N
-    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), tl.cdiv(hi, BLOCK_N) * BLOCK_N)
-    mid_hi = tl.maximum(tl.minimum(m0 + q_offset + 1, n_keys) // BLOCK_N * BLOCK_N, mid_lo)
+    lo = tl.maximum(pid_m * BLOCK_M + q_offset - window + 1, key_start) // BLOCK_N * BLOCK_N
+    hi = tl.minimum((pid_m + 1) * BLOCK_M + q_offset, n_keys)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    for start in range(lo, mid_lo, BLOCK_N):
-        m_i, l_i, acc = _window_block(q, k_base, v_base, offs_m, start, n_keys, q_offset, key_start, window,
-                                      stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2, D, BLOCK_N, IEEE)
-    for start in range(mid_lo, mid_hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
-        m_i, l_i, acc = _attend_all(q, k, v, m_i, l_i, acc, sm_scale_log2, IEEE)
-    for start in range(mid_hi, hi, BLOCK_N):
-        m_i, l_i, acc = _window_block(q, k_base, v_base, offs_m, start, n_keys, q_offset, key_start, window,
-                                      stride_kt, stride_vt, m_i, l_i, acc, sm_scale_log2, D, BLOCK_N, IEEE)
+        col_ok = (offs_n < n_keys) & (offs_n >= key_start)
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        diff = offs_m[:, None] + q_offset - offs_n[None, :]
+        visible = (diff >= 0) & (diff < window) & col_ok[None, :]
+        m_i, l_i, acc = _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _window_block(q, k_base, v_base, offs_m, start, n_keys, q_offset, key_start, window, stride_kt, stride_vt,
-                  m_i, l_i, acc, sm_scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """One key block at an edge of the window: loads masked to the keys present, scores masked
-    to the window and the causal diagonal."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    col_ok = (offs_n < n_keys) & (offs_n >= key_start)
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    diff = offs_m[:, None] + q_offset - offs_n[None, :]
-    visible = (diff >= 0) & (diff < window) & col_ok[None, :]
-    return _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE)
 
 
 def launch_window_attention(q, k, v, out, window: int, sm_scale: float, q_offset: int, key_start: int, *,
