@@ -6,8 +6,8 @@ through SDPA's flash causal kernel; YOCO's 16 sliding-window layers through our 
 (`kernels.window_attention`) on a GPU, the shared K/V and indexer keys for every token, the cross
 layers for the last token only - YOCO's early exit. Random bf16 weights of the DESIGN.md presets
 with stacked projections (--compile: the layers compiled, as the results in docs/performance.md).
-Reports the median time of 3 prefills after a warm-up, tokens/s and the ratio to the Transformer,
-for N in --ns.
+Reports the median time of 3 prefills after a warm-up (each run kept in the JSON), tokens/s and
+the ratio to the Transformer, for N in --ns.
 
 GPU: python bench/prefill.py --compile --out DIR   (DIR/prefill.json, DIR/prefill.txt; --chunk C: chunked)
 CPU smoke run (clsa-tiny shapes, times meaningless): python bench/prefill.py --smoke
@@ -41,8 +41,8 @@ from services.engine.sequence import Sequence  # noqa: E402
 VARIANTS = {"transformer": ("transformer-4b", False), "clsa": ("clsa-4b", True), "dense-yoco": ("clsa-4b", False)}
 
 
-def prefill_ms(model, n: int, sparse: bool, reps: int, profile: bool = False,  # noqa: ANN001
-               chunk: int | None = None) -> float:
+def prefill_times(model, n: int, sparse: bool, reps: int, profile: bool = False,  # noqa: ANN001
+               chunk: int | None = None) -> list[float]:
     cfg = model.cfg
     device = next(model.parameters()).device
     blocks = -(-(n + 1) // BLOCK)
@@ -74,7 +74,7 @@ def prefill_ms(model, n: int, sparse: bool, reps: int, profile: bool = False,  #
     del cache, runner
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times)
+    return times
 
 
 def main() -> None:
@@ -111,10 +111,12 @@ def main() -> None:
         with torch.inference_mode():
             for n in ns:
                 for name in names:
-                    ms = prefill_ms(model, n, VARIANTS[name][1], args.reps, args.profile, args.chunk)
+                    times = prefill_times(model, n, VARIANTS[name][1], args.reps, args.profile, args.chunk)
+                    ms = statistics.median(times)
                     rows.append({"variant": name, "n": n, "prefill_ms": ms, "tok_s": n / ms * 1e3,
-                                 "chunk": min(args.chunk or n, n)})
-                    log(f"prefill {name:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s")
+                                 "chunk": min(args.chunk or n, n), "times_ms": times})
+                    log(f"prefill {name:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s  (runs: "
+                        + " ".join(f"{t:.1f}" for t in times) + ")")
         del model
         if bench_decode.DEVICE.type == "cuda":
             torch.cuda.empty_cache()
