@@ -136,13 +136,7 @@ def _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE: tl.cons
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    return _softmax_step(tl.where(visible, s * sm_scale_log2, float("-inf")), v, m_i, l_i, acc, IEEE)
-
-
-@triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
-    """Folds scores `s` (base 2, -inf where not visible) and their values `v` into the running
-    (m_i, l_i, acc)."""
+    s = tl.where(visible, s * sm_scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # Until a row has seen a valid key its max is -inf; shift by 0 then so exp2 stays finite.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
