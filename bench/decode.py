@@ -304,11 +304,11 @@ def main() -> None:
                         "(skinny_linear.PREFETCH_L2)")
     p.add_argument("--skinny-pre-wait-tiles", type=int, default=None, choices=(1, 2, 3),
                    help="weight tiles a skinny-GEMM program loads before its PDL wait (skinny_linear.PRE_WAIT_TILES)")
-    p.add_argument("--skinny-weight-eviction", default=None, choices=("", "evict_first", "evict_last"),
+    p.add_argument("--skinny-weight-eviction", default=None, choices=skinny_linear.EVICTION_POLICIES,
                    help="L2 eviction policy of the skinny GEMM's weight loads (skinny_linear.WEIGHT_EVICTION)")
-    p.add_argument("--sparse-kv-eviction", default=None, choices=("", "evict_first", "evict_last"),
+    p.add_argument("--sparse-kv-eviction", default=None, choices=skinny_linear.EVICTION_POLICIES,
                    help="L2 eviction policy of the sparse kernels' K/V loads (triton_attention.SPARSE_KV_EVICTION)")
-    p.add_argument("--dense-kv-eviction", default=None, choices=("", "evict_first", "evict_last"),
+    p.add_argument("--dense-kv-eviction", default=None, choices=skinny_linear.EVICTION_POLICIES,
                    help="L2 eviction policy of the ring kernels' K/V loads (triton_attention.DENSE_KV_EVICTION)")
     p.add_argument("--no-fused-qkv", action="store_true",
                    help="q/k/v, RoPE and ring writes as separate kernels (graph_step.FUSED_QKV_RING off)")

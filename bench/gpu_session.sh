@@ -116,11 +116,11 @@ for step in "$@"; do
             cp kernels/triton_attention.py /tmp/triton_attention.new.py
             cp ab_old/kernels/triton_attention.py kernels/triton_attention.py
             timeout 100 python3 bench/window_attention.py --ts 131072 --out "$OUT/window_old" > "$OUT/window_old.txt" 2>&1
-            echo "window (old kernel) rc $?"; cat "$OUT/window_old.txt" | cut -c1-110
+            echo "window (old kernel) rc $?"; cut -c1-110 "$OUT/window_old.txt"
             cp /tmp/triton_attention.new.py kernels/triton_attention.py
         fi
         timeout 100 python3 bench/window_attention.py --ts 131072 --out "$OUT/window_new" > "$OUT/window_new.txt" 2>&1
-        echo "window rc $?"; cat "$OUT/window_new.txt" | cut -c1-110
+        echo "window rc $?"; cut -c1-110 "$OUT/window_new.txt"
         SL=kernels.skinny_linear TA=kernels.triton_attention
         settings=${AB_SETTINGS:-"base: pre2:$SL.PRE_WAIT_TILES=2 pre3:$SL.PRE_WAIT_TILES=3
             kv_last:$TA.SPARSE_KV_EVICTION=evict_last

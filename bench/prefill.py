@@ -42,7 +42,7 @@ VARIANTS = {"transformer": ("transformer-4b", False), "clsa": ("clsa-4b", True),
 
 
 def prefill_times(model, n: int, sparse: bool, reps: int, profile: bool = False,  # noqa: ANN001
-               chunk: int | None = None) -> list[float]:
+                  chunk: int | None = None) -> list[float]:
     cfg = model.cfg
     device = next(model.parameters()).device
     blocks = -(-(n + 1) // BLOCK)

@@ -40,7 +40,7 @@ def test_prefill_smoke_run_writes_its_table(tmp_path: Path) -> None:
     assert "vs transformer" in (tmp_path / "prefill.txt").read_text()
 
 
-def test_decode_ab_smoke_run_times_each_setting_and_puts_the_switches_back(tmp_path: Path) -> None:
+def test_decode_ab_smoke_run_times_each_setting_every_round(tmp_path: Path) -> None:
     stdout = _run("decode_ab.py", tmp_path, "--setting", "base:", "--setting",
                   "pre2:kernels.skinny_linear.PRE_WAIT_TILES=2,kernels.triton_attention.SPARSE_KV_EVICTION=evict_last",
                   "--bs", "1", "2", "--rounds", "2")

@@ -80,8 +80,8 @@ def test_skinny_linear_with_l2_prefetch(fusion: str, monkeypatch: pytest.MonkeyP
 def test_skinny_linear_with_tiles_loaded_before_the_wait(shape: str, pre_wait: int,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """One, two or three weight tiles per program before the PDL wait (PRE_WAIT_TILES; three by
-    default), slices of one,
-    two or many tiles (the tiles past a slice's end contribute nothing), each fusion's tiles."""
+    default), slices of one, two or many tiles (the tiles past a slice's end contribute nothing),
+    each fusion's tiles."""
     monkeypatch.setattr(skinny_module, "PRE_WAIT_TILES", pre_wait)
     for fusion in ("norm+residual", "silu+residual"):
         (x, w, g, r), silu = _case(*SHAPES[shape], fusion, torch.float32)

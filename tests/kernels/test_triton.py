@@ -311,7 +311,7 @@ WINDOW_CASES = {  # (B, T, Hq, Hkv, d, window)
     "mha-window1": (1, 40, 2, 2, 32, 1),
     "window-over-T": (1, 35, 4, 1, 16, 500),
     "gqa4-d128": (1, 70, 4, 1, 128, 33),
-    "interior-blocks": (1, 130, 2, 1, 32, 64),  # whole key blocks inside the window, unmasked
+    "interior-blocks": (1, 130, 2, 1, 32, 64),  # windows spanning several whole key blocks
 }
 
 
