@@ -28,6 +28,14 @@
 #            bench/decode_ab.py over the skinny GEMM's pre-wait tiles and the L2 eviction policies
 #            ($AB_SETTINGS overrides the list), then CLSA's one-chunk prefill (~8 min cold)
 #                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
+#   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = 1, 7; $AB_ROUNDS rounds, 3)
+#            (~4 min cold)                                                       -> decode_ab/, decode_ab.txt
+#   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
+#            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
+#   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
+#                                                                                 -> prefill/, prefill.txt
+#   prefill_ab bench/prefill.py at 128K over $PREFILL_SETTINGS, interleaved run by run ($PREFILL_VARIANTS:
+#            transformer clsa; $PREFILL_REPS: 5; ~4 min cold)                    -> prefill_ab/, prefill_ab.txt
 #   ab       an A/B of two versions of the kernels on one machine (~20 s a round): the files under
 #            ab_old/ (made on the CPU by `bash bench/gpu_session.sh ab-prepare REV FILE...`, carried
 #            with `carry: ["ab_old"]`: it is git-ignored) stand in for their namesakes in the "old"
@@ -132,6 +140,33 @@ for step in "$@"; do
         timeout 150 python3 bench/prefill.py --compile --ns 128K --variants clsa --out "$OUT/prefill_clsa" \
             > "$OUT/prefill_clsa.txt" 2>&1
         echo "prefill rc $?"; tail -4 "$OUT/prefill_clsa.txt"
+        ;;
+    decode_ab)
+        args=(); for s in ${AB_SETTINGS:?decode_ab: set AB_SETTINGS, e.g. "base: pre4:kernels.skinny_linear.PRE_WAIT_TILES=4"}; do
+            args+=(--setting "$s"); done
+        timeout 330 python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" --out "$OUT/decode_ab" \
+            > "$OUT/decode_ab.txt" 2>&1
+        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
+        ;;
+    window)
+        TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton.py -k window \
+            > "$OUT/window_tests.txt" 2>&1
+        echo "window tests: $(tail -1 "$OUT/window_tests.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/window_tests.txt" | head
+        timeout 100 python3 bench/window_attention.py --ts 131072 --no-sweep --out "$OUT/window" > "$OUT/window.txt" 2>&1
+        echo "window bench rc $?"; cut -c1-120 "$OUT/window.txt"
+        ;;
+    prefill)
+        timeout 300 python3 bench/prefill.py --compile --ns 128K --variants ${PREFILL_VARIANTS:-transformer clsa} \
+            --reps "${PREFILL_REPS:-3}" --out "$OUT/prefill" > "$OUT/prefill.txt" 2>&1
+        echo "prefill rc $?"; grep -E "runs:|^ +131072" "$OUT/prefill.txt" | cut -c1-160
+        ;;
+    prefill_ab)
+        args=(); for s in ${PREFILL_SETTINGS:?prefill_ab: set PREFILL_SETTINGS, e.g. "base: add:services.engine.layers.RESIDUAL_GEMM=False"}; do
+            args+=(--setting "$s"); done
+        timeout 330 python3 bench/prefill.py --compile --ns 128K --variants ${PREFILL_VARIANTS:-transformer clsa} \
+            --reps "${PREFILL_REPS:-5}" "${args[@]}" --out "$OUT/prefill_ab" > "$OUT/prefill_ab.txt" 2>&1
+        echo "prefill A/B rc $?"; grep -E "runs:|^ +131072" "$OUT/prefill_ab.txt" | cut -c1-160
+        grep -E "Error|error" "$OUT/prefill_ab.txt" | head -5
         ;;
     ab)
         [ -d ab_old ] || { echo "ab: no ab_old/ (run ab-prepare on the CPU, carry it)"; continue; }

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import decode as bench_decode  # noqa: E402
+import decode_ab  # noqa: E402
 from decode import BLOCK, log, parse_n, random_model  # noqa: E402
 
 import services.engine.layers as layers  # noqa: E402
@@ -42,7 +43,10 @@ VARIANTS = {"transformer": ("transformer-4b", False), "clsa": ("clsa-4b", True),
 
 
 def prefill_times(model, n: int, sparse: bool, reps: int, profile: bool = False,  # noqa: ANN001
-                  chunk: int | None = None) -> list[float]:
+                  chunk: int | None = None, settings: list | None = None) -> list[list[float]]:
+    """The times (ms) of `reps` prefills after a warm-up, one list per setting (`settings`: those of
+    bench/decode_ab.py, [(name, switches)]; None: as the modules stand): each rep runs every
+    setting in turn, so that a drift of the card does not read as a difference between them."""
     cfg = model.cfg
     device = next(model.parameters()).device
     blocks = -(-(n + 1) // BLOCK)
@@ -54,17 +58,21 @@ def prefill_times(model, n: int, sparse: bool, reps: int, profile: bool = False,
                    max_total_tokens=n + 1, eos_token_id=-1, detokenizer=None)  # type: ignore[arg-type]
     seq.block_ids = cache.blocks.allocate(blocks)
     [seq.slot] = cache.slots.allocate(1)
-    times = []
+    settings = settings or [("", [])]
+    times: list[list[float]] = [[] for _ in settings]
     for i in range(reps + 1):
-        cache.reset_slot(seq.slot)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = runner.prefill([seq])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first is the warm-up
-            times.append((time.perf_counter() - start) * 1e3)
+        for j, (_, switches) in enumerate(settings):
+            before = decode_ab.apply(switches)
+            cache.reset_slot(seq.slot)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits = runner.prefill([seq])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first is the warm-up (and each setting's compilation)
+                times[j].append((time.perf_counter() - start) * 1e3)
+            decode_ab.apply(before)
     assert torch.isfinite(logits.float()).all(), "prefill produced non-finite logits"
     if profile and device.type == "cuda":
         def once(cache: KVCache = cache, runner: ModelRunner = runner) -> None:
@@ -89,6 +97,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="list one prefill's kernels by GPU time (torch.profiler)")
     p.add_argument("--no-silu-kernel", action="store_true",
                    help="the SwiGLU gate through torch's ops (inductor's fused kernel) instead of kernels.silu_mul")
+    p.add_argument("--setting", action="append", type=decode_ab.parse_setting, default=None,
+                   help="NAME:MODULE.ATTR=VALUE[,...] as in bench/decode_ab.py (NAME: alone = as the modules "
+                        "stand): every variant timed under each, interleaved rep by rep; rows named variant/NAME")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=300 and 1000")
     args = p.parse_args()
     layers.SILU_KERNEL = not args.no_silu_kernel
@@ -111,21 +122,26 @@ def main() -> None:
         with torch.inference_mode():
             for n in ns:
                 for name in names:
-                    times = prefill_times(model, n, VARIANTS[name][1], args.reps, args.profile, args.chunk)
-                    ms = statistics.median(times)
-                    rows.append({"variant": name, "n": n, "prefill_ms": ms, "tok_s": n / ms * 1e3,
-                                 "chunk": min(args.chunk or n, n), "times_ms": times})
-                    log(f"prefill {name:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s  (runs: "
-                        + " ".join(f"{t:.1f}" for t in times) + ")")
+                    per_setting = prefill_times(model, n, VARIANTS[name][1], args.reps, args.profile, args.chunk,
+                                                args.setting)
+                    for (setting, _), times in zip(args.setting or [("", [])], per_setting, strict=True):
+                        label = f"{name}/{setting}" if setting else name
+                        ms = statistics.median(times)
+                        rows.append({"variant": label, "setting": setting, "n": n, "prefill_ms": ms,
+                                     "tok_s": n / ms * 1e3, "chunk": min(args.chunk or n, n), "times_ms": times})
+                        log(f"prefill {label:12s} N={n:7d}: {ms:10.1f} ms  {n / ms * 1e3:10.0f} tok/s  (runs: "
+                            + " ".join(f"{t:.1f}" for t in times) + ")")
         del model
         if bench_decode.DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     chunking = f"chunks of {args.chunk}" if args.chunk else "one chunk"
     report = [f"== prefill of one prompt ({chunking}), median ms", f"{'N':>7} {'variant':>12} {'ms':>10} "
               f"{'tok/s':>10} {'vs transformer':>15}"]
-    by = {(r["variant"], r["n"]): r for r in rows}
+    # against the Transformer under the same setting (or, timed only once, under the modules' own)
+    by = {(r["variant"].split("/")[0], r["setting"], r["n"]): r for r in rows}
     for r in sorted(rows, key=lambda r: (r["n"], r["variant"])):
-        t = by.get(("transformer", r["n"]))
+        t = by.get(("transformer", r["setting"], r["n"])) or next(
+            (t for t in rows if t["variant"].startswith("transformer") and t["n"] == r["n"]), None)
         ratio = f"{t['prefill_ms'] / r['prefill_ms']:.2f}x" if t else "-"
         report.append(f"{r['n']:>7} {r['variant']:>12} {r['prefill_ms']:>10.1f} {r['tok_s']:>10.0f} {ratio:>15}")
     print("\n".join(report), flush=True)

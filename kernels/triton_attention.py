@@ -460,26 +460,42 @@ def launch_positions_to_rows(indices, block_table, seq_lens, rows, page: int) ->
 
 @triton.jit
 def _window_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, n_queries, n_keys, q_offset, key_start, window, sm_scale_log2,
+    q_ptr, k_ptr, v_ptr, out_ptr, cos_ptr, sin_ptr, n_queries, n_keys, q_offset, key_start, window, sm_scale_log2,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
+    stride_ob, stride_ot, stride_oh, stride_rb, stride_rt,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ROPE: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     """Prefill attention to a sliding window: one program per (BLOCK_M queries, sequence, query
     head) walks only the key blocks its window touches, (W + BLOCK_M) / BLOCK_N of them, with the
     online softmax of the decode kernels. Query t is key t + q_offset and sees keys j with
-    key_start <= j and 0 <= t + q_offset - j < W."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    key_start <= j and 0 <= t + q_offset - j < W. ROPE: q comes unrotated and is rotated here
+    (rotate-half, by cos and sin [B, Tq, D / 2] fp32), in fp32 and rounded to q's dtype as a
+    separate pass would leave it. HEADS_FIRST: the grid's fastest axis is the head, so the
+    programs of one query block (and their cos and sin) run together."""
+    if HEADS_FIRST:
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     kvh = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < n_queries
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_rows = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
+    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if ROPE:
+        HALF: tl.constexpr = D // 2
+        # column d pairs with d +- D/2: out[d] = q[d] cos - q[d + D/2] sin (d < D/2), q[d] cos + q[d - D/2] sin
+        partner = tl.load(q_rows + ((offs_d + HALF) % D)[None, :], mask=row_ok[:, None], other=0.0)
+        angle = b * stride_rb + offs_m[:, None] * stride_rt + (offs_d % HALF)[None, :]
+        c = tl.load(cos_ptr + angle, mask=row_ok[:, None], other=1.0)
+        sn = tl.load(sin_ptr + angle, mask=row_ok[:, None], other=0.0)
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        q = (q.to(tl.float32) * c + partner.to(tl.float32) * (sn * sign[None, :])).to(q_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -501,14 +517,21 @@ def _window_attention_kernel(
 
 
 def launch_window_attention(q, k, v, out, window: int, sm_scale: float, q_offset: int, key_start: int, *,
-                            block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+                            block_m: int, block_n: int, num_warps: int, num_stages: int, rope=None,
+                            heads_first: bool = False) -> None:
     """`out[b, t, h]` = softmax over keys j of max(key_start, t + q_offset - window + 1) ..
-    t + q_offset, for q [B, Tq, Hq, d], k, v [B, Tk, Hkv, d] (last dimension contiguous)."""
+    t + q_offset, for q [B, Tq, Hq, d], k, v [B, Tk, Hkv, d] (last dimension contiguous).
+    `rope`: (cos, sin), fp32 [B, Tq, d / 2] with the last dimension contiguous - q is rotated by
+    them first. `heads_first`: heads on the grid's fastest axis."""
     batch, n_queries, n_q_heads, head_dim = q.shape
-    _window_attention_kernel[(triton.cdiv(n_queries, block_m), batch * n_q_heads)](
-        q, k, v, out, n_queries, k.shape[1], q_offset, key_start, window, sm_scale * LOG2E,
+    blocks = triton.cdiv(n_queries, block_m)
+    cos, sin = rope if rope is not None else (out, out)
+    _window_attention_kernel[(batch * n_q_heads, blocks) if heads_first else (blocks, batch * n_q_heads)](
+        q, k, v, out, cos, sin, n_queries, k.shape[1], q_offset, key_start, window, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        cos.stride(0) if rope is not None else 0, cos.stride(1) if rope is not None else 0,
         HQ=n_q_heads, G=n_q_heads // k.shape[2], D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=q.dtype.itemsize == 4, num_warps=num_warps, num_stages=num_stages,
+        IEEE=q.dtype.itemsize == 4, ROPE=rope is not None, HEADS_FIRST=heads_first,
+        num_warps=num_warps, num_stages=num_stages,
     )

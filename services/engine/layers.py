@@ -219,9 +219,10 @@ class AttentionLayer(_Block):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.fused: torch.Tensor | None = None  # wq, wk, wv stacked (fuse_linears), for inference
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor | Rope
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor | Rope, rotate_q: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, C, D], positions: [B, C] (or their Rope) -> roped q [B, C, Hq, d], roped k and v [B, C, Hkv, d]."""
+        """x: [B, C, D], positions: [B, C] (or their Rope) -> roped q [B, C, Hq, d], roped k and v
+        [B, C, Hkv, d]. `rotate_q=False`: q as projected (for an attention kernel that rotates it)."""
         b, c, _ = x.shape
         cfg = self.cfg
         if self.fused is not None:
@@ -234,7 +235,7 @@ class AttentionLayer(_Block):
         k = k.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(b, c, cfg.n_kv_heads, cfg.head_dim)
         theta = self.cfg.rope_theta
-        return apply_rope(q, positions, theta), apply_rope(k, positions, theta), v
+        return apply_rope(q, positions, theta) if rotate_q else q, apply_rope(k, positions, theta), v
 
     def qkv_into_rings(self, x: torch.Tensor, rope: Rope, ring_k: torch.Tensor, ring_v: torch.Tensor,
                        slots: torch.Tensor, ring_rows: torch.Tensor) -> torch.Tensor:

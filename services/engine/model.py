@@ -92,6 +92,9 @@ def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch
 # The window kernel's backend when `use_window_kernel` says yes ("auto": Triton on a GPU; the tests
 # set "triton" and make `use_window_kernel` say yes to run it interpreted on CPU tensors).
 WINDOW_BACKEND: Backend = "auto"
+# The window kernel rotates the queries (RoPE) as it loads them: no pass over q for it (the
+# prefill's A/B switch; off: the compiled layer rotates q, as every other path does).
+WINDOW_ROPE = True
 
 
 def use_window_kernel(device: torch.device, head_dim: int) -> bool:
@@ -294,7 +297,8 @@ class CLSAModel(nn.Module):
         """Sliding-window layers: keys are the ring buffer (tokens before the chunk) plus the chunk.
         On a GPU prefill chunks go through the window kernel (`kernels.window_attention`): a
         first chunk over itself, a later one behind the ring's W rows in position order (every
-        sequence of a prefill chunk starts at the same position)."""
+        sequence of a prefill chunk starts at the same position), the queries rotated inside it
+        (`WINDOW_ROPE`)."""
         window = self.cfg.swa_window
         # The prompt's first chunk: the ring is empty, so the window lies inside the chunk and
         # needs no [C, W + C] mask (16 GB of it for a 128K-token chunk).
@@ -313,17 +317,19 @@ class CLSAModel(nn.Module):
             mask = (key_pos >= 0) & (key_pos <= q_pos) & (q_pos - key_pos < window)
         ring_slots = ctx.slots[ctx.ring_b]
         ring_rows = ctx.positions[ctx.ring_b, ctx.ring_c] % window
+        in_kernel = kernel and WINDOW_ROPE  # q's RoPE inside the window kernel
+        q_rope = (rope.cos, rope.sin) if in_kernel else None
         for i, layer in enumerate(self.own_kv_layers):
-            q, k, v = layer.qkv(x, rope)
+            q, k, v = layer.qkv(x, rope, rotate_q=not in_kernel)
             if fresh and kernel:
-                attn = window_attention(q, k, v, window, self.sm_scale, backend=WINDOW_BACKEND)
+                attn = window_attention(q, k, v, window, self.sm_scale, backend=WINDOW_BACKEND, q_rope=q_rope)
             elif fresh:
                 attn = sliding_window_attention(q, k, v, window, self.sm_scale)
             elif behind_ring:
                 keys = torch.cat([cache.swa_k[i][ctx.slots[:, None], order], k], dim=1)
                 values = torch.cat([cache.swa_v[i][ctx.slots[:, None], order], v], dim=1)
                 attn = window_attention(q, keys, values, window, self.sm_scale, q_offset=window, key_start=key_start,
-                                        backend=WINDOW_BACKEND)
+                                        backend=WINDOW_BACKEND, q_rope=q_rope)
             else:
                 keys = torch.cat([cache.swa_k[i, ctx.slots], k], dim=1)
                 values = torch.cat([cache.swa_v[i, ctx.slots], v], dim=1)

@@ -39,6 +39,10 @@ class ModelRunner:
         """Prompts of `seqs` (blocks already granted) -> logits of the first new token [B, V]."""
         lengths = [len(s.prompt_ids) for s in seqs]
         d_model = self.model.cfg.d_model
+        # The head's inputs copied now: a host-to-device copy waits for the stream, so made after
+        # the chunks it would hold the cross-decoder's launches until the self-decoder had run.
+        block_table = self._block_table(seqs)
+        seq_lens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         x_last = torch.zeros(len(seqs), d_model, device=self.device, dtype=self.cache.k.dtype)
         q_idx_last: torch.Tensor | None = None
         for start in range(0, max(lengths), self.prefill_chunk):
@@ -59,7 +63,7 @@ class ModelRunner:
                         if q_idx_last is None:
                             q_idx_last = q_idx.new_zeros(len(seqs), q_idx.shape[-1])
                         q_idx_last[i] = q_idx[row, lengths[i] - 1 - start]
-        return self._head(x_last, q_idx_last, self._block_table(seqs), lengths, seqs)
+        return self._head(x_last, q_idx_last, block_table, seq_lens, seqs)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -67,16 +71,15 @@ class ModelRunner:
         if self.graphs is not None:
             return self.graphs.decode(seqs)
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
-        lengths = [s.num_tokens for s in seqs]
         ctx = self._context(seqs, None, None)
         x, q_idx = self.model.forward_chunk(tokens, ctx, self.cache)
-        return self._head(x[:, 0], None if q_idx is None else q_idx[:, 0], ctx.block_table, lengths, seqs)
+        return self._head(x[:, 0], None if q_idx is None else q_idx[:, 0], ctx.block_table, ctx.seq_lens, seqs)
 
     def _head(self, x: torch.Tensor, q_idx: torch.Tensor | None, block_table: torch.Tensor,
-              lengths: list[int], seqs: list[Sequence]) -> torch.Tensor:
-        """Cross-decoder (YOCO) for one token per sequence, then the LM head."""
+              seq_lens: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Cross-decoder (YOCO) for one token per sequence, then the LM head. seq_lens [B] int32:
+        each sequence's tokens, the new one included."""
         if q_idx is not None:
-            seq_lens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
             self.attention.plan(q_idx, self.cache.k_idx, block_table, seq_lens,
                                 [s.sparse for s in seqs], self.index_topk)
             positions = seq_lens.long() - 1

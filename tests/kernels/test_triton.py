@@ -337,6 +337,39 @@ def test_window_attention(case: str, dtype: torch.dtype) -> None:
     torch.testing.assert_close(shorter, got[:, : t - 9], atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("heads_first", [True, False], ids=["heads-first", "blocks-first"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize(("case", "q_offset"), [("gqa3-ragged", 0), ("gqa4-d128", 0), ("gqa3-ragged", 20)])
+def test_window_attention_rotates_unrotated_queries(case: str, q_offset: int, dtype: torch.dtype, heads_first: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """q handed over as projected, with its RoPE angles (the prefill's path): the kernel's result is
+    that of rotating q first - for a first chunk and one behind earlier keys, the grid either way."""
+    import importlib
+
+    from kernels import window_attention
+    window_module = importlib.import_module("kernels.window_attention")  # the package's name is the function
+    from kernels.window_attention import rotate_half, window_attention_reference
+
+    monkeypatch.setattr(window_module, "WINDOW_HEADS_FIRST", heads_first)
+    b, t, hq, hkv, d, window = WINDOW_CASES[case]
+    gen = torch.Generator().manual_seed(t + q_offset)
+    fused = torch.randn(b, t, (hq + 2 * hkv) * d, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = fused.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
+    if q_offset:
+        k, v = (torch.cat([torch.randn(b, q_offset, hkv, d, generator=gen).to(dtype).to(DEVICE), x], dim=1)
+                for x in (k, v))
+    positions = torch.arange(t, device=DEVICE)[None, :].expand(b, t) + 1000 * torch.arange(b, device=DEVICE)[:, None]
+    angles = positions.float()[..., None] / 10000 ** (torch.arange(d // 2, device=DEVICE).float() / (d // 2))
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # as layers.rope_angles leaves them
+    got = window_attention(q, k, v, window, 1 / math.sqrt(d), q_offset=q_offset, backend="triton", q_rope=(cos, sin))
+    want = window_attention_reference(rotate_half(q, cos[:, :, 0], sin[:, :, 0]), k, v, window, 1 / math.sqrt(d),
+                                      q_offset)
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    unrotated = window_attention(q, k, v, window, 1 / math.sqrt(d), q_offset=q_offset, backend="triton")
+    assert (unrotated - want).abs().max() > 10 * TOL[dtype]  # the rotation is not a no-op here
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize(("q_offset", "key_start", "window"), [(20, 0, 20), (20, 13, 20), (20, 20, 20), (5, 3, 20),
                                                                (45, 9, 50), (64, 0, 64)])
