@@ -5,7 +5,9 @@
         --setting pre2:kernels.skinny_linear.PRE_WAIT_TILES=2 --rounds 2 --out DIR
 
 Each `--setting NAME:MODULE.ATTR=VALUE[,MODULE.ATTR=VALUE...]` is a set of module-level switches
-(the values parsed as Python literals where they are one, else kept as strings). The model is
+(the values parsed as Python literals where they are one, else kept as strings);
+`MODULE.DICT[KEY]=VALUE` sets one entry of a module's dict, e.g. one weight shape's skinny-GEMM
+configuration: `kernels.skinny_linear.SKINNY_CONFIGS[(3072,3072)]=(64,128,264,4,3)`. The model is
 built, its projections stacked and its layers compiled once; then, round after round, each
 setting in turn is applied, the decode graphs are captured afresh and the step is timed at each
 batch (`bench/decode.py`'s `run_variant`, clsa, no breakdown), and the switches are put back.
@@ -35,46 +37,82 @@ import torch  # noqa: E402
 from services.engine.config import preset  # noqa: E402
 
 
-def parse_setting(text: str) -> tuple[str, list[tuple[str, str, object]]]:
-    """'name:mod.ATTR=value,...' -> (name, [(module, attribute, value)]); an unknown module or
-    attribute is an error here, before any time is spent on the card."""
+def _split_top(body: str) -> list[str]:
+    """body split at the commas outside brackets ('a=1,b=(2, 3)' -> ['a=1', 'b=(2, 3)'])."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(body[start:i])
+            start = i + 1
+    items.append(body[start:])
+    return [item for item in items if item]
+
+
+def _literal(raw: str) -> object:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+Switch = tuple[str, str, object, object]  # (module, attribute, key or _WHOLE, value)
+_WHOLE = object()  # the switch sets the attribute itself, not one of its items
+
+
+def parse_setting(text: str) -> tuple[str, list[Switch]]:
+    """'name:mod.ATTR=value,mod.DICT[key]=value,...' -> (name, switches); an unknown module or
+    attribute, or a key its dict does not hold, is an error here, before any time is spent on
+    the card."""
     name, sep, body = text.partition(":")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"setting {text!r}: expected NAME:MODULE.ATTR=VALUE[,...]")
-    switches = []
-    for item in filter(None, body.split(",")):
+        raise argparse.ArgumentTypeError(f"setting {text!r}: expected NAME:MODULE.ATTR[KEY]=VALUE[,...]")
+    switches: list[Switch] = []
+    for item in _split_top(body):
         target, eq, raw = item.partition("=")
+        key: object = _WHOLE
+        if target.endswith("]") and "[" in target:
+            target, _, key_text = target[:-1].partition("[")
+            key = _literal(key_text)
         module_name, dot, attr = target.rpartition(".")
         if not eq or not dot:
-            raise argparse.ArgumentTypeError(f"setting {name}: {item!r} is not MODULE.ATTR=VALUE")
+            raise argparse.ArgumentTypeError(f"setting {name}: {item!r} is not MODULE.ATTR[KEY]=VALUE")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise argparse.ArgumentTypeError(f"setting {name}: no module {module_name!r} ({exc})") from None
         if not hasattr(module, attr):
             raise argparse.ArgumentTypeError(f"setting {name}: {module_name} has no {attr}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        switches.append((module_name, attr, value))
+        if key is not _WHOLE and key not in getattr(module, attr):
+            raise argparse.ArgumentTypeError(f"setting {name}: {module_name}.{attr} has no key {key!r}")
+        switches.append((module_name, attr, key, _literal(raw)))
     return name, switches
 
 
-def apply(switches: list[tuple[str, str, object]]) -> list[tuple[str, str, object]]:
-    """Sets the switches; returns what they were, for `apply` to put back."""
+def apply(switches: list[Switch]) -> list[Switch]:
+    """Sets the switches; returns what they were, for `apply` to put back (in reverse order)."""
     before = []
-    for module_name, attr, value in switches:
+    for module_name, attr, key, value in switches:
         module = importlib.import_module(module_name)
-        before.append((module_name, attr, getattr(module, attr)))
-        setattr(module, attr, value)
-    return before
+        if key is _WHOLE:
+            before.append((module_name, attr, key, getattr(module, attr)))
+            setattr(module, attr, value)
+        else:
+            table = getattr(module, attr)
+            before.append((module_name, attr, key, table[key]))
+            table[key] = value
+    return before[::-1]
+
+
+def describe(switch: Switch) -> str:
+    module_name, attr, key, value = switch
+    return f"{module_name}.{attr}{'' if key is _WHOLE else f'[{key!r}]'}={value!r}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", action="append", type=parse_setting, required=True,
-                   help="NAME:MODULE.ATTR=VALUE[,...]; the first is the reference")
+                   help="NAME:MODULE.ATTR[KEY]=VALUE[,...]; the first is the reference")
     p.add_argument("--n", default="128K")
     p.add_argument("--bs", nargs="+", type=int, default=[1, 7])
     p.add_argument("--rounds", type=int, default=2)
@@ -120,7 +158,7 @@ def main() -> None:
     for name, switches in args.setting:
         med = {b: statistics.median(times[name][b]) if times[name][b] else float("nan") for b in args.bs}
         lines.append(f"{name:16s}" + "".join(f"{med[b]:10.3f} ({med[b] / ref[b]:.3f})" for b in args.bs))
-        result["settings"][name] = {"switches": [f"{m}.{a}={v!r}" for m, a, v in switches],
+        result["settings"][name] = {"switches": [describe(switch) for switch in switches],
                                     "step_ms": {str(b): times[name][b] for b in args.bs},
                                     "median_ms": {str(b): med[b] for b in args.bs}}
     print("\n".join(lines))

@@ -3,10 +3,13 @@ device run would (tiny shapes; the times mean nothing)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,12 +45,14 @@ def test_prefill_smoke_run_writes_its_table(tmp_path: Path) -> None:
 
 def test_decode_ab_smoke_run_times_each_setting_every_round(tmp_path: Path) -> None:
     stdout = _run("decode_ab.py", tmp_path, "--setting", "base:", "--setting",
-                  "pre2:kernels.skinny_linear.PRE_WAIT_TILES=2,kernels.triton_attention.SPARSE_KV_EVICTION=evict_last",
+                  "pre2:kernels.skinny_linear.PRE_WAIT_TILES=2,kernels.triton_attention.SPARSE_KV_EVICTION=evict_last,"
+                  "kernels.skinny_linear.SKINNY_CONFIGS[(3072, 3072)]=(64, 128, 264, 4, 3)",
                   "--bs", "1", "2", "--rounds", "2")
     run = json.loads((tmp_path / "decode_ab.json").read_text())
     assert list(run["settings"]) == ["base", "pre2"]
-    assert run["settings"]["pre2"]["switches"] == ["kernels.skinny_linear.PRE_WAIT_TILES=2",
-                                                   "kernels.triton_attention.SPARSE_KV_EVICTION='evict_last'"]
+    assert run["settings"]["pre2"]["switches"] == [
+        "kernels.skinny_linear.PRE_WAIT_TILES=2", "kernels.triton_attention.SPARSE_KV_EVICTION='evict_last'",
+        "kernels.skinny_linear.SKINNY_CONFIGS[(3072, 3072)]=(64, 128, 264, 4, 3)"]
     for setting in run["settings"].values():  # one time per round at each batch
         assert {b: len(ts) for b, ts in setting["step_ms"].items()} == {"1": 2, "2": 2}
         assert all(t > 0 for ts in setting["step_ms"].values() for t in ts)
@@ -60,3 +65,20 @@ def test_decode_ab_refuses_an_unknown_switch_before_starting(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode != 0 and "kernels.skinny_linear has no NO_SUCH_SWITCH" in done.stderr
     assert not (tmp_path / "decode_ab.json").exists()
+
+
+def test_decode_ab_puts_each_switch_back_after_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import skinny_linear
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import decode_ab
+
+    tiles, configs = skinny_linear.PRE_WAIT_TILES, dict(skinny_linear.SKINNY_CONFIGS)
+    _, switches = decode_ab.parse_setting(
+        "x:kernels.skinny_linear.PRE_WAIT_TILES=1,kernels.skinny_linear.SKINNY_CONFIGS[(3072,8192)]=(64,128,528,8,3)")
+    before = decode_ab.apply(switches)
+    assert skinny_linear.PRE_WAIT_TILES == 1 and skinny_linear.SKINNY_CONFIGS[(3072, 8192)] == (64, 128, 528, 8, 3)
+    decode_ab.apply(before)
+    assert skinny_linear.PRE_WAIT_TILES == tiles and skinny_linear.SKINNY_CONFIGS == configs
+    with pytest.raises(argparse.ArgumentTypeError, match="has no key"):
+        decode_ab.parse_setting("x:kernels.skinny_linear.SKINNY_CONFIGS[(1,2)]=(64,128,528,8,3)")

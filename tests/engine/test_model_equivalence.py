@@ -125,14 +125,16 @@ def test_clsa_is_dense_attention_over_exactly_the_topk_positions() -> None:
 
 
 @pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("rope_inside", [False, True], ids=["q-rotated-first", "rope-in-kernel"])
 @pytest.mark.parametrize("attention", ["clsa", "dense"])
 @pytest.mark.parametrize("chunk", [64, 5, 12])
 def test_prefill_through_the_window_kernel_matches_whole_sequence(
-        chunk: int, attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        chunk: int, attention: str, rope_inside: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's prefill path: the self layers through the Triton window kernel (here
-    interpreted) - a first chunk over itself, later ones behind the ring (chunks of 5 and 12
-    around the window of 8) - prompts of different lengths batched (padding rows at the end),
-    then decode: the whole-sequence model's logits."""
+    interpreted; the queries rotated by the layer or, `WINDOW_ROPE`, by the kernel) - a first
+    chunk over itself, later ones behind the ring (chunks of 5 and 12 around the window of 8) -
+    prompts of different lengths batched (padding rows at the end), then decode: the
+    whole-sequence model's logits."""
     import services.engine.model as model_module
     from kernels import window_attention
 
@@ -144,6 +146,7 @@ def test_prefill_through_the_window_kernel_matches_whole_sequence(
 
     monkeypatch.setattr(model_module, "use_window_kernel", lambda device, head_dim: True)
     monkeypatch.setattr(model_module, "WINDOW_BACKEND", "triton")
+    monkeypatch.setattr(model_module, "WINDOW_ROPE", rope_inside)
     monkeypatch.setattr(model_module, "window_attention", counting)
     engine = make_engine(prefill_chunk=chunk)
     log = record_logits(engine)
