@@ -82,3 +82,5 @@ def test_decode_ab_puts_each_switch_back_after_its_setting(monkeypatch: pytest.M
     assert skinny_linear.PRE_WAIT_TILES == tiles and skinny_linear.SKINNY_CONFIGS == configs
     with pytest.raises(argparse.ArgumentTypeError, match="has no key"):
         decode_ab.parse_setting("x:kernels.skinny_linear.SKINNY_CONFIGS[(1,2)]=(64,128,528,8,3)")
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a dict"):
+        decode_ab.parse_setting("x:kernels.skinny_linear.PRE_WAIT_TILES[0]=1")
