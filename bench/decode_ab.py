@@ -83,10 +83,12 @@ def parse_setting(text: str) -> tuple[str, list[Switch]]:
             raise argparse.ArgumentTypeError(f"setting {name}: no module {module_name!r} ({exc})") from None
         if not hasattr(module, attr):
             raise argparse.ArgumentTypeError(f"setting {name}: {module_name} has no {attr}")
-        if key is not _WHOLE and not isinstance(getattr(module, attr), dict):
-            raise argparse.ArgumentTypeError(f"setting {name}: {module_name}.{attr} is not a dict")
-        if key is not _WHOLE and key not in getattr(module, attr):
-            raise argparse.ArgumentTypeError(f"setting {name}: {module_name}.{attr} has no key {key!r}")
+        if key is not _WHOLE:
+            table = getattr(module, attr)
+            if not isinstance(table, dict):
+                raise argparse.ArgumentTypeError(f"setting {name}: {module_name}.{attr} is not a dict")
+            if key not in table:
+                raise argparse.ArgumentTypeError(f"setting {name}: {module_name}.{attr} has no key {key!r}")
         switches.append((module_name, attr, key, _literal(raw)))
     return name, switches
 

@@ -93,8 +93,8 @@ def indexer_topk_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, k: int) -> torch
 # set "triton" and make `use_window_kernel` say yes to run it interpreted on CPU tensors).
 WINDOW_BACKEND: Backend = "auto"
 # The window kernel rotates the queries (RoPE) as it loads them, so no pass over q is left for it;
-# off: the compiled layer rotates q, as every other path does. Off: on the H200 the kernel takes
-# 0.34-0.50 ms a layer longer with it, about what the pass costs, and CLSA's 128K prefill ran
+# off (the default): the compiled layer rotates q, as every other path does. On the H200 the kernel
+# takes 0.22-0.50 ms a layer longer with it, about what the pass costs, and CLSA's 128K prefill ran
 # 744.9 ms with it against 747.6 without, within the runs' spread (docs/performance.md).
 WINDOW_ROPE = False
 
