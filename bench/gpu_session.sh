@@ -28,8 +28,8 @@
 #            bench/decode_ab.py over the skinny GEMM's pre-wait tiles and the L2 eviction policies
 #            ($AB_SETTINGS overrides the list), then CLSA's one-chunk prefill (~8 min cold)
 #                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
-#   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = 1, 7; $AB_ROUNDS rounds, 3)
-#            (~4 min cold)                                                       -> decode_ab/, decode_ab.txt
+#   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = $AB_BS, "1 7"; $AB_ROUNDS
+#            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)                                                       -> decode_ab/, decode_ab.txt
 #   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
 #            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
 #   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
@@ -144,7 +144,9 @@ for step in "$@"; do
     decode_ab)
         args=(); for s in ${AB_SETTINGS:?decode_ab: set AB_SETTINGS, e.g. "base: pre4:kernels.skinny_linear.PRE_WAIT_TILES=4"}; do
             args+=(--setting "$s"); done
-        timeout 330 python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" --out "$OUT/decode_ab" \
+        # shellcheck disable=SC2086  # AB_BS: batch sizes, word-split on purpose
+        timeout "${AB_TIMEOUT:-330}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" \
+            --bs ${AB_BS:-1 7} --out "$OUT/decode_ab" \
             > "$OUT/decode_ab.txt" 2>&1
         echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
         ;;
