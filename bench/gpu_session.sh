@@ -29,7 +29,7 @@
 #            ($AB_SETTINGS overrides the list), then CLSA's one-chunk prefill (~8 min cold)
 #                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
 #   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = $AB_BS, "1 7"; $AB_ROUNDS
-#            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)                                                       -> decode_ab/, decode_ab.txt
+#            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)        -> decode_ab/, decode_ab.txt
 #   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
 #            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
 #   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
