@@ -142,7 +142,7 @@ for step in "$@"; do
         echo "prefill rc $?"; tail -4 "$OUT/prefill_clsa.txt"
         ;;
     decode_ab)
-        args=(); for s in ${AB_SETTINGS:?decode_ab: set AB_SETTINGS, e.g. "base: pre4:kernels.skinny_linear.PRE_WAIT_TILES=4"}; do
+        args=(); for s in ${AB_SETTINGS:?decode_ab: set AB_SETTINGS, e.g. "base: pre2:kernels.skinny_linear.PRE_WAIT_TILES=2"}; do
             args+=(--setting "$s"); done
         # shellcheck disable=SC2086  # AB_BS: batch sizes, word-split on purpose
         timeout "${AB_TIMEOUT:-330}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" \

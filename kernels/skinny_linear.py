@@ -37,10 +37,12 @@ PDL = True  # programmatic dependent launch on Hopper and later
 # Each program asks L2 for its whole weight slice before its PDL wait. An experiment, off until
 # bench/skinny_gemm.py (its "pdl+prefetch" column) and decode.py --skinny-prefetch show it helps.
 PREFETCH_L2 = False
-# Weight tiles each program loads into registers before its PDL wait (1 to 4; the first tile's
+# Weight tiles each program loads into registers before its PDL wait (1 to 3; the first tile's
 # load before the wait is what lets a GEMM stream while the kernel ahead drains). 3 on the H200
 # (bench/decode_ab.py, bench/results/decode/decode_ab_switches.json: the 128K step at B = 1 / 7
 # 2.378 / 2.842 ms with 1 tile, 2.353 / 2.808 with 2, 2.310 / 2.770 with 3).
+# 4 tiles do not fit: the 128 x 128, 3-stage configurations then ask for 264 KiB of shared memory
+# (232 KiB on Hopper), so the launch fails (tried on an H100, 2026-12-06).
 PRE_WAIT_TILES = 3
 # The L2 eviction policy of the weight loads: "evict_first" lets a weight that is read once per
 # step stream past what the next kernels read again (the shared KV cache's selected rows). An
@@ -102,8 +104,8 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     if m > SKINNY_MAX_M:
         raise ValueError(f"{op}: the Triton kernel takes M <= {SKINNY_MAX_M} rows, got {m}")
-    if PRE_WAIT_TILES not in (1, 2, 3, 4):
-        raise ValueError(f"{op}: PRE_WAIT_TILES must be 1 to 4, got {PRE_WAIT_TILES}")
+    if PRE_WAIT_TILES not in (1, 2, 3):
+        raise ValueError(f"{op}: PRE_WAIT_TILES must be 1, 2 or 3, got {PRE_WAIT_TILES}")
     if WEIGHT_EVICTION not in EVICTION_POLICIES:
         raise ValueError(f"{op}: WEIGHT_EVICTION must be one of {EVICTION_POLICIES}, got {WEIGHT_EVICTION!r}")
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))

@@ -93,7 +93,7 @@ def _skinny_gemm_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    # The first PRE_WAIT (1 to 4) weight tiles are in flight before the wait: no kernel writes a
+    # The first PRE_WAIT (1 to 3) weight tiles are in flight before the wait: no kernel writes a
     # weight. Tiles past the slice's end load as zeros (their x tiles are zeros too).
     w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0,
                 eviction_policy=EVICT_W)
@@ -103,10 +103,6 @@ def _skinny_gemm_kernel(
     if PRE_WAIT >= 3:
         w2 = tl.load(w_rows + (offs_k + 2 * BLOCK_K)[None, :],
                      mask=mask_n[:, None] & (offs_k + 2 * BLOCK_K < k_end)[None, :], other=0.0,
-                     eviction_policy=EVICT_W)
-    if PRE_WAIT >= 4:
-        w3 = tl.load(w_rows + (offs_k + 3 * BLOCK_K)[None, :],
-                     mask=mask_n[:, None] & (offs_k + 3 * BLOCK_K < k_end)[None, :], other=0.0,
                      eviction_policy=EVICT_W)
     if PREFETCH_LINES > 0:
         # The rest of this program's weight slice on its way to L2 while the kernel before still
@@ -128,10 +124,6 @@ def _skinny_gemm_kernel(
         xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
                              SILU)
         acc = _dot(w2, xt, acc, IEEE)
-    if PRE_WAIT >= 4:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 3 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
-                             SILU)
-        acc = _dot(w3, xt, acc, IEEE)
     for k0 in range(k_start + PRE_WAIT * BLOCK_K, k_end, BLOCK_K):
         ks = k0 + offs_k - k_start
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0,
@@ -222,7 +214,7 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
     `split_k` > 1, K is cut into that many slices (multiples of block_k), one program each:
     `part` fp32 [split_k * BLOCK_M * N] and `sq` fp32 [cdiv(N, block_n) * split_k * BLOCK_M]
     hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
-    zero). `pre_wait_tiles` (1 to 4): weight tiles each program loads before its PDL wait.
+    zero). `pre_wait_tiles` (1 to 3): weight tiles each program loads before its PDL wait.
     `weight_eviction`: the L2 eviction policy of the weight loads ("", "evict_first", "evict_last").
     `prefetch`: each program asks L2 for its whole weight slice before its PDL wait
     (compiled only: the interpreter has no inline assembly). `rope`: (cos, sin, rope_cols) - cos
