@@ -244,3 +244,143 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         PRE_WAIT=pre_wait_tiles, EVICT_W=weight_eviction, num_warps=num_warps, num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
+
+
+@triton.jit
+def _skinny_ffn_kernel(
+    x_ptr, wgu_ptr, wd_ptr, nw_ptr, res_ptr, out_ptr, h_ptr, part_ptr, count_ptr, M, D, F, eps,
+    stride_xm, stride_rm, stride_om, n_a, n_cb,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_SLICE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    PRE_WAIT: tl.constexpr,
+):
+    """A whole decode FFN, out = residual + w_down @ (silu(g) * u), [g | u] = rmsnorm(x) @ w_gu^T, in
+    one launch of n_a + n_cb * SPLIT programs. Each program takes the next tile from a counter
+    (so tiles are taken in the order programs start): first the n_a gate/up tiles (BLOCK_F columns
+    of g and of u over all of K = D, h = silu(g) * u written to h_ptr), then the down tiles
+    (BLOCK_N output columns x one K_SLICE of h, split-K). A down tile waits on a counter of its
+    slice's gate/up tiles: those were all taken before it, by programs that are running and wait
+    on nothing but the kernel ahead, so the wait ends.
+
+    Counters (this weight's own): [0] tiles taken, mod the tile count; [1] programs done; [2 + s]
+    gate/up tiles done in slice s; [2 + SPLIT + c] down splits done in column block c. Only [0] is
+    touched before the PDL wait, and before the program lets the next kernel launch: a launch's
+    tiles are all taken before the next launch's first, so each launch takes one residue class,
+    whatever the counter's value. The last program to finish takes n_tiles off [0] and zeroes the
+    others (after the wait: the next launch reads them only after this one has ended)."""
+    n_tiles = n_a + n_cb * SPLIT
+    tile = tl.atomic_add(count_ptr, 1) % n_tiles
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_kb = tl.arange(0, BLOCK_K)
+    if tile < n_a:
+        if USE_PDL:  # after the tile is taken (the branch waits for the atomic's value)
+            tl.extra.cuda.gdc_launch_dependents()
+        c0 = tile * BLOCK_F
+        offs_f = c0 + tl.arange(0, BLOCK_F)
+        g_rows = wgu_ptr + offs_f.to(tl.int64)[:, None] * D
+        u_rows = wgu_ptr + (F + offs_f).to(tl.int64)[:, None] * D
+        wg = tl.load(g_rows + offs_kb[None, :], mask=(offs_kb < D)[None, :], other=0.0)
+        wu = tl.load(u_rows + offs_kb[None, :], mask=(offs_kb < D)[None, :], other=0.0)
+        if PRE_WAIT >= 2:
+            wg1 = tl.load(g_rows + (offs_kb + BLOCK_K)[None, :], mask=(offs_kb + BLOCK_K < D)[None, :], other=0.0)
+            wu1 = tl.load(u_rows + (offs_kb + BLOCK_K)[None, :], mask=(offs_kb + BLOCK_K < D)[None, :], other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        sq = tl.zeros([BLOCK_M], tl.float32)
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_kb, mask_m, M, D, stride_xm, D, sq, True, False)
+        acc_g = _dot(wg, xt, tl.zeros([BLOCK_F, BLOCK_M], tl.float32), IEEE)
+        acc_u = _dot(wu, xt, tl.zeros([BLOCK_F, BLOCK_M], tl.float32), IEEE)
+        if PRE_WAIT >= 2:
+            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_kb + BLOCK_K, mask_m, M, D, stride_xm, D, sq, True,
+                                 False)
+            acc_g = _dot(wg1, xt, acc_g, IEEE)
+            acc_u = _dot(wu1, xt, acc_u, IEEE)
+        for k0 in range(PRE_WAIT * BLOCK_K, D, BLOCK_K):
+            ks = k0 + offs_kb
+            wg = tl.load(g_rows + ks[None, :], mask=(ks < D)[None, :], other=0.0)
+            wu = tl.load(u_rows + ks[None, :], mask=(ks < D)[None, :], other=0.0)
+            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, D, stride_xm, D, sq, True, False)
+            acc_g = _dot(wg, xt, acc_g, IEEE)
+            acc_u = _dot(wu, xt, acc_u, IEEE)
+        # g and u rounded to the activations' dtype as the two-GEMM path stores them, then the gate.
+        r = tl.rsqrt(sq / D + eps)[None, :]
+        g = (acc_g * r).to(h_ptr.dtype.element_ty).to(tl.float32)
+        u = (acc_u * r).to(h_ptr.dtype.element_ty).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u
+        tl.store(h_ptr + offs_m.to(tl.int64)[None, :] * F + offs_f[:, None], h.to(h_ptr.dtype.element_ty),
+                 mask=mask_m[None, :])
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr + 2 + c0 // K_SLICE, 1, sem="release", scope="gpu")
+    else:
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        b = tile - n_a
+        s = b // n_cb
+        cb = b % n_cb
+        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < D
+        k_start = s * K_SLICE
+        d_rows = wd_ptr + offs_n.to(tl.int64)[:, None] * F + k_start
+        w = tl.load(d_rows + offs_kb[None, :], mask=mask_n[:, None], other=0.0)
+        if PRE_WAIT >= 2:
+            w1 = tl.load(d_rows + (offs_kb + BLOCK_K)[None, :], mask=mask_n[:, None], other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        need = K_SLICE // BLOCK_F
+        ready = tl.atomic_add(count_ptr + 2 + s, 0, sem="acquire", scope="gpu")
+        while ready < need:
+            ready = tl.atomic_add(count_ptr + 2 + s, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * F + k_start
+        ht = tl.load(h_rows + offs_kb[None, :], mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(w, ht, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+        if PRE_WAIT >= 2:
+            ht = tl.load(h_rows + (offs_kb + BLOCK_K)[None, :], mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+            acc = _dot(w1, ht, acc, IEEE)
+        for k0 in range(PRE_WAIT * BLOCK_K, K_SLICE, BLOCK_K):
+            w = tl.load(d_rows + (k0 + offs_kb)[None, :], mask=mask_n[:, None], other=0.0)
+            ht = tl.load(h_rows + (k0 + offs_kb)[None, :], mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+            acc = _dot(w, ht, acc, IEEE)
+        mask = mask_n[:, None] & mask_m[None, :]
+        tl.store(part_ptr + (s * BLOCK_M + offs_m)[None, :] * D + offs_n[:, None], acc, mask=mask)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + 2 + SPLIT + cb, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            # the last split of this column block sums them in split order (deterministic)
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for t in tl.static_range(SPLIT):
+                acc += tl.load(part_ptr + (t * BLOCK_M + offs_m)[None, :] * D + offs_n[:, None], mask=mask,
+                               other=0.0, cache_modifier=".cg")
+            res = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+            tl.store(out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None],
+                     acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
+    finished = tl.atomic_add(count_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if finished == n_tiles - 1:
+        tl.atomic_add(count_ptr, -n_tiles)
+        offs_c = 1 + tl.arange(0, 1024)
+        tl.store(count_ptr + offs_c, tl.zeros([1024], tl.int32), mask=offs_c < 2 + SPLIT + n_cb)
+
+
+def launch_skinny_ffn(x, w_gate_up, w_down, norm_weight, eps: float, residual, out, h, part, counters, *,
+                      block_f: int, block_k: int, block_n: int, k_slice: int, num_warps: int, num_stages: int,
+                      pdl: bool, pre_wait_tiles: int = 1) -> None:
+    """out[M, D] = residual + w_down @ silu(g) * u with [g | u] = rmsnorm(x) @ w_gate_up^T: x and
+    residual [M, D], w_gate_up [2F, D] (gate rows then up rows), w_down [D, F], norm_weight [D],
+    every last dim contiguous. Workspaces: h [BLOCK_M, F] in x's dtype, part fp32
+    [F / k_slice * BLOCK_M * D], counters int32 [>= 2 + F / k_slice + cdiv(D, block_n)], zero
+    (and left zero). F a multiple of k_slice, k_slice of block_f and of block_k (and at least
+    `pre_wait_tiles` of those)."""
+    m, d, f = x.shape[0], x.shape[1], w_down.shape[1]
+    block_m = max(16, triton.next_power_of_2(m))
+    split = f // k_slice
+    n_a, n_cb = f // block_f, triton.cdiv(d, block_n)
+    _skinny_ffn_kernel[(n_a + n_cb * split,)](
+        x, w_gate_up, w_down, norm_weight, residual, out, h, part, counters, m, d, f, eps,
+        x.stride(0), residual.stride(0), out.stride(0), n_a, n_cb,
+        BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_K=block_k, BLOCK_N=block_n, K_SLICE=k_slice, SPLIT=split,
+        IEEE=x.dtype.itemsize == 4, USE_PDL=pdl, PRE_WAIT=pre_wait_tiles, num_warps=num_warps,
+        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+    )
