@@ -32,8 +32,8 @@
 #            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)        -> decode_ab/, decode_ab.txt
 #   ffn      the one-kernel decode FFN (kernels/skinny_ffn.py): its compiled tests, bench/skinny_ffn.py
 #            (16 FFNs in a chain: the two launches against the one kernel's sweep), then bench/decode_ab.py
-#            at 128K, B = $AB_BS: the kernel (default config, the sweep's best) against the two
-#            launches ($AB_ROUNDS rounds, 3) (~8 min cold)   -> ffn_tests.txt, skinny_ffn/, decode_ab/
+#            at 128K, B = $AB_BS: the kernel (default config, the sweep's best, with the output
+#            projection inside) against the two launches ($AB_ROUNDS rounds, 3) (~8 min cold)   -> ffn_tests.txt, skinny_ffn/, decode_ab/
 #   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
 #            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
 #   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
@@ -161,7 +161,8 @@ for step in "$@"; do
         timeout 200 python3 bench/skinny_ffn.py --out "$OUT/skinny_ffn" 2>&1 | grep -v -i warn | tail -32
         best=$(python3 -c "import json; b = json.load(open('$OUT/skinny_ffn/skinny_ffn.json'))['best']; \
 print('kernels.skinny_ffn.FFN_CONFIG=(%s),kernels.skinny_ffn.FFN_PRE_WAIT_TILES=%d' % (','.join(map(str, b['config'])), b['pre_wait']))")
-        args=(--setting "one-kernel:" --setting "two-launches:services.engine.layers.FUSED_FFN=False")
+        args=(--setting "one-kernel:" --setting "two-launches:services.engine.layers.FUSED_FFN=False"
+              --setting "finish:services.engine.layers.FUSED_FINISH=True")
         [ -n "$best" ] && args+=(--setting "sweep-best:$best")
         # shellcheck disable=SC2086  # AB_BS: batch sizes, word-split on purpose
         timeout "${AB_TIMEOUT:-240}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" \

@@ -41,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device("cuda")
     cfg = preset("clsa-4b")
-    d, f = cfg.d_model, cfg.ffn_dim
+    d, f, q = cfg.d_model, cfg.ffn_dim, cfg.n_heads * cfg.head_dim
     nbytes = 3 * d * f * 2
     ws = [(torch.randn(2 * f, d, device=dev, dtype=torch.bfloat16) * 0.02,
            torch.randn(d, f, device=dev, dtype=torch.bfloat16) * 0.02,
@@ -100,6 +100,37 @@ def main() -> None:
             print(f"M={m:>3} one kernel {best[0]} pre 1 {us:6.1f} us ({nbytes / us / 1e6:.2f} TB/s)", flush=True)
             if us < top["us"]:
                 best = (best[0], 1)
+    print(f"== {args.layers} layer ends (output projection + residual + FFN, 170 MB each) in a chain, us per layer")
+    wos = [torch.randn(d, q, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(args.layers)]
+    o_bytes = nbytes + d * q * 2
+    if best is not None:
+        sf.FFN_CONFIG, sf.FFN_PRE_WAIT_TILES = best
+    for m in args.ms:
+        x0 = torch.randn(m, d, device=dev, dtype=torch.bfloat16)
+        a0 = torch.randn(m, q, device=dev, dtype=torch.bfloat16)
+
+        def ends(x: torch.Tensor, path: str, a0: torch.Tensor = a0) -> torch.Tensor:
+            for (wgu, wd, g), wo in zip(ws, wos, strict=True):
+                if path == "one kernel":
+                    x = sf.skinny_finish(a0, wo, x, wgu, wd, g, 1e-6)
+                    continue
+                x = skinny_linear(a0, wo, residual=x)
+                if path == "three launches":
+                    x = skinny_linear(skinny_linear(x, wgu, g, 1e-6), wd, silu=True, residual=x)
+                else:
+                    x = sf.skinny_ffn(x, wgu, wd, g, 1e-6, x)
+            return x
+        wgu, wd, g = ws[0]
+        ref = sf.skinny_finish_reference(a0.float(), wos[0].float(), x0.float(), wgu.float(), wd.float(), g.float(),
+                                         1e-6)
+        got = sf.skinny_finish(a0, wos[0], x0, wgu, wd, g, 1e-6)
+        err = float((got.float() - ref).abs().max() / ref.abs().max())
+        for path in ("three launches", "output + one-kernel FFN", "one kernel"):
+            us = graph_us(lambda x0=x0, path=path: ends(x0, path), args.layers)
+            rows.append({"m": m, "path": f"layer end: {path}", "config": list(sf.FFN_CONFIG), "us": us,
+                         "rel_err": err if path == "one kernel" else None})
+            print(f"M={m:>3} {path:>24} {us:6.1f} us ({o_bytes / us / 1e6:.2f} TB/s)"
+                  + (f"  err {err:.1e}" if path == "one kernel" else ""), flush=True)
     print("== best per M")
     for m in args.ms:
         base = next(r for r in rows if r["m"] == m and r["path"] == "two launches")

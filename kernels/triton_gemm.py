@@ -247,36 +247,119 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
 
 
 @triton.jit
+def _normed_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, D, stride_xm, sq, CG: tl.constexpr):
+    """x's [BLOCK_M, BLOCK_K] tile times the norm's weight (x's dtype) and the running sum of
+    squares of x's rows; CG: x was written by this kernel's other programs (loads skip L1)."""
+    mask = mask_m[:, None] & (offs_k < D)[None, :]
+    ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    if CG:
+        xf = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    else:
+        xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    sq += tl.sum(xf * xf, axis=1)
+    g = tl.load(nw_ptr + offs_k, mask=offs_k < D, other=0.0).to(tl.float32)
+    return (xf * g[None, :]).to(x_ptr.dtype.element_ty), sq
+
+
+@triton.jit
+def _spin_until(ptr, need):
+    """Waits until the counter at `ptr` reaches `need` (acquire: what was written before each
+    increment is visible after)."""
+    ready = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    while ready < need:
+        ready = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
 def _skinny_ffn_kernel(
-    x_ptr, wgu_ptr, wd_ptr, nw_ptr, res_ptr, out_ptr, h_ptr, part_ptr, count_ptr, M, D, F, eps,
-    stride_xm, stride_rm, stride_om, n_a, n_cb,
+    x_ptr, wgu_ptr, wd_ptr, nw_ptr, res_ptr, out_ptr, h_ptr, part_ptr, count_ptr,
+    a_ptr, wo_ptr, ores_ptr, part_o_ptr,
+    M, D, F, Q, eps, stride_xm, stride_rm, stride_om, stride_am, stride_orm, n_a, n_cb,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_SLICE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-    PRE_WAIT: tl.constexpr,
+    K_SLICE: tl.constexpr, SPLIT: tl.constexpr, K_SLICE_O: tl.constexpr, SPLIT_O: tl.constexpr,
+    HAS_O: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PRE_WAIT: tl.constexpr,
 ):
     """A whole decode FFN, out = residual + w_down @ (silu(g) * u), [g | u] = rmsnorm(x) @ w_gu^T, in
-    one launch of n_a + n_cb * SPLIT programs. Each program takes the next tile from a counter
-    (so tiles are taken in the order programs start): first the n_a gate/up tiles (BLOCK_F columns
-    of g and of u over all of K = D, h = silu(g) * u written to h_ptr), then the down tiles
-    (BLOCK_N output columns x one K_SLICE of h, split-K). A down tile waits on a counter of its
-    slice's gate/up tiles: those were all taken before it, by programs that are running and wait
-    on nothing but the kernel ahead, so the wait ends.
+    one launch. Each program takes the next tile from a counter (so tiles are taken in the order
+    programs start): first the n_a gate/up tiles (BLOCK_F columns of g and of u over all of K = D,
+    h = silu(g) * u written to h_ptr), then the down tiles (BLOCK_N output columns x one K_SLICE of
+    h, split-K). A down tile waits on a counter of its slice's gate/up tiles: those were all taken
+    before it, by programs that are running and wait on nothing but the kernel ahead (and tiles
+    taken before theirs), so the wait ends.
 
-    Counters (this weight's own): [0] tiles taken, mod the tile count; [1] programs done; [2 + s]
-    gate/up tiles done in slice s; [2 + SPLIT + c] down splits done in column block c. Only [0] is
-    touched before the PDL wait, and before the program lets the next kernel launch: a launch's
-    tiles are all taken before the next launch's first, so each launch takes one residue class,
-    whatever the counter's value. The last program to finish takes n_tiles off [0] and zeroes the
-    others (after the wait: the next launch reads them only after this one has ended)."""
-    n_tiles = n_a + n_cb * SPLIT
+    HAS_O puts the attention's output projection ahead of them (a layer's whole `finish`): first
+    n_cb * SPLIT_O tiles of x = ores + a @ w_o^T (BLOCK_N columns x one K_SLICE_O of a's Q, split-K),
+    written to x_ptr (then also res_ptr); the gate/up tiles wait until every column of x is in.
+
+    Counters (this weight's own): [0] tiles taken, mod the tile count; [1] programs done; [2] x's
+    column blocks done; [3 + c] output-projection splits done in column block c; [3 + n_cb + s]
+    gate/up tiles done in slice s; [3 + n_cb + SPLIT + c] down splits done in column block c. Only
+    [0] is touched before the PDL wait, and before the program lets the next kernel launch: a
+    launch's tiles are all taken before the next launch's first, so each launch takes one residue
+    class, whatever the counter's value. The last program to finish takes n_tiles off [0] and
+    zeroes the others (after the wait: the next launch reads them only after this one has ended)."""
+    n_o = n_cb * SPLIT_O if HAS_O else 0
+    n_tiles = n_o + n_a + n_cb * SPLIT
+    c_slices = count_ptr + 3 + n_cb
+    c_down = c_slices + SPLIT
     tile = tl.atomic_add(count_ptr, 1) % n_tiles
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_kb = tl.arange(0, BLOCK_K)
-    if tile < n_a:
+    if HAS_O:
+        is_o = tile < n_o
+    else:
+        is_o = False  # static: without the output projection its branch is not compiled
+    if is_o:
         if USE_PDL:  # after the tile is taken (the branch waits for the atomic's value)
             tl.extra.cuda.gdc_launch_dependents()
-        c0 = tile * BLOCK_F
+        cb = tile % n_cb
+        so = tile // n_cb
+        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < D
+        k_start = so * K_SLICE_O
+        k_end = tl.minimum(k_start + K_SLICE_O, Q)
+        o_rows = wo_ptr + offs_n.to(tl.int64)[:, None] * Q
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        ks = k_start + offs_kb
+        w = tl.load(o_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+        if PRE_WAIT >= 2:
+            w1 = tl.load(o_rows + (ks + BLOCK_K)[None, :], mask=mask_n[:, None] & (ks + BLOCK_K < k_end)[None, :],
+                         other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        at = tl.load(a_rows + ks[None, :], mask=mask_m[:, None] & (ks < k_end)[None, :], other=0.0)
+        acc = _dot(w, at, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+        if PRE_WAIT >= 2:
+            at = tl.load(a_rows + (ks + BLOCK_K)[None, :], mask=mask_m[:, None] & (ks + BLOCK_K < k_end)[None, :],
+                         other=0.0)
+            acc = _dot(w1, at, acc, IEEE)
+        for k0 in range(k_start + PRE_WAIT * BLOCK_K, k_end, BLOCK_K):
+            ks = k0 + offs_kb
+            w = tl.load(o_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+            at = tl.load(a_rows + ks[None, :], mask=mask_m[:, None] & (ks < k_end)[None, :], other=0.0)
+            acc = _dot(w, at, acc, IEEE)
+        mask = mask_n[:, None] & mask_m[None, :]
+        tl.store(part_o_ptr + (so * BLOCK_M + offs_m)[None, :] * D + offs_n[:, None], acc, mask=mask)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + 3 + cb, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_O - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for t in tl.static_range(SPLIT_O):
+                acc += tl.load(part_o_ptr + (t * BLOCK_M + offs_m)[None, :] * D + offs_n[:, None], mask=mask,
+                               other=0.0, cache_modifier=".cg")
+            res = tl.load(ores_ptr + offs_m.to(tl.int64)[None, :] * stride_orm + offs_n[:, None], mask=mask,
+                          other=0.0)
+            acc += res.to(tl.float32)
+            tl.store(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_n[:, None],
+                     acc.to(x_ptr.dtype.element_ty), mask=mask)
+            tl.debug_barrier()
+            tl.atomic_add(count_ptr + 2, 1, sem="release", scope="gpu")
+    elif tile < n_o + n_a:
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        c0 = (tile - n_o) * BLOCK_F
         offs_f = c0 + tl.arange(0, BLOCK_F)
         g_rows = wgu_ptr + offs_f.to(tl.int64)[:, None] * D
         u_rows = wgu_ptr + (F + offs_f).to(tl.int64)[:, None] * D
@@ -287,20 +370,21 @@ def _skinny_ffn_kernel(
             wu1 = tl.load(u_rows + (offs_kb + BLOCK_K)[None, :], mask=(offs_kb + BLOCK_K < D)[None, :], other=0.0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
+        if HAS_O:
+            _spin_until(count_ptr + 2, n_cb)
         sq = tl.zeros([BLOCK_M], tl.float32)
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_kb, mask_m, M, D, stride_xm, D, sq, True, False)
+        xt, sq = _normed_tile(x_ptr, nw_ptr, offs_m, offs_kb, mask_m, D, stride_xm, sq, HAS_O)
         acc_g = _dot(wg, xt, tl.zeros([BLOCK_F, BLOCK_M], tl.float32), IEEE)
         acc_u = _dot(wu, xt, tl.zeros([BLOCK_F, BLOCK_M], tl.float32), IEEE)
         if PRE_WAIT >= 2:
-            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_kb + BLOCK_K, mask_m, M, D, stride_xm, D, sq, True,
-                                 False)
+            xt, sq = _normed_tile(x_ptr, nw_ptr, offs_m, offs_kb + BLOCK_K, mask_m, D, stride_xm, sq, HAS_O)
             acc_g = _dot(wg1, xt, acc_g, IEEE)
             acc_u = _dot(wu1, xt, acc_u, IEEE)
         for k0 in range(PRE_WAIT * BLOCK_K, D, BLOCK_K):
             ks = k0 + offs_kb
             wg = tl.load(g_rows + ks[None, :], mask=(ks < D)[None, :], other=0.0)
             wu = tl.load(u_rows + ks[None, :], mask=(ks < D)[None, :], other=0.0)
-            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, D, stride_xm, D, sq, True, False)
+            xt, sq = _normed_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, D, stride_xm, sq, HAS_O)
             acc_g = _dot(wg, xt, acc_g, IEEE)
             acc_u = _dot(wu, xt, acc_u, IEEE)
         # g and u rounded to the activations' dtype as the two-GEMM path stores them, then the gate.
@@ -311,11 +395,11 @@ def _skinny_ffn_kernel(
         tl.store(h_ptr + offs_m.to(tl.int64)[None, :] * F + offs_f[:, None], h.to(h_ptr.dtype.element_ty),
                  mask=mask_m[None, :])
         tl.debug_barrier()
-        tl.atomic_add(count_ptr + 2 + c0 // K_SLICE, 1, sem="release", scope="gpu")
+        tl.atomic_add(c_slices + c0 // K_SLICE, 1, sem="release", scope="gpu")
     else:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        b = tile - n_a
+        b = tile - n_o - n_a
         s = b // n_cb
         cb = b % n_cb
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -327,11 +411,7 @@ def _skinny_ffn_kernel(
             w1 = tl.load(d_rows + (offs_kb + BLOCK_K)[None, :], mask=mask_n[:, None], other=0.0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
-        need = K_SLICE // BLOCK_F
-        ready = tl.atomic_add(count_ptr + 2 + s, 0, sem="acquire", scope="gpu")
-        while ready < need:
-            ready = tl.atomic_add(count_ptr + 2 + s, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+        _spin_until(c_slices + s, K_SLICE // BLOCK_F)
         h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * F + k_start
         ht = tl.load(h_rows + offs_kb[None, :], mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
         acc = _dot(w, ht, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
@@ -345,14 +425,18 @@ def _skinny_ffn_kernel(
         mask = mask_n[:, None] & mask_m[None, :]
         tl.store(part_ptr + (s * BLOCK_M + offs_m)[None, :] * D + offs_n[:, None], acc, mask=mask)
         tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + 2 + SPLIT + cb, 1, sem="acq_rel", scope="gpu")
+        done = tl.atomic_add(c_down + cb, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:
             # the last split of this column block sums them in split order (deterministic)
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for t in tl.static_range(SPLIT):
                 acc += tl.load(part_ptr + (t * BLOCK_M + offs_m)[None, :] * D + offs_n[:, None], mask=mask,
                                other=0.0, cache_modifier=".cg")
-            res = tl.load(res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0)
+            res_ptrs = res_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + offs_n[:, None]
+            if HAS_O:  # the residual is x, written by this launch
+                res = tl.load(res_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            else:
+                res = tl.load(res_ptrs, mask=mask, other=0.0)
             acc += res.to(tl.float32)
             tl.store(out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None],
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -361,26 +445,44 @@ def _skinny_ffn_kernel(
     if finished == n_tiles - 1:
         tl.atomic_add(count_ptr, -n_tiles)
         offs_c = 1 + tl.arange(0, 1024)
-        tl.store(count_ptr + offs_c, tl.zeros([1024], tl.int32), mask=offs_c < 2 + SPLIT + n_cb)
+        tl.store(count_ptr + offs_c, tl.zeros([1024], tl.int32), mask=offs_c < 3 + 2 * n_cb + SPLIT)
+
+
+def ffn_counter_count(d: int, f: int, block_n: int, k_slice: int) -> int:
+    """The int32 counters a launch of `launch_skinny_ffn` uses."""
+    return 3 + 2 * triton.cdiv(d, block_n) + f // k_slice
 
 
 def launch_skinny_ffn(x, w_gate_up, w_down, norm_weight, eps: float, residual, out, h, part, counters, *,
                       block_f: int, block_k: int, block_n: int, k_slice: int, num_warps: int, num_stages: int,
-                      pdl: bool, pre_wait_tiles: int = 1) -> None:
+                      pdl: bool, pre_wait_tiles: int = 1, attn_out=None) -> None:
     """out[M, D] = residual + w_down @ silu(g) * u with [g | u] = rmsnorm(x) @ w_gate_up^T: x and
     residual [M, D], w_gate_up [2F, D] (gate rows then up rows), w_down [D, F], norm_weight [D],
     every last dim contiguous. Workspaces: h [BLOCK_M, F] in x's dtype, part fp32
-    [F / k_slice * BLOCK_M * D], counters int32 [>= 2 + F / k_slice + cdiv(D, block_n)], zero
-    (and left zero). F a multiple of k_slice, k_slice of block_f and of block_k (and at least
-    `pre_wait_tiles` of those)."""
+    [F / k_slice * BLOCK_M * D], counters int32 [>= ffn_counter_count(...) + 1], zero (and left
+    zero). F a multiple of k_slice, k_slice of block_f and of block_k (and at least
+    `pre_wait_tiles` of those).
+
+    `attn_out`: (a [M, Q], w_o [D, Q], layer_in [M, D], part_o fp32 [cdiv(Q, k_slice_o) * BLOCK_M * D],
+    k_slice_o a multiple of block_k) - the output projection first, x = layer_in + a @ w_o^T written
+    into `x` (then the FFN's input and `residual`: pass the same workspace for both)."""
     m, d, f = x.shape[0], x.shape[1], w_down.shape[1]
     block_m = max(16, triton.next_power_of_2(m))
     split = f // k_slice
     n_a, n_cb = f // block_f, triton.cdiv(d, block_n)
-    _skinny_ffn_kernel[(n_a + n_cb * split,)](
-        x, w_gate_up, w_down, norm_weight, residual, out, h, part, counters, m, d, f, eps,
-        x.stride(0), residual.stride(0), out.stride(0), n_a, n_cb,
+    if attn_out is not None:
+        a, w_o, layer_in, part_o, k_slice_o = attn_out
+        q = a.shape[1]
+        split_o = triton.cdiv(q, k_slice_o)
+        n_o = n_cb * split_o
+    else:
+        a = w_o = layer_in = part_o = x
+        q, k_slice_o, split_o, n_o = 0, block_k, 1, 0
+    _skinny_ffn_kernel[(n_o + n_a + n_cb * split,)](
+        x, w_gate_up, w_down, norm_weight, residual, out, h, part, counters, a, w_o, layer_in, part_o,
+        m, d, f, q, eps, x.stride(0), residual.stride(0), out.stride(0), a.stride(0), layer_in.stride(0), n_a, n_cb,
         BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_K=block_k, BLOCK_N=block_n, K_SLICE=k_slice, SPLIT=split,
-        IEEE=x.dtype.itemsize == 4, USE_PDL=pdl, PRE_WAIT=pre_wait_tiles, num_warps=num_warps,
-        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        K_SLICE_O=k_slice_o, SPLIT_O=split_o, HAS_O=attn_out is not None, IEEE=x.dtype.itemsize == 4,
+        USE_PDL=pdl, PRE_WAIT=pre_wait_tiles, num_warps=num_warps, num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )

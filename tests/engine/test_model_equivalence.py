@@ -159,17 +159,19 @@ def test_prefill_through_the_window_kernel_matches_whole_sequence(
 
 
 @pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("fused,fused_ffn", [(True, True), (True, False), (False, True)],
-                         ids=["stacked-projections", "stacked-two-launch-ffn", "own-projections"])
+@pytest.mark.parametrize("fused,fused_ffn,fused_finish", [(True, True, False), (True, True, True),
+                                                         (True, False, False), (False, True, False)],
+                         ids=["stacked-projections", "one-kernel-finish", "stacked-two-launch-ffn", "own-projections"])
 @pytest.mark.parametrize("cfg_name", ["yoco", "transformer"])
 def test_decode_through_the_skinny_gemm_kernel_matches_whole_sequence(
-        cfg_name: str, fused: bool, fused_ffn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg_name: str, fused: bool, fused_ffn: bool, fused_finish: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's decode projections: every projection of a few rows (the decode steps, the
     prefill's last position through the cross layers) through the Triton skinny-GEMM kernel
     (here interpreted), its norm, SiLU and residual fused - with stacked gate/up, each FFN as one
-    kernel (kernels.skinny_ffn) unless `layers.FUSED_FFN` is off - the whole-sequence model's logits."""
+    kernel (kernels.skinny_ffn) unless `layers.FUSED_FFN` is off, and with `layers.FUSED_FINISH` the
+    output projection in that kernel too (kernels.skinny_finish) - the whole-sequence model's logits."""
     import services.engine.layers as layers
-    from kernels.skinny_ffn import skinny_ffn
+    from kernels.skinny_ffn import skinny_ffn, skinny_finish
     from kernels.skinny_linear import skinny_linear
 
     calls, ffn_calls = [], []
@@ -182,10 +184,17 @@ def test_decode_through_the_skinny_gemm_kernel_matches_whole_sequence(
         ffn_calls.append(args[2].shape)
         return skinny_ffn(*args, backend="triton")
 
+    def counting_finish(*args):  # noqa: ANN002, ANN202
+        ffn_calls.append(args[4].shape)
+        calls.append(args[1].shape)  # the output projection, in the same kernel
+        return skinny_finish(*args, backend="triton")
+
     monkeypatch.setattr(layers, "use_skinny", lambda x, w: x.numel() // x.shape[-1] <= 8)
     monkeypatch.setattr(layers, "skinny_linear_op", counting)
     monkeypatch.setattr(layers, "skinny_ffn_op", counting_ffn)
+    monkeypatch.setattr(layers, "skinny_finish_op", counting_finish)
     monkeypatch.setattr(layers, "FUSED_FFN", fused_ffn)
+    monkeypatch.setattr(layers, "FUSED_FINISH", fused_finish)
     engine = make_engine(CONFIGS[cfg_name], prefill_chunk=16)
     if fused:
         engine.model.fuse_projections()

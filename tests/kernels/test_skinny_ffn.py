@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import kernels.skinny_ffn as ffn_module
-from kernels.skinny_ffn import counters, launch_plan, skinny_ffn, skinny_ffn_op, skinny_ffn_reference
+from kernels.skinny_ffn import (
+    counters,
+    launch_plan,
+    skinny_ffn,
+    skinny_ffn_op,
+    skinny_ffn_reference,
+    skinny_finish,
+    skinny_finish_reference,
+)
 from kernels.skinny_linear import SKINNY_MAX_M
 from tests.kernels.triton_device import DEVICE, DTYPES
 
@@ -123,3 +131,42 @@ def test_swiglu_takes_the_kernel_at_decode_sizes(monkeypatch: pytest.MonkeyPatch
     assert got.shape == want.shape == x.shape
     for out in (got, replayed):
         assert float((out.float() - want.float()).abs().max() / want.float().abs().max()) < 2e-2
+
+
+FINISH_SHAPES = {"m1-q64-d48-f128": (1, 64, 48, 128), "m7-q100-d100-f256": (7, 100, 100, 256),
+                 "m16-q200-d64-f192": (16, 200, 64, 192)}
+if DEVICE == "cuda":
+    FINISH_SHAPES["m7-q3072-d3072-f8192"] = (7, 3072, 3072, 8192)
+
+
+def _finish_case(m: int, q: int, d: int, f: int, dtype: torch.dtype):  # noqa: ANN202
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(m, q, generator=gen).to(DEVICE, dtype)
+    w_o = (torch.randn(d, q, generator=gen) / q**0.5).to(DEVICE, dtype)
+    return a, w_o, _case(m, d, f, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", list(FINISH_SHAPES))
+def test_skinny_finish(shape: str, dtype: torch.dtype) -> None:
+    """A layer's output projection (Q split in slices, the last not full at Q = 100 and 200) and its
+    FFN in one kernel, against the two steps' reference."""
+    a, w_o, (_, wgu, wd, g, x) = _finish_case(*FINISH_SHAPES[shape], dtype)
+    got = skinny_finish(a, w_o, x, wgu, wd, g, 1e-6, backend="triton")
+    ref = skinny_finish_reference(*(t.double() for t in (a, w_o, x, wgu, wd, g)), 1e-6)
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = float((got.double() - ref).abs().max() / ref.abs().max())
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    again = [skinny_finish(a, w_o, x, wgu, wd, g, 1e-6, backend="triton") for _ in range(2)]
+    for out in again:
+        torch.testing.assert_close(out, got, atol=0, rtol=0)
+
+
+def test_skinny_finish_rejects_bad_input() -> None:
+    a, w_o, (_, wgu, wd, g, x) = _finish_case(4, 64, 48, 128, torch.float32)
+    with pytest.raises(ValueError, match=r"must be \[M, Q\] and \[D, Q\]"):
+        skinny_finish(a, w_o[:, :-1], x, wgu, wd, g, 1e-6, backend="triton")
+    with pytest.raises(ValueError, match=r"must be \[M, Q\] and \[D, Q\]"):
+        skinny_finish(a[:-1], w_o, x, wgu, wd, g, 1e-6, backend="triton")
+    with pytest.raises(TypeError, match="must have layer_in's dtype"):
+        skinny_finish(a.half(), w_o, x, wgu, wd, g, 1e-6, backend="triton")
