@@ -304,6 +304,9 @@ def _skinny_ffn_kernel(
     c_slices = count_ptr + 3 + n_cb
     c_down = c_slices + SPLIT
     tile = tl.atomic_add(count_ptr, 1) % n_tiles
+    if USE_PDL:
+        if tile >= 0:  # always: the branch makes the trigger wait for the atomic's value
+            tl.extra.cuda.gdc_launch_dependents()
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_kb = tl.arange(0, BLOCK_K)
@@ -312,8 +315,6 @@ def _skinny_ffn_kernel(
     else:
         is_o = False  # static: without the output projection its branch is not compiled
     if is_o:
-        if USE_PDL:  # after the tile is taken (the branch waits for the atomic's value)
-            tl.extra.cuda.gdc_launch_dependents()
         cb = tile % n_cb
         so = tile // n_cb
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -357,8 +358,6 @@ def _skinny_ffn_kernel(
             tl.debug_barrier()
             tl.atomic_add(count_ptr + 2, 1, sem="release", scope="gpu")
     elif tile < n_o + n_a:
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         c0 = (tile - n_o) * BLOCK_F
         offs_f = c0 + tl.arange(0, BLOCK_F)
         g_rows = wgu_ptr + offs_f.to(tl.int64)[:, None] * D
@@ -397,8 +396,6 @@ def _skinny_ffn_kernel(
         tl.debug_barrier()
         tl.atomic_add(c_slices + c0 // K_SLICE, 1, sem="release", scope="gpu")
     else:
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         b = tile - n_o - n_a
         s = b // n_cb
         cb = b % n_cb
