@@ -37,7 +37,6 @@ import importlib  # noqa: E402
 
 import kernels.decode_attention as da  # noqa: E402
 import kernels.silu_mul as sm  # noqa: E402
-import kernels.skinny_ffn as sf  # noqa: E402
 import kernels.skinny_linear as sl  # noqa: E402
 
 it = importlib.import_module("kernels.index_topk")  # the package's `index_topk` is the function
@@ -45,7 +44,6 @@ import kernels.triton_attention as ta  # noqa: E402
 import kernels.triton_gemm as tg  # noqa: E402
 import kernels.triton_pointwise as tp  # noqa: E402
 import services.engine.graph_step as gs  # noqa: E402
-import services.engine.layers as layers  # noqa: E402
 from kernels.compile_only import Compiled, compiled_for  # noqa: E402
 
 HQ, HKV, D, D_IDX, K, PAGE, N = 24, 8, 128, 128, 2048, 16, 131072
@@ -137,23 +135,6 @@ def skinny_qkv(batch: int) -> None:
                           ring=(ring, ring.clone(), idx, idx, HQ * D, (HQ + HKV) * D))
 
 
-def skinny_ffn(batch: int, config: tuple[int, ...], pre_wait: int, finish: bool = False) -> None:
-    """clsa-4b's decode FFN as one kernel (`skinny_ffn`; with `finish`, the output projection in it
-    too: `skinny_finish`) at M = batch, configuration (BLOCK_F, BLOCK_K, BLOCK_N, K_SLICE, warps, stages)."""
-    d, f, q = 3072, 8192, HQ * D
-    block_f, block_k, block_n, k_slice, warps, stages = config
-    bf16 = {"dtype": torch.bfloat16}
-    x = torch.zeros(batch, d, **bf16)
-    o = None
-    if finish:
-        o = (torch.zeros(batch, q, **bf16), torch.zeros(d, q, **bf16), x.clone(), torch.zeros(3 * 16 * d), 1024)
-    tg.launch_skinny_ffn(x, torch.zeros(2 * f, d, **bf16), torch.zeros(d, f, **bf16), torch.ones(d, **bf16), 1e-6,
-                         x, torch.zeros(batch, d, **bf16), torch.zeros(16, f, **bf16),
-                         torch.zeros(f // k_slice * 16 * d), torch.zeros(1025, dtype=torch.int32), block_f=block_f,
-                         block_k=block_k, block_n=block_n, k_slice=k_slice, num_warps=warps, num_stages=stages,
-                         pdl=True, pre_wait_tiles=pre_wait, attn_out=o)
-
-
 def silu_mul(rows: int) -> None:
     """The prefill's SwiGLU gate over `rows` tokens of clsa-4b's FFN (F = 8192)."""
     block_m, block_f, warps = sm.SILU_MUL_CONFIG
@@ -193,13 +174,6 @@ def collect() -> list[dict]:
                     record("skinny", batch, f"{n}x{k} {pre_wait} tiles pre-wait",
                            not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == pre_wait, skinny, batch, n, k, False, pre_wait)
             record("skinny_qkv", batch, "rope + rings", gs.FUSED_QKV_RING, skinny_qkv, batch)
-            for finish in (False, True):
-                default = layers.FUSED_FFN and layers.FUSED_FINISH == finish
-                record("skinny_finish" if finish else "skinny_ffn", batch, str(list(sf.FFN_CONFIG)), default,
-                       skinny_ffn, batch, sf.FFN_CONFIG, sf.FFN_PRE_WAIT_TILES, finish)
-    for config in FFN_SWEEP:  # bench/skinny_ffn.py's sweep, at B = 7
-        if tuple(config) != tuple(sf.FFN_CONFIG):
-            record("skinny_ffn", 7, str(list(config)), False, skinny_ffn, 7, config, 2)
     record("silu_mul", 1024, "prefill chunk", True, silu_mul, 1024)
     return rows
 
@@ -215,7 +189,6 @@ def _swept_wide_shapes() -> list[tuple[int, ...]]:
 
 
 WIDE_VARIANTS = _swept_wide_shapes()
-FFN_SWEEP = runpy.run_path(str(Path(__file__).with_name("skinny_ffn.py")))["SWEEP"]
 
 
 def _row(op: str, batch: int, variant: str, default: bool, c: Compiled) -> dict:

@@ -30,10 +30,6 @@
 #                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
 #   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = $AB_BS, "1 7"; $AB_ROUNDS
 #            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)        -> decode_ab/, decode_ab.txt
-#   ffn      the one-kernel decode FFN (kernels/skinny_ffn.py): its compiled tests, bench/skinny_ffn.py
-#            (16 FFNs in a chain: the two launches against the one kernel's sweep), then bench/decode_ab.py
-#            at 128K, B = $AB_BS: the kernel (default config, the sweep's best, with the output
-#            projection inside) against the two launches ($AB_ROUNDS rounds, 3) (~8 min cold)   -> ffn_tests.txt, skinny_ffn/, decode_ab/
 #   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
 #            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
 #   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
@@ -152,21 +148,6 @@ for step in "$@"; do
         timeout "${AB_TIMEOUT:-330}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" \
             --bs ${AB_BS:-1 7} --out "$OUT/decode_ab" \
             > "$OUT/decode_ab.txt" 2>&1
-        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
-        ;;
-    ffn)
-        TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_skinny_ffn.py \
-            > "$OUT/ffn_tests.txt" 2>&1
-        echo "ffn tests: $(tail -1 "$OUT/ffn_tests.txt")"; grep -E "^(FAILED|ERROR)|Error" "$OUT/ffn_tests.txt" | head
-        timeout 200 python3 bench/skinny_ffn.py --out "$OUT/skinny_ffn" 2>&1 | grep -v -i warn | tail -32
-        best=$(python3 -c "import json; b = json.load(open('$OUT/skinny_ffn/skinny_ffn.json'))['best']; \
-print('kernels.skinny_ffn.FFN_CONFIG=(%s),kernels.skinny_ffn.FFN_PRE_WAIT_TILES=%d' % (','.join(map(str, b['config'])), b['pre_wait']))")
-        args=(--setting "one-kernel:" --setting "two-launches:services.engine.layers.FUSED_FFN=False"
-              --setting "finish:services.engine.layers.FUSED_FINISH=True")
-        [ -n "$best" ] && args+=(--setting "sweep-best:$best")
-        # shellcheck disable=SC2086  # AB_BS: batch sizes, word-split on purpose
-        timeout "${AB_TIMEOUT:-240}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" \
-            --bs ${AB_BS:-1 7} --out "$OUT/decode_ab" > "$OUT/decode_ab.txt" 2>&1
         echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
         ;;
     window)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.silu_mul import silu_mul_op
-from kernels.skinny_ffn import skinny_ffn_op, skinny_finish_op
 from kernels.skinny_linear import SKINNY_MAX_M, skinny_linear_op, skinny_qkv_op
 from services.engine.config import ModelConfig
 
@@ -22,13 +21,6 @@ SKINNY_ROWS = 16
 # kernels.silu_mul's Triton pass, at the card's bandwidth; off: torch's ops (fused by inductor
 # when the layer is compiled). The prefill's A/B switch (bench/prefill.py --no-silu-kernel).
 SILU_KERNEL = True
-# A decode-sized FFN with stacked gate/up (and its norm and residual) as one kernel
-# (kernels.skinny_ffn: the down GEMM streams while the gate/up GEMM drains); off: two
-# `project` launches. Taken where `use_skinny` holds.
-FUSED_FFN = True
-# Also the attention's output projection and its residual in that kernel (kernels.skinny_finish:
-# a layer's whole `finish`, one launch); off: the output projection as its own `project`.
-FUSED_FINISH = False
 
 
 class RMSNorm(nn.Module):
@@ -104,12 +96,6 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual + FFN(norm(x)) (each part optional)."""
-        if (FUSED_FFN and self.fused is not None and norm is not None and residual is not None
-                and use_skinny(x, self.fused)):
-            lead = x.shape[:-1]
-            out = skinny_ffn_op(x.reshape(-1, x.shape[-1]), self.fused, self.w_down.weight, norm.weight, norm.eps,
-                                residual.reshape(-1, residual.shape[-1]))
-            return out.view(*lead, x.shape[-1])
         if self.fused is not None:
             return project(project(x, self.fused, norm), self.w_down.weight, silu=True, residual=residual)
         h = x if norm is None else norm(x)
@@ -219,14 +205,6 @@ class _Block(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual + output projection of the attention result `[B, C, Hq, d]`, then the FFN."""
-        ffn = self.ffn
-        if (FUSED_FINISH and FUSED_FFN and ffn.fused is not None and use_skinny(x, ffn.fused)
-                and use_skinny(x, self.wo.weight)):
-            lead = x.shape[:-1]
-            out = skinny_finish_op(attn.reshape(-1, attn.shape[-2] * attn.shape[-1]), self.wo.weight,
-                                   x.reshape(-1, x.shape[-1]), ffn.fused, ffn.w_down.weight, self.ffn_norm.weight,
-                                   self.ffn_norm.eps)
-            return out.view(*lead, x.shape[-1])
         x = project(attn.flatten(-2), self.wo.weight, residual=x)
         return self.ffn(x, self.ffn_norm, residual=x)
 

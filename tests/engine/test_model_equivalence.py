@@ -159,42 +159,24 @@ def test_prefill_through_the_window_kernel_matches_whole_sequence(
 
 
 @pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("fused,fused_ffn,fused_finish", [(True, True, False), (True, True, True),
-                                                         (True, False, False), (False, True, False)],
-                         ids=["stacked-projections", "one-kernel-finish", "stacked-two-launch-ffn", "own-projections"])
+@pytest.mark.parametrize("fused", [True, False], ids=["stacked-projections", "own-projections"])
 @pytest.mark.parametrize("cfg_name", ["yoco", "transformer"])
 def test_decode_through_the_skinny_gemm_kernel_matches_whole_sequence(
-        cfg_name: str, fused: bool, fused_ffn: bool, fused_finish: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg_name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's decode projections: every projection of a few rows (the decode steps, the
     prefill's last position through the cross layers) through the Triton skinny-GEMM kernel
-    (here interpreted), its norm, SiLU and residual fused - with stacked gate/up, each FFN as one
-    kernel (kernels.skinny_ffn) unless `layers.FUSED_FFN` is off, and with `layers.FUSED_FINISH` the
-    output projection in that kernel too (kernels.skinny_finish) - the whole-sequence model's logits."""
+    (here interpreted), its norm, SiLU and residual fused - the whole-sequence model's logits."""
     import services.engine.layers as layers
-    from kernels.skinny_ffn import skinny_ffn, skinny_finish
     from kernels.skinny_linear import skinny_linear
 
-    calls, ffn_calls = [], []
+    calls = []
 
     def counting(*args):  # noqa: ANN002, ANN202
         calls.append(args[1].shape)
         return skinny_linear(*args, backend="triton")
 
-    def counting_ffn(*args):  # noqa: ANN002, ANN202
-        ffn_calls.append(args[2].shape)
-        return skinny_ffn(*args, backend="triton")
-
-    def counting_finish(*args):  # noqa: ANN002, ANN202
-        ffn_calls.append(args[4].shape)
-        calls.append(args[1].shape)  # the output projection, in the same kernel
-        return skinny_finish(*args, backend="triton")
-
     monkeypatch.setattr(layers, "use_skinny", lambda x, w: x.numel() // x.shape[-1] <= 8)
     monkeypatch.setattr(layers, "skinny_linear_op", counting)
-    monkeypatch.setattr(layers, "skinny_ffn_op", counting_ffn)
-    monkeypatch.setattr(layers, "skinny_finish_op", counting_finish)
-    monkeypatch.setattr(layers, "FUSED_FFN", fused_ffn)
-    monkeypatch.setattr(layers, "FUSED_FINISH", fused_finish)
     engine = make_engine(CONFIGS[cfg_name], prefill_chunk=16)
     if fused:
         engine.model.fuse_projections()
@@ -202,10 +184,7 @@ def test_decode_through_the_skinny_gemm_kernel_matches_whole_sequence(
     prompts = [random_prompt(n, seed=n) for n in (3, 26, 11)]
     outs = run_requests(engine, [(p, GREEDY, "dense" if cfg_name == "transformer" else "clsa") for p in prompts])
     cfg = engine.model.cfg
-    assert (cfg.vocab_size, cfg.d_model) in calls  # the LM head
-    one_kernel = fused and fused_ffn  # the FFN's down weight: in the one kernel's calls, or a GEMM's
-    assert ((cfg.d_model, cfg.ffn_dim) in ffn_calls) == one_kernel
-    assert ((cfg.d_model, cfg.ffn_dim) in calls) != one_kernel
+    assert (cfg.vocab_size, cfg.d_model) in calls and (cfg.d_model, cfg.ffn_dim) in calls  # LM head, FFN down
     monkeypatch.setattr(layers, "use_skinny", lambda x, w: False)
     for prompt, out in zip(prompts, outs, strict=True):
         torch.testing.assert_close(torch.stack(log[out.request_id]),
