@@ -244,3 +244,154 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         PRE_WAIT=pre_wait_tiles, EVICT_W=weight_eviction, num_warps=num_warps, num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
+
+
+@triton.jit
+def _stream_segment_end(acc, sq, cb, p, P, T, n_k, part_ptr, sq_ptr, count_ptr, res_ptr, out_ptr, offs_m, mask_m,
+                        M, N, K, eps, stride_rm, stride_om, cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr,
+                        ring_row_ptr, rope_cols, k_col0, v_col0, stride_ring_slot, stride_ring_row,
+                        MAX_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr,
+                        RESIDUAL: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr):
+    """Program p's partial sums for column block cb: the epilogue at once when p is the block's only
+    contributor, else into the block's slot (p - first contributor); the last contributor to arrive
+    adds the slots up in program order (deterministic) and runs the epilogue."""
+    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[:, None] & mask_m[None, :]
+    first = ((cb * n_k + 1) * P - 1) // T  # the program holding the block's first K chunk
+    count = ((cb + 1) * n_k * P - 1) // T - first + 1
+    if count == 1:
+        _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, cb, M, K, eps, stride_rm, stride_om,
+                  cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+                  stride_ring_slot, stride_ring_row, BLOCK_N, BLOCK_M, NORM, RESIDUAL, ROPE, RING)
+    else:
+        tile = (offs_m[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None])
+        slot0 = cb * MAX_SLOTS
+        tl.store(part_ptr + (slot0 + p - first) * BLOCK_M * BLOCK_N + tile, acc, mask=mask)
+        if NORM:
+            tl.store(sq_ptr + (slot0 + p - first) * BLOCK_M + offs_m, sq, mask=mask_m)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + cb, 1, sem="acq_rel", scope="gpu")
+        if done == count - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            sq = tl.zeros([BLOCK_M], tl.float32)
+            for s in range(0, count):
+                acc += tl.load(part_ptr + (slot0 + s) * BLOCK_M * BLOCK_N + tile, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+                if NORM:
+                    sq += tl.load(sq_ptr + (slot0 + s) * BLOCK_M + offs_m, mask=mask_m, other=0.0,
+                                  cache_modifier=".cg")
+            _epilogue(acc, sq, res_ptr, out_ptr, offs_m, offs_n, mask, cb, M, K, eps, stride_rm, stride_om,
+                      cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+                      stride_ring_slot, stride_ring_row, BLOCK_N, BLOCK_M, NORM, RESIDUAL, ROPE, RING)
+            tl.store(count_ptr + cb, 0)
+
+
+@triton.jit
+def _skinny_gemm_stream_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, part_ptr, sq_ptr, count_ptr, M, N, K, n_k, P, eps,
+    stride_xm, stride_wn, stride_om, stride_rm,
+    cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+    stride_ring_slot, stride_ring_row,
+    MAX_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    ROPE: tl.constexpr, RING: tl.constexpr, PRE_WAIT: tl.constexpr,
+):
+    """`_skinny_gemm_kernel`'s work split evenly over P programs (stream-K): the cdiv(N, BLOCK_N) x
+    n_k (BLOCK_K chunks of K) units, column block by column block, cut into P runs of T / P units
+    (program p: units p T / P .. (p + 1) T / P), so that every program streams the same share of
+    the weight whatever P is - no wave of a few programs left at the end. P >= the column blocks, so
+    a run spans at most two of them; each block's partial sums meet as `_stream_segment_end` says."""
+    p = tl.program_id(0)
+    n_cb = tl.cdiv(N, BLOCK_N)
+    T = n_cb * n_k
+    u0 = p * T // P
+    u1 = (p + 1) * T // P
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_kb = tl.arange(0, BLOCK_K)
+    cb = u0 // n_k
+    c0 = cb * n_k  # the block's first unit
+    seg_end = tl.minimum(u1, c0 + n_k)
+    k_end = tl.minimum((seg_end - c0) * BLOCK_K, K)
+    k_start = (u0 - c0) * BLOCK_K
+    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    ks = k_start + offs_kb
+    w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+    if PRE_WAIT >= 2:
+        w1 = tl.load(w_rows + (ks + BLOCK_K)[None, :], mask=mask_n[:, None] & (ks + BLOCK_K < k_end)[None, :],
+                     other=0.0)
+    if PRE_WAIT >= 3:
+        w2 = tl.load(w_rows + (ks + 2 * BLOCK_K)[None, :],
+                     mask=mask_n[:, None] & (ks + 2 * BLOCK_K < k_end)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+    acc = _dot(w, xt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+    if PRE_WAIT >= 2:
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+        acc = _dot(w1, xt, acc, IEEE)
+    if PRE_WAIT >= 3:
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
+                             SILU)
+        acc = _dot(w2, xt, acc, IEEE)
+    for k0 in range(k_start + PRE_WAIT * BLOCK_K, k_end, BLOCK_K):
+        ks = k0 + offs_kb
+        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+        acc = _dot(w, xt, acc, IEEE)
+    _stream_segment_end(acc, sq, cb, p, P, T, n_k, part_ptr, sq_ptr, count_ptr, res_ptr, out_ptr, offs_m, mask_m,
+                        M, N, K, eps, stride_rm, stride_om, cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr,
+                        ring_row_ptr, rope_cols, k_col0, v_col0, stride_ring_slot, stride_ring_row,
+                        MAX_SLOTS, BLOCK_N, BLOCK_M, NORM, RESIDUAL, ROPE, RING)
+    if seg_end < u1:  # the run goes on into the next column block, from its first chunk
+        cb = cb + 1
+        k_end = tl.minimum((u1 - seg_end) * BLOCK_K, K)
+        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        sq = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            ks = k0 + offs_kb
+            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
+            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+            acc = _dot(w, xt, acc, IEEE)
+        _stream_segment_end(acc, sq, cb, p, P, T, n_k, part_ptr, sq_ptr, count_ptr, res_ptr, out_ptr, offs_m,
+                            mask_m, M, N, K, eps, stride_rm, stride_om, cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr,
+                            slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0, stride_ring_slot, stride_ring_row,
+                            MAX_SLOTS, BLOCK_N, BLOCK_M, NORM, RESIDUAL, ROPE, RING)
+
+
+def stream_slots(n: int, k: int, block_n: int, block_k: int, programs: int) -> int:
+    """The most programs that share one column block in the stream-K split (its partial-sum slots)."""
+    n_cb, n_k = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    t = n_cb * n_k
+    return max(((cb + 1) * n_k * programs - 1) // t - ((cb * n_k + 1) * programs - 1) // t + 1 for cb in range(n_cb))
+
+
+def launch_skinny_gemm_stream(x, w, out, residual, norm_weight, eps: float, part, sq, counters, *, silu: bool,
+                              block_n: int, block_k: int, programs: int, max_slots: int, num_warps: int,
+                              num_stages: int, pdl: bool, rope=None, ring=None, pre_wait_tiles: int = 1) -> None:
+    """`launch_skinny_gemm` with its work split evenly over `programs` programs (stream-K; at least
+    cdiv(N, block_n) and at most N / block_n x K / block_k of them). `part` fp32 [cdiv(N, block_n) *
+    max_slots * BLOCK_M * block_n], `sq` fp32 [cdiv(N, block_n) * max_slots * BLOCK_M], `counters` int32
+    [cdiv(N, block_n)] zero (and left zero); max_slots = `stream_slots(...)`."""
+    m, n, k = out.shape[0], w.shape[0], w.shape[1]
+    block_m = max(16, triton.next_power_of_2(m))
+    _skinny_gemm_stream_kernel[(programs,)](
+        x, w, out, residual if residual is not None else out, norm_weight if norm_weight is not None else w,
+        part, sq, counters, m, n, k, triton.cdiv(k, block_k), programs, eps, x.stride(0), w.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        *(rope[:2] if rope is not None else (out, out)), *(ring[:4] if ring is not None else (out,) * 4),
+        rope[2] if rope is not None else 0, *(ring[4:] if ring is not None else (0, 0)),
+        *((ring[0].stride(0), ring[0].stride(1)) if ring is not None else (0, 0)),
+        MAX_SLOTS=max_slots, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None,
+        SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl, ROPE=rope is not None,
+        RING=ring is not None, PRE_WAIT=pre_wait_tiles, num_warps=num_warps, num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )
