@@ -71,25 +71,16 @@ def _dot(w, xt, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _skinny_gemm_kernel(
-    x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, part_ptr, sq_ptr, count_ptr, M, N, K, k_slice, eps,
-    stride_xm, stride_wn, stride_om, stride_rm,
-    cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
-    stride_ring_slot, stride_ring_row,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr,
-    PRE_WAIT: tl.constexpr, EVICT_W: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    k_start = split * k_slice
-    k_end = tl.minimum(k_start + k_slice, K)
+def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_start, k_end, stride_xm, stride_wn,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+               SILU: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PRE_WAIT: tl.constexpr,
+               PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, EVICT_W: tl.constexpr):
+    """One column block's partial product over K columns k_start .. k_end (a multiple of BLOCK_K
+    apart from K's end): acc [BLOCK_N, BLOCK_M] = w[offs_n, k] @ f(x)[:, k]^T and x's sum of squares
+    there (NORM). With USE_PDL, the program lets the next kernel launch, and PRE_WAIT weight tiles
+    (and the L2 prefetch of PREFETCH_LINES lines) are issued before the wait on the kernel ahead,
+    which x's loads come after."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -130,6 +121,31 @@ def _skinny_gemm_kernel(
                     eviction_policy=EVICT_W)
         xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
         acc = _dot(w, xt, acc, IEEE)
+    return acc, sq
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, part_ptr, sq_ptr, count_ptr, M, N, K, k_slice, eps,
+    stride_xm, stride_wn, stride_om, stride_rm,
+    cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0,
+    stride_ring_slot, stride_ring_row,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr,
+    PRE_WAIT: tl.constexpr, EVICT_W: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    k_start = split * k_slice
+    k_end = tl.minimum(k_start + k_slice, K)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc, sq = _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_start, k_end, stride_xm,
+                         stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, NORM, SILU, IEEE, USE_PDL, PRE_WAIT,
+                         PREFETCH_LINES, LINE, EVICT_W)
     mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT_K > 1:
         # Split-K: each split leaves its partial sums (and its slice's sum of squares); the last
@@ -308,7 +324,6 @@ def _skinny_gemm_stream_kernel(
     u1 = (p + 1) * T // P
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_kb = tl.arange(0, BLOCK_K)
     cb = u0 // n_k
     c0 = cb * n_k  # the block's first unit
     seg_end = tl.minimum(u1, c0 + n_k)
@@ -316,34 +331,9 @@ def _skinny_gemm_stream_kernel(
     k_start = (u0 - c0) * BLOCK_K
     offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    ks = k_start + offs_kb
-    w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
-    if PRE_WAIT >= 2:
-        w1 = tl.load(w_rows + (ks + BLOCK_K)[None, :], mask=mask_n[:, None] & (ks + BLOCK_K < k_end)[None, :],
-                     other=0.0)
-    if PRE_WAIT >= 3:
-        w2 = tl.load(w_rows + (ks + 2 * BLOCK_K)[None, :],
-                     mask=mask_n[:, None] & (ks + 2 * BLOCK_K < k_end)[None, :], other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    sq = tl.zeros([BLOCK_M], tl.float32)
-    xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-    acc = _dot(w, xt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-    if PRE_WAIT >= 2:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-        acc = _dot(w1, xt, acc, IEEE)
-    if PRE_WAIT >= 3:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
-                             SILU)
-        acc = _dot(w2, xt, acc, IEEE)
-    for k0 in range(k_start + PRE_WAIT * BLOCK_K, k_end, BLOCK_K):
-        ks = k0 + offs_kb
-        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-        acc = _dot(w, xt, acc, IEEE)
+    acc, sq = _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_start, k_end, stride_xm,
+                         stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, NORM, SILU, IEEE, USE_PDL, PRE_WAIT,
+                         0, 1, "")
     _stream_segment_end(acc, sq, cb, p, P, T, n_k, part_ptr, sq_ptr, count_ptr, res_ptr, out_ptr, offs_m, mask_m,
                         M, N, K, eps, stride_rm, stride_om, cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr, slot_ptr,
                         ring_row_ptr, rope_cols, k_col0, v_col0, stride_ring_slot, stride_ring_row,
@@ -353,14 +343,8 @@ def _skinny_gemm_stream_kernel(
         k_end = tl.minimum((u1 - seg_end) * BLOCK_K, K)
         offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        sq = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(0, k_end, BLOCK_K):
-            ks = k0 + offs_kb
-            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0)
-            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, ks, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-            acc = _dot(w, xt, acc, IEEE)
+        acc, sq = _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, 0, k_end, stride_xm,
+                             stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, NORM, SILU, IEEE, False, 1, 0, 1, "")
         _stream_segment_end(acc, sq, cb, p, P, T, n_k, part_ptr, sq_ptr, count_ptr, res_ptr, out_ptr, offs_m,
                             mask_m, M, N, K, eps, stride_rm, stride_om, cos_ptr, sin_ptr, ring_k_ptr, ring_v_ptr,
                             slot_ptr, ring_row_ptr, rope_cols, k_col0, v_col0, stride_ring_slot, stride_ring_row,
