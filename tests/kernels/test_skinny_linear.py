@@ -94,7 +94,8 @@ def test_skinny_linear_stream_k(shape: str, programs: int, monkeypatch: pytest.M
     """The stream-K split (`STREAM_K`): the weight's chunks cut evenly over `programs` programs
     (clamped to one per column block .. one per chunk), runs that end inside a column block or run
     on into the next, each fusion's epilogue after the partial sums meet - the same result, the
-    same bits twice, the counters left zero."""
+    same bits twice, the counters left zero. Where `programs` does not outnumber the column blocks
+    (1; 5 and 13 at N = 300) K is not split, and the unsplit kernel must give the same."""
     monkeypatch.setattr(skinny_module, "STREAM_K", True)
     config = (16, 32, programs, 1, 1) if interpreting() else (32, 64, programs, 4, 2)
     for key in ("SKINNY_CONFIG_INTERPRETED", "SKINNY_CONFIG"):
