@@ -161,11 +161,14 @@ for step in "$@"; do
         S=kernels.skinny_linear; C=$S.SKINNY_CONFIGS
         args=(--setting "split-k:" --setting "stream-k:$S.STREAM_K=True"
               --setting "stream-k-gu264:$S.STREAM_K=True,$C[(16384,3072)]=(128,128,264,8,3)"
-              --setting "stream-k-264:$S.STREAM_K=True,$C[(16384,3072)]=(128,128,264,8,3),$C[(3072,3072)]=(64,128,264,4,3)")
+              --setting "stream-k-264:$S.STREAM_K=True,$C[(16384,3072)]=(128,128,264,8,3),$C[(3072,3072)]=(64,128,264,4,3)"
+              --setting "prefetch-19mb:$S.PREFETCH_L2=True,$S.PREFETCH_L2_MAX_BYTES=20000000"
+              --setting "prefetch-32mb:$S.PREFETCH_L2=True,$S.PREFETCH_L2_MAX_BYTES=32000000"
+              --setting "prefetch-all:$S.PREFETCH_L2=True")
         # shellcheck disable=SC2086  # AB_BS: batch sizes, word-split on purpose
-        timeout "${AB_TIMEOUT:-240}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-2}" \
+        timeout "${AB_TIMEOUT:-400}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-2}" \
             --bs ${AB_BS:-1 7} --out "$OUT/decode_ab" > "$OUT/decode_ab.txt" 2>&1
-        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -8; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
+        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
         ;;
     window)
         TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton.py -k window \

@@ -37,6 +37,10 @@ PDL = True  # programmatic dependent launch on Hopper and later
 # Each program asks L2 for its whole weight slice before its PDL wait. An experiment, off until
 # bench/skinny_gemm.py (its "pdl+prefetch" column) and decode.py --skinny-prefetch show it helps.
 PREFETCH_L2 = False
+# With PREFETCH_L2: only weights of at most this many bytes are prefetched (None: every weight). A
+# weight that fits in L2 with room to spare (the 3072 x 3072 ones, 19 MB, against 50 MB) can be
+# fetched whole while the kernel ahead runs; a 100 MB gate/up cannot.
+PREFETCH_L2_MAX_BYTES: int | None = None
 # Weight tiles each program loads into registers before its PDL wait (1 to 3; the first tile's
 # load before the wait is what lets a GEMM stream while the kernel ahead drains). 3 on the H200
 # (bench/decode_ab.py, bench/results/decode/decode_ab_switches.json: the 128K step at B = 1 / 7
@@ -133,9 +137,10 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
         sq = torch.empty(column_blocks * split_k * block_m, device=x.device, dtype=torch.float32)
         counters = _counters(x.device)
     pdl = _pdl(x.device)
+    prefetch = PREFETCH_L2 and pdl and (PREFETCH_L2_MAX_BYTES is None or w.nbytes <= PREFETCH_L2_MAX_BYTES)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES,
+                       pdl=pdl, prefetch=prefetch, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES,
                        weight_eviction=WEIGHT_EVICTION)
     return out
 

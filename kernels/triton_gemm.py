@@ -99,7 +99,7 @@ def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_sta
         # The rest of this program's weight slice on its way to L2 while the kernel before still
         # runs (what the wait below would otherwise leave idle); out-of-range lines and rows
         # clamped to ones in range.
-        lines = k_start + BLOCK_K + tl.arange(0, PREFETCH_LINES) * LINE
+        lines = k_start + PRE_WAIT * BLOCK_K + tl.arange(0, PREFETCH_LINES) * LINE
         lines = tl.where(lines < k_end, lines, k_start)
         rows = w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wn
         _prefetch_l2(rows + lines[None, :])
@@ -232,8 +232,8 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
     hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
     zero). `pre_wait_tiles` (1 to 3): weight tiles each program loads before its PDL wait.
     `weight_eviction`: the L2 eviction policy of the weight loads ("", "evict_first", "evict_last").
-    `prefetch`: each program asks L2 for its whole weight slice before its PDL wait
-    (compiled only: the interpreter has no inline assembly). `rope`: (cos, sin, rope_cols) - cos
+    `prefetch`: each program asks L2 for the rest of its weight slice (past those tiles) before its
+    PDL wait (compiled only: the interpreter has no inline assembly). `rope`: (cos, sin, rope_cols) - cos
     and sin fp32 [M, block_n / 2] contiguous, the first rope_cols columns rotated, one head of
     block_n columns per column block. `ring`: (ring_k, ring_v, slots, ring_rows, k_col0, v_col0) -
     rings [slots, W, ...] whose rows are contiguous, columns k_col0 .. v_col0 of out written to
@@ -244,8 +244,8 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
     split_k = triton.cdiv(k, k_slice)
     line = 128 // w.element_size()
     prefetch_lines = 0
-    if prefetch and k_slice > block_k:
-        prefetch_lines = triton.next_power_of_2(triton.cdiv(k_slice - block_k, line))
+    if prefetch and k_slice > pre_wait_tiles * block_k:  # the lines past the tiles loaded before the wait
+        prefetch_lines = triton.next_power_of_2(triton.cdiv(k_slice - pre_wait_tiles * block_k, line))
     _skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
         x, w, out, residual if residual is not None else out, norm_weight if norm_weight is not None else w,
         part if split_k > 1 else out, sq if split_k > 1 else out, counters if split_k > 1 else out,
