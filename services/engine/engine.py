@@ -89,13 +89,17 @@ class EngineConfig:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request; the last one has `finish_reason` set."""
+    """What one step produced for one request; the last one has `finish_reason` set.
+
+    A stream's tokens and text are its outputs' `new_token_ids` and `text_delta`, in order. The
+    whole output (`token_ids`, `text`) rides on the last one only: carried on every step, it made
+    each token cost O(tokens so far) - copied in the engine, pickled through Ray by a decode worker."""
 
     request_id: str
     prompt_tokens: int
-    token_ids: list[int]  # every token generated so far
+    token_ids: list[int]  # every token generated: on the finished output, empty before
     new_token_ids: list[int]
-    text: str  # the whole text so far (stop strings excluded)
+    text: str  # the whole text (stop strings excluded): on the finished output, "" before
     text_delta: str
     finish_reason: FinishReason | None
     # Stage times in ms a serving layer measured ("queue", "prefill", "transfer"); empty in-process.
@@ -273,9 +277,11 @@ class LLMEngine:
 
     @staticmethod
     def _output(seq: Sequence, token: int) -> RequestOutput:
+        done = seq.finish_reason is not None
         return RequestOutput(
-            request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids), token_ids=list(seq.output_ids),
-            new_token_ids=[token], text=seq.text, text_delta=seq.take_text_delta(), finish_reason=seq.finish_reason,
+            request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids),
+            token_ids=list(seq.output_ids) if done else [], new_token_ids=[token], text=seq.text if done else "",
+            text_delta=seq.take_text_delta(), finish_reason=seq.finish_reason,
         )
 
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | None = None,

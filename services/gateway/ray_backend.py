@@ -83,24 +83,45 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
-def _continue_after(sent: RequestOutput, out: RequestOutput, lost: str, now_on: str) -> RequestOutput | None:
-    """An output of a resumed stream as the client must see it: None while it only makes again the
-    tokens the client already has (`sent`), then the output with just what is new. The decode is
-    deterministic (greedy, or seeded by the bundle's sampler state), but another worker batches
-    differently; should its tokens differ from those already streamed, the request ends (never a
-    stream that contradicts itself)."""
-    have, got = sent.token_ids, out.token_ids
-    n = min(len(have), len(got))
-    if got[:n] != have[:n] or (len(got) < len(have) and out.finished):
-        at = next((i for i in range(n) if got[i] != have[i]), n)
-        raise BackendUnavailable(f"decode worker {lost} was lost; resumed on {now_on}, whose tokens differ from "
-                                 f"those already streamed at token {at}: the request ended")
-    if len(got) < len(have) or (len(got) == len(have) and not out.finished):
-        return None
-    if not out.text.startswith(sent.text):
-        raise BackendUnavailable(f"decode worker {lost} was lost; resumed on {now_on}, whose text differs from "
-                                 "the text already streamed: the request ended")
-    return replace(out, new_token_ids=got[len(have):], text_delta=out.text[len(sent.text):])
+class _Rejoin:
+    """A resumed decode stream joined to what the client already has: the new worker makes again,
+    from the bundle on, the tokens and text already streamed (`sent_ids`, `sent_text`; the bundle's
+    own - the prefill's first output - are the first `ids_at` and `chars_at`). Those are checked
+    delta by delta and dropped, the rest passed on. The decode is deterministic (greedy, or seeded
+    by the bundle's sampler state), but another worker batches differently; should its tokens or
+    text differ from those already streamed, the request ends (never a stream that contradicts
+    itself)."""
+
+    def __init__(self, sent_ids: list[int], sent_text: str, ids_at: int, chars_at: int, lost: str,
+                 now_on: str) -> None:
+        self.sent_ids, self.sent_text = sent_ids, sent_text
+        self.ids_at, self.chars_at = ids_at, chars_at
+        self.lost, self.now_on = lost, now_on
+
+    def __call__(self, out: RequestOutput) -> RequestOutput | None:
+        """`out` with only what the client has not had; None while it has nothing new."""
+        ids, text = out.new_token_ids, out.text_delta
+        again = self.sent_ids[self.ids_at:self.ids_at + len(ids)]
+        if ids[:len(again)] != again:
+            at = self.ids_at + next(i for i, (a, b) in enumerate(zip(ids, again)) if a != b)
+            raise self._contradicts(f"whose tokens differ from those already streamed at token {at}")
+        said = self.sent_text[self.chars_at:self.chars_at + len(text)]
+        if text[:len(said)] != said:
+            raise self._contradicts("whose text differs from the text already streamed")
+        self.ids_at += len(ids)
+        self.chars_at += len(text)
+        if out.finished and self.ids_at < len(self.sent_ids):
+            raise self._contradicts(f"whose tokens differ from those already streamed at token {self.ids_at}")
+        if out.finished and self.chars_at < len(self.sent_text):
+            raise self._contradicts("whose text differs from the text already streamed")
+        fresh_ids, fresh_text = ids[len(again):], text[len(said):]
+        if not fresh_ids and not fresh_text and not out.finished:
+            return None
+        return replace(out, new_token_ids=fresh_ids, text_delta=fresh_text)
+
+    def _contradicts(self, how: str) -> BackendUnavailable:
+        return BackendUnavailable(f"decode worker {self.lost} was lost; resumed on {self.now_on}, {how}: "
+                                  "the request ended")
 
 
 class RayBackend:
@@ -151,7 +172,9 @@ class RayBackend:
             bundle = result["bundle"]
             self._handles[transfer_id] = bundle
             del result
-            sent = first  # the last output the client has
+            # What the client has: a resumed stream is checked against it (only then is the text joined).
+            sent_ids, sent_text = list(first.new_token_ids), [first.text_delta]
+            rejoin: _Rejoin | None = None
             lost: list[str] = []  # decode workers whose process died under this request
             broken: str | None = None  # the worker whose stream broke last (None: none has)
             broke_at = 0.0
@@ -160,14 +183,15 @@ class RayBackend:
                 try:
                     async for ref in stream:
                         out = await ref
-                        if broken is not None:  # resumed: the tokens the client already has are made again
-                            out = _continue_after(sent, out, broken, self._name(consumer, self.decode))
+                        if rejoin is not None:  # resumed: the tokens the client already has are made again
+                            out = rejoin(out)
                             if out is None:
                                 continue
                         finished = out.finished
                         if finished:
                             out.stage_ms["transfer"] = float(self.ledger.get(transfer_id).transfer_ms)
-                        sent = out
+                        sent_ids += out.new_token_ids
+                        sent_text.append(out.text_delta)
                         yield out
                     return
                 except Exception as e:
@@ -190,6 +214,8 @@ class RayBackend:
                     # Resume from the same bundle, which the prefill worker still holds, on another
                     # decode worker or on one restarted by Ray: a new transfer record, READY at once.
                     consumer = await self._resume_target([*lost, broken], broke_at + RESUME_WAIT_S)
+                    rejoin = _Rejoin(list(sent_ids), "".join(sent_text), len(first.new_token_ids),
+                                     len(first.text_delta), broken, self._name(consumer, self.decode))
                     transfer_id = self._transfer_again(request, transfer_id, bundle, broken, e)
                     self.resumes += 1
         finally:

@@ -22,7 +22,7 @@ def _disaggregated(prefill: LLMEngine, decode: LLMEngine, prompt: list[int], par
     if bundle is None:
         return first.token_ids
     rid = decode.add_bundle(bundle, params, attention)  # type: ignore[arg-type]
-    tokens = list(first.token_ids)
+    tokens = list(first.new_token_ids)
     while decode.has_unfinished_requests():
         for out in decode.step():
             assert out.request_id == rid
