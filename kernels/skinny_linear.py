@@ -28,7 +28,10 @@ SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     # was fastest at 528 programs (9.6 us; 10.2 at 264, over 10.8 at 132)
     (3072, 3072): (64, 128, 132, 4, 3),
     (16384, 3072): (128, 128, 132, 8, 3),  # FFN gate/up stacked: 27.0 us, 3.73 TB/s
-    (3072, 8192): (64, 128, 264, 8, 3),  # FFN down: 19.9 us, 2.53 TB/s
+    # FFN down: 19.9 us, 2.53 TB/s alone with 8 warps; 4 warps make the 128K step 2.2% faster at B = 1
+    # and leave B = 7 as it was (H200 and H100, bench/results/decode/decode_ab_stages_warps_h200.json,
+    # decode_ab_down_w4_h100.json)
+    (3072, 8192): (64, 128, 264, 4, 3),
     (32000, 3072): (128, 256, 132, 4, 3),  # LM head: 49.5 us, 3.97 TB/s
 }
 SKINNY_CONFIG_INTERPRETED = (16, 32, 8, 1, 1)
