@@ -119,29 +119,6 @@ def skinny(batch: int, n: int, k: int, prefetch: bool, pre_wait: int = 1) -> Non
                           prefetch=prefetch, pre_wait_tiles=pre_wait)
 
 
-def skinny_stream(batch: int, n: int, k: int, qkv: bool = False) -> None:
-    """The skinny GEMM's stream-K form (`skinny_linear.STREAM_K`) for a [N, K] weight at M = batch,
-    as `skinny_linear.stream_plan` plans it (`qkv`: the self layer's q/k/v, RoPE and ring writes)."""
-    fusion = "norm" if qkv else SKINNY_FUSIONS[(n, k)]
-    block_n, block_k, programs, slots, warps, stages = sl.stream_plan(n, k, D if qkv else None)
-    x = torch.zeros(batch, 2 * k if fusion == "silu" else k, dtype=torch.bfloat16)
-    out = torch.zeros(batch, n, dtype=torch.bfloat16)
-    columns = -(-n // block_n)
-    extra: dict = {}
-    if qkv:
-        ring = torch.zeros(batch + 1, 512, HKV, D, dtype=torch.bfloat16)
-        idx = torch.zeros(batch, dtype=torch.int64)
-        extra = {"rope": (torch.zeros(batch, D // 2), torch.zeros(batch, D // 2), (HQ + HKV) * D),
-                 "ring": (ring, ring.clone(), idx, idx, HQ * D, (HQ + HKV) * D)}
-    tg.launch_skinny_gemm_stream(x, torch.zeros(n, k, dtype=torch.bfloat16), out,
-                                 out.clone() if fusion in ("residual", "silu") else None,
-                                 torch.ones(k, dtype=torch.bfloat16) if fusion == "norm" else None, 1e-6,
-                                 torch.zeros(columns * slots * 16 * block_n), torch.zeros(columns * slots * 16),
-                                 torch.zeros(columns, dtype=torch.int32), silu=fusion == "silu", block_n=block_n,
-                                 block_k=block_k, programs=programs, max_slots=slots, num_warps=warps,
-                                 num_stages=stages, pdl=True, pre_wait_tiles=sl.PRE_WAIT_TILES, **extra)
-
-
 def skinny_qkv(batch: int) -> None:
     """The self layer's fused q/k/v + RoPE + ring writes (`skinny_qkv`) at M = batch."""
     n, k = (HQ + 2 * HKV) * D, 3072
@@ -197,10 +174,6 @@ def collect() -> list[dict]:
                     record("skinny", batch, f"{n}x{k} {pre_wait} tiles pre-wait",
                            not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == pre_wait, skinny, batch, n, k, False, pre_wait)
             record("skinny_qkv", batch, "rope + rings", gs.FUSED_QKV_RING, skinny_qkv, batch)
-            for n, k in [shape for shape in SKINNY_FUSIONS if sl.launch_plan(*shape)[2] > 1]:  # split: stream-K too
-                record("skinny_stream", batch, f"{n}x{k} stream-K", sl.STREAM_K, skinny_stream, batch, n, k)
-            record("skinny_stream", batch, "q/k/v stream-K", sl.STREAM_K and gs.FUSED_QKV_RING, skinny_stream, batch,
-                   (HQ + 2 * HKV) * D, 3072, True)
     record("silu_mul", 1024, "prefill chunk", True, silu_mul, 1024)
     return rows
 

@@ -30,10 +30,6 @@
 #                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
 #   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = $AB_BS, "1 7"; $AB_ROUNDS
 #            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)        -> decode_ab/, decode_ab.txt
-#   streamk  the skinny GEMM's stream-K form (skinny_linear.STREAM_K, off): its compiled tests, then
-#            bench/decode_ab.py at 128K, B = $AB_BS ("1 7"): the default split-K against stream-K at the
-#            configurations' programs, with the FFN gate/up at 264, and with the 3072 x 3072 weights at
-#            264 too ($AB_ROUNDS rounds, 2) (~3 min cold)                  -> stream_tests.txt, decode_ab/
 #   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
 #            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
 #   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
@@ -152,22 +148,6 @@ for step in "$@"; do
         timeout "${AB_TIMEOUT:-330}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-3}" \
             --bs ${AB_BS:-1 7} --out "$OUT/decode_ab" \
             > "$OUT/decode_ab.txt" 2>&1
-        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
-        ;;
-    streamk)
-        TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_skinny_linear.py \
-            -k "stream" > "$OUT/stream_tests.txt" 2>&1
-        echo "stream-K tests: $(tail -1 "$OUT/stream_tests.txt")"; grep -E "^(FAILED|ERROR)" "$OUT/stream_tests.txt" | head
-        S=kernels.skinny_linear; C=$S.SKINNY_CONFIGS
-        args=(--setting "split-k:" --setting "stream-k:$S.STREAM_K=True"
-              --setting "stream-k-gu264:$S.STREAM_K=True,$C[(16384,3072)]=(128,128,264,8,3)"
-              --setting "stream-k-264:$S.STREAM_K=True,$C[(16384,3072)]=(128,128,264,8,3),$C[(3072,3072)]=(64,128,264,4,3)"
-              --setting "prefetch-19mb:$S.PREFETCH_L2=True,$S.PREFETCH_L2_MAX_BYTES=20000000"
-              --setting "prefetch-32mb:$S.PREFETCH_L2=True,$S.PREFETCH_L2_MAX_BYTES=32000000"
-              --setting "prefetch-all:$S.PREFETCH_L2=True")
-        # shellcheck disable=SC2086  # AB_BS: batch sizes, word-split on purpose
-        timeout "${AB_TIMEOUT:-400}" python3 bench/decode_ab.py "${args[@]}" --rounds "${AB_ROUNDS:-2}" \
-            --bs ${AB_BS:-1 7} --out "$OUT/decode_ab" > "$OUT/decode_ab.txt" 2>&1
         echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -12; grep -E "Error|error" "$OUT/decode_ab.txt" | head -5
         ;;
     window)

@@ -40,10 +40,6 @@ PDL = True  # programmatic dependent launch on Hopper and later
 # Each program asks L2 for its whole weight slice before its PDL wait. An experiment, off until
 # bench/skinny_gemm.py (its "pdl+prefetch" column) and decode.py --skinny-prefetch show it helps.
 PREFETCH_L2 = False
-# With PREFETCH_L2: only weights of at most this many bytes are prefetched (None: every weight). A
-# weight that fits in L2 with room to spare (the 3072 x 3072 ones, 19 MB, against 50 MB) can be
-# fetched whole while the kernel ahead runs; a 100 MB gate/up cannot.
-PREFETCH_L2_MAX_BYTES: int | None = None
 # Weight tiles each program loads into registers before its PDL wait (1 to 3; the first tile's
 # load before the wait is what lets a GEMM stream while the kernel ahead drains). 3 on the H200
 # (bench/decode_ab.py, bench/results/decode/decode_ab_switches.json: the 128K step at B = 1 / 7
@@ -56,12 +52,6 @@ PRE_WAIT_TILES = 3
 # experiment, "" (the default policy): in the same A/B, "evict_first" here with the sparse K/V
 # "evict_last" changed the step by under 0.5% (noise).
 WEIGHT_EVICTION = ""
-# Stream-K: each weight's work split evenly over exactly its configuration's number of programs
-# (`triton_gemm._skinny_gemm_stream_kernel`) instead of (column blocks x K slices), which leaves
-# e.g. 144 programs for the 3072 x 3072 weights on 132 SMs - 12 SMs with a second program after
-# the others are done. Only where the configuration splits K (its programs outnumber the column
-# blocks). An experiment, off until bench/decode_ab.py shows it helps.
-STREAM_K = False
 EVICTION_POLICIES = ("", "evict_first", "evict_last")
 
 
@@ -132,52 +122,17 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
     if column_blocks > MAX_COLUMN_BLOCKS:
         raise ValueError(f"{op}: N = {n} is over {MAX_COLUMN_BLOCKS * block_n} columns")
     block_m = max(16, 1 << (m - 1).bit_length())
-    if STREAM_K and split_k > 1:  # (a weight of more column blocks than programs is not split either way)
-        return _launch_stream(x, w, out, residual, norm_weight, eps, silu, block_n, rope, ring, block_m)
     part = sq = counters = None
     if split_k > 1:
         part = torch.empty(split_k * block_m * n, device=x.device, dtype=torch.float32)
         sq = torch.empty(column_blocks * split_k * block_m, device=x.device, dtype=torch.float32)
         counters = _counters(x.device)
     pdl = _pdl(x.device)
-    prefetch = PREFETCH_L2 and pdl and (PREFETCH_L2_MAX_BYTES is None or w.nbytes <= PREFETCH_L2_MAX_BYTES)
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                       pdl=pdl, prefetch=prefetch, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES,
+                       pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES,
                        weight_eviction=WEIGHT_EVICTION)
     return out
-
-
-def _launch_stream(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None,
-                   norm_weight: torch.Tensor | None, eps: float, silu: bool, block_n: int | None,
-                   rope: tuple | None, ring: tuple | None, block_m: int) -> torch.Tensor:
-    """`_launch` through the stream-K kernel (`stream_plan`)."""
-    from kernels.triton_gemm import launch_skinny_gemm_stream
-
-    n, k = w.shape
-    block_n, block_k, programs, slots, num_warps, num_stages = stream_plan(n, k, block_n)
-    column_blocks = -(-n // block_n)
-    part = torch.empty(column_blocks * slots * block_m * block_n, device=x.device, dtype=torch.float32)
-    sq = torch.empty(column_blocks * slots * block_m, device=x.device, dtype=torch.float32)
-    launch_skinny_gemm_stream(x, w, out, residual, norm_weight, eps, part, sq, _counters(x.device), silu=silu,
-                              block_n=block_n, block_k=block_k, programs=programs, max_slots=slots,
-                              num_warps=num_warps, num_stages=num_stages, pdl=_pdl(x.device), rope=rope, ring=ring,
-                              pre_wait_tiles=PRE_WAIT_TILES)
-    return out
-
-
-def stream_plan(n: int, k: int, block_n: int | None = None) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, programs, partial-sum slots per column block, num_warps, num_stages) of the
-    stream-K kernel for a [N, K] weight: its configuration's programs, at least one per column
-    block and at most one per BLOCK_K chunk of the weight."""
-    from kernels.triton_gemm import stream_slots
-
-    config_n, block_k, programs, num_warps, num_stages = (SKINNY_CONFIG_INTERPRETED if interpreting()
-                                                          else SKINNY_CONFIGS.get((n, k), SKINNY_CONFIG))
-    block_n = block_n or config_n
-    column_blocks, chunks = -(-n // block_n), -(-k // block_k)
-    programs = min(max(programs, column_blocks), column_blocks * chunks)
-    return block_n, block_k, programs, stream_slots(n, k, block_n, block_k, programs), num_warps, num_stages
 
 
 def skinny_qkv_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,

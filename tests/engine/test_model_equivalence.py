@@ -159,19 +159,16 @@ def test_prefill_through_the_window_kernel_matches_whole_sequence(
 
 
 @pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("fused,stream_k", [(True, False), (False, False), (True, True)],
-                         ids=["stacked-projections", "own-projections", "stream-k"])
+@pytest.mark.parametrize("fused", [True, False], ids=["stacked-projections", "own-projections"])
 @pytest.mark.parametrize("cfg_name", ["yoco", "transformer"])
 def test_decode_through_the_skinny_gemm_kernel_matches_whole_sequence(
-        cfg_name: str, fused: bool, stream_k: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg_name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's decode projections: every projection of a few rows (the decode steps, the
     prefill's last position through the cross layers) through the Triton skinny-GEMM kernel
     (here interpreted), its norm, SiLU and residual fused - the whole-sequence model's logits."""
-    import kernels.skinny_linear as skinny_module
     import services.engine.layers as layers
     from kernels.skinny_linear import skinny_linear
 
-    monkeypatch.setattr(skinny_module, "STREAM_K", stream_k)  # the stream-K split of the weights' work
     calls = []
 
     def counting(*args):  # noqa: ANN002, ANN202

@@ -64,7 +64,7 @@ def test_a_resumed_stream_that_ends_where_the_client_is_ends_it_with_nothing_new
     ([([2], "b"), ([3], "", True)], "text differs"),
 ])
 def test_a_resumed_stream_that_contradicts_the_client_ends_the_request(deltas: list[tuple], words: str) -> None:
-    join = _Rejoin(SENT_IDS, SENT_TEXT, 1, 1, "clsa-decode-0", "clsa-decode-1")
+    join = rejoin()
     with pytest.raises(BackendUnavailable, match=words):
         for delta in deltas:
             join(out(*delta))

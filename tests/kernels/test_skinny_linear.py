@@ -88,28 +88,6 @@ def test_skinny_linear_with_tiles_loaded_before_the_wait(shape: str, pre_wait: i
         _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.float32)
 
 
-@pytest.mark.parametrize("programs", [1, 5, 13, 40, 10_000])
-@pytest.mark.parametrize("shape", ["m1-n63-k111", "m7-n300-k64", "m16-n17-k200"])
-def test_skinny_linear_stream_k(shape: str, programs: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stream-K split (`STREAM_K`): the weight's chunks cut evenly over `programs` programs
-    (clamped to one per column block .. one per chunk), runs that end inside a column block or run
-    on into the next, each fusion's epilogue after the partial sums meet - the same result, the
-    same bits twice, the counters left zero. Where `programs` does not outnumber the column blocks
-    (1; 5 and 13 at N = 300) K is not split, and the unsplit kernel must give the same."""
-    monkeypatch.setattr(skinny_module, "STREAM_K", True)
-    config = (16, 32, programs, 1, 1) if interpreting() else (32, 64, programs, 4, 2)
-    for key in ("SKINNY_CONFIG_INTERPRETED", "SKINNY_CONFIG"):
-        monkeypatch.setattr(skinny_module, key, config)
-    for pre_wait in (1, 3):
-        monkeypatch.setattr(skinny_module, "PRE_WAIT_TILES", pre_wait)
-        for fusion in ("norm+residual", "silu+residual", "norm+silu"):
-            (x, w, g, r), silu = _case(*SHAPES[shape], fusion, torch.float32)
-            first = skinny_linear(x, w, g, 1e-6, silu, r, backend="triton")
-            _check(first, x, w, g, r, silu, torch.float32)
-            torch.testing.assert_close(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), first, atol=0, rtol=0)
-    assert int(skinny_module._counters(x.device).abs().sum()) == 0
-
-
 def test_skinny_linear_reads_a_strided_input_in_place() -> None:
     (qkv, w, g, r), _ = _case(5, 48, 120, "norm+residual", torch.float32)
     x = qkv[:, :40]  # the first 40 columns: rows 120 apart
@@ -154,14 +132,11 @@ def _rope(m: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
 
 
-@pytest.mark.parametrize("stream_k", [False, True], ids=["split-k", "stream-k"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("shape", list(QKV_SHAPES))
-def test_skinny_qkv_rotates_and_writes_the_rings(shape: str, dtype: torch.dtype, stream_k: bool,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_skinny_qkv_rotates_and_writes_the_rings(shape: str, dtype: torch.dtype) -> None:
     """The self layer's fused q/k/v: the projection of rmsnorm(x), q and k rotated, k and v in
-    their ring rows - and no other ring row touched (poisoned with NaN); through either split."""
-    monkeypatch.setattr(skinny_module, "STREAM_K", stream_k)
+    their ring rows - and no other ring row touched (poisoned with NaN)."""
     m, hq, hkv, d, k = QKV_SHAPES[shape]
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
