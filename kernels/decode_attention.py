@@ -88,7 +88,12 @@ DENSE_CONFIG = (128, 4, 3, False)
 DENSE_FUSED_MAX_BATCH = 7
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
-SPARSE_SMALL_WAVES = 3
+SPARSE_SMALL_WAVES = 3  # the small configuration's programs an SM holds (150 registers a thread)
+# The small configuration's splits planned so that every program has a slot at once (at most
+# SPARSE_SMALL_WAVES x SMs programs) instead of at least that many: at B = 7 (56 sequence-head
+# pairs) 7 splits of 320 rows, 392 programs, instead of 8 of 256, 448 programs - of which 52 wait
+# for a second wave. B = 1 to 6 plan the same either way. An experiment until measured in the step.
+SPARSE_SMALL_WHOLE_WAVE = False
 DENSE_WAVES = 16
 # Programmatic dependent launch on Hopper and later, at up to PDL_MAX_BATCH sequences: each kernel
 # is resident, with its first K/V rows in flight, before the kernel ahead of it ends; it waits only
@@ -288,7 +293,7 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     small = batch <= SMALL_BATCH
     block_n, warps, stages, fused = _config(SPARSE_SMALL_CONFIG if small else SPARSE_CONFIG)
     waves = SPARSE_SMALL_WAVES if small else SPARSE_WAVES
-    n_splits, split_size = plan_splits(k, batch * n_kv_heads, sms, block_n, waves)
+    n_splits, split_size = plan_splits(k, batch * n_kv_heads, sms, block_n, waves, small and SPARSE_SMALL_WHOLE_WAVE)
     o_part, lse_part, counters = buffers(q, n_kv_heads, n_splits)
     launch_decode(q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale, k, n_splits, split_size, o_part,
                   lse_part, counters, out, sparse=True, block_n=block_n, num_warps=warps, num_stages=stages,

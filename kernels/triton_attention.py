@@ -340,11 +340,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves: int) -> tuple[int, int]:
-    """Split `n_items` rows per (sequence, KV head) so that about `waves` x `num_sms` programs run.
+def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves: int,
+                whole_wave: bool = False) -> tuple[int, int]:
+    """Split `n_items` rows per (sequence, KV head) so that about `waves` x `num_sms` programs run:
+    at least that many, or with `whole_wave` at most that many (`waves` then being the programs an
+    SM holds at once: no program waits for a slot, so the layer takes one program's time, not two).
     Returns (n_splits, split_size), split_size a multiple of block_n."""
     max_splits = max(1, _cdiv(n_items, block_n))
-    want = _cdiv(waves * num_sms, max(1, n_programs))
+    slots, programs = waves * num_sms, max(1, n_programs)
+    want = slots // programs if whole_wave else _cdiv(slots, programs)
     n_splits = max(1, min(max_splits, want, 256))
     split_size = _cdiv(_cdiv(max(n_items, 1), n_splits), block_n) * block_n
     return _cdiv(max(n_items, 1), split_size), split_size

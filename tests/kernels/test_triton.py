@@ -219,6 +219,38 @@ def test_sparse_decode_attention_wide_kernel(group: int, n_kv_heads: int, head_d
     torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+def test_split_planner_keeps_a_whole_wave_within_the_slots() -> None:
+    """clsa-4b at 128K (8 KV heads, k = 2048, 64-row blocks) on 132 SMs holding 3 programs each:
+    at B = 7 the whole-wave plan takes 7 splits (392 programs) where the default takes 8 (448,
+    past the 396 slots); B = 1 to 6 plan alike either way."""
+    from kernels.triton_attention import plan_splits
+
+    assert plan_splits(2048, 7 * 8, 132, 64, 3) == (8, 256)
+    assert plan_splits(2048, 7 * 8, 132, 64, 3, whole_wave=True) == (7, 320)
+    for batch in range(1, 7):
+        assert plan_splits(2048, batch * 8, 132, 64, 3, whole_wave=True) == plan_splits(2048, batch * 8, 132, 64, 3)
+    for batch in range(1, 65):
+        n_splits, split_size = plan_splits(2048, batch * 8, 132, 64, 3, whole_wave=True)
+        assert batch * 8 * n_splits <= 396 or n_splits == 1
+        assert (n_splits - 1) * split_size < 2048 <= n_splits * split_size
+
+
+@pytest.mark.parametrize("whole_wave", [False, True])
+def test_sparse_small_batch_any_split_plan(whole_wave: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five KV heads make the two plans differ on the interpreter's 4 SMs (2 splits or 3 of 80
+    indices), each with a short last split."""
+    monkeypatch.setattr(decode_attention, "SPARSE_SMALL_WHOLE_WAVE", whole_wave)
+    lens = [300]
+    k_cache, table, seq_lens = _paged(lens, (5, 64), torch.float32, seed=11)
+    v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    q = torch.randn(len(lens), 10, 64).to(DEVICE)
+    indices = _indices(seq_lens, 80, seed=13)
+    out = torch.full_like(q, float("nan"))
+    sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, indices, 0.125, backend="triton", out=out)
+    want = sparse_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, indices, 0.125)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("heads", [1, 2, 8])
 def test_sparse_wide_kernel_any_heads_per_program(heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each KV head group of a token read as one piece: one head (the tile widened to 16 tokens),
