@@ -35,6 +35,10 @@ PARTIAL_EARLY_TRIGGER = True  # B=1, 16 layers: 5.68 -> 5.41 us a layer (bench/f
 # bench/results/decode/decode_ab_switches.json); the selected rows (56 MiB at B = 7) outgrow L2.
 SPARSE_KV_EVICTION = ""
 DENSE_KV_EVICTION = ""
+# The sparse partial kernel loads each block's planned rows one block ahead, so a block's K/V loads
+# do not wait on its rows' load (the small-batch configuration runs one stage: nothing else
+# overlaps them). An experiment, off until measured in the step.
+SPARSE_ROWS_AHEAD = False
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
@@ -106,14 +110,28 @@ def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, st
               SPARSE: tl.constexpr, EVICT: tl.constexpr):
     """K and V rows of items n0 .. n0 + BLOCK_N (< end) of KV head h, and which are valid."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     valid = offs_n < end
     if SPARSE:
         rows = tl.load(rows_ptr + offs_n, mask=valid, other=-1)
-        valid = valid & (rows >= 0)
     else:
         blocks = tl.load(block_table_row + offs_n // PAGE, mask=valid, other=0)
-        rows = blocks * PAGE + offs_n % PAGE
+        rows = tl.where(valid, blocks * PAGE + offs_n % PAGE, -1)
+    return _kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT)
+
+
+@triton.jit
+def _block_rows(rows_ptr, n0, end, BLOCK_N: tl.constexpr):
+    """The planned physical rows of selected items n0 .. n0 + BLOCK_N, -1 past `end`."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(rows_ptr + offs_n, mask=offs_n < end, other=-1)
+
+
+@triton.jit
+def _kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+             EVICT: tl.constexpr):
+    """K and V of physical cache `rows` (< 0: none) of KV head h, and which are valid."""
+    offs_d = tl.arange(0, BLOCK_D)
+    valid = rows >= 0
     rows = tl.where(valid, rows, 0).to(tl.int64)
     kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
     kv_mask = valid[:, None] & (offs_d[None, :] < D)
@@ -159,7 +177,7 @@ def _decode_partial_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -187,6 +205,10 @@ def _decode_partial_kernel(
     # just before this one (the query and the outputs are, so they wait).
     k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
                             D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+    if ROWS_AHEAD:
+        # The next block's planned rows loaded a block ahead, so each block's K/V loads wait on one
+        # memory round trip (the rows already in registers) instead of two (the rows, then K/V).
+        next_rows = _block_rows(rows_row, start + BLOCK_N, end, BLOCK_N)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -197,8 +219,12 @@ def _decode_partial_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
-                                D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+        if ROWS_AHEAD:
+            k, v, valid = _kv_rows(k_ptr, v_ptr, next_rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT)
+            next_rows = _block_rows(rows_row, n0 + BLOCK_N, end, BLOCK_N)
+        else:
+            k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
+                                    D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
     has = l_i > 0
@@ -382,8 +408,8 @@ def launch_decode(
         BLOCK_GM=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s, SPARSE=sparse,
         IEEE=q.dtype.itemsize == 4,
         FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER,
-        EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, num_warps=num_warps,
-        num_stages=num_stages, **_pdl(pdl),
+        EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, ROWS_AHEAD=sparse and SPARSE_ROWS_AHEAD,
+        num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:
         launch_merge(o_part, lse_part, out, n_splits, part_strides, pdl)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kernels.decode_attention as decode_attention
+import kernels.triton_attention as triton_attention
 from kernels import SparseDecodeWrapper, dense_decode_attention, index_topk, sparse_decode_attention
 from kernels._backend import interpreting
 from kernels.decode_attention import dense_decode_attention_reference, sparse_decode_attention_reference
@@ -223,8 +224,7 @@ def test_split_planner_keeps_a_whole_wave_within_the_slots() -> None:
     """clsa-4b at 128K (8 KV heads, k = 2048, 64-row blocks) on 132 SMs holding 3 programs each:
     at B = 7 the whole-wave plan takes 7 splits (392 programs) where the default takes 8 (448,
     past the 396 slots); B = 1 to 6 plan alike either way."""
-    from kernels.triton_attention import plan_splits
-
+    plan_splits = triton_attention.plan_splits
     assert plan_splits(2048, 7 * 8, 132, 64, 3) == (8, 256)
     assert plan_splits(2048, 7 * 8, 132, 64, 3, whole_wave=True) == (7, 320)
     for batch in range(1, 7):
@@ -235,11 +235,14 @@ def test_split_planner_keeps_a_whole_wave_within_the_slots() -> None:
         assert (n_splits - 1) * split_size < 2048 <= n_splits * split_size
 
 
-@pytest.mark.parametrize("whole_wave", [False, True])
-def test_sparse_small_batch_any_split_plan(whole_wave: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows_ahead", [False, True], ids=["rows-in-block", "rows-ahead"])
+@pytest.mark.parametrize("whole_wave", [False, True], ids=["default-plan", "whole-wave"])
+def test_sparse_small_batch_any_split_plan(whole_wave: bool, rows_ahead: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Five KV heads make the two plans differ on the interpreter's 4 SMs (2 splits or 3 of 80
-    indices), each with a short last split."""
+    indices, 2 or 3 blocks each), each with a short last split; the blocks' rows loaded with
+    their K/V or one block ahead."""
     monkeypatch.setattr(decode_attention, "SPARSE_SMALL_WHOLE_WAVE", whole_wave)
+    monkeypatch.setattr(triton_attention, "SPARSE_ROWS_AHEAD", rows_ahead)
     lens = [300]
     k_cache, table, seq_lens = _paged(lens, (5, 64), torch.float32, seed=11)
     v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
