@@ -39,6 +39,9 @@ DENSE_KV_EVICTION = ""
 # do not wait on its rows' load (the small-batch configuration runs one stage: nothing else
 # overlaps them). An experiment, off until measured in the step.
 SPARSE_ROWS_AHEAD = False
+# ... or each block's rows and K/V both loaded one block ahead (a second block's K/V in registers:
+# more registers, fewer programs an SM). Over SPARSE_ROWS_AHEAD; an experiment, off until measured.
+SPARSE_KV_AHEAD = False
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
@@ -178,6 +181,7 @@ def _decode_partial_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
+    KV_AHEAD: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -205,7 +209,7 @@ def _decode_partial_kernel(
     # just before this one (the query and the outputs are, so they wait).
     k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
                             D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
-    if ROWS_AHEAD:
+    if ROWS_AHEAD and not KV_AHEAD:
         # The next block's planned rows loaded a block ahead, so each block's K/V loads wait on one
         # memory round trip (the rows already in registers) instead of two (the rows, then K/V).
         next_rows = _block_rows(rows_row, start + BLOCK_N, end, BLOCK_N)
@@ -217,15 +221,25 @@ def _decode_partial_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
-    for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        if ROWS_AHEAD:
-            k, v, valid = _kv_rows(k_ptr, v_ptr, next_rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT)
-            next_rows = _block_rows(rows_row, n0 + BLOCK_N, end, BLOCK_N)
-        else:
-            k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
-                                    D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+    if KV_AHEAD:
+        # Each block's K/V loads issued before the block ahead is attended, so a program keeps
+        # loads in flight while it computes (one stage: the pipeliner overlaps nothing).
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            k1, v1, valid1 = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
+                                       D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+            k, v, valid = k1, v1, valid1
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+    else:
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            if ROWS_AHEAD:
+                k, v, valid = _kv_rows(k_ptr, v_ptr, next_rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT)
+                next_rows = _block_rows(rows_row, n0 + BLOCK_N, end, BLOCK_N)
+            else:
+                k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
+                                        D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -409,6 +423,7 @@ def launch_decode(
         IEEE=q.dtype.itemsize == 4,
         FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER,
         EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, ROWS_AHEAD=sparse and SPARSE_ROWS_AHEAD,
+        KV_AHEAD=sparse and SPARSE_KV_AHEAD,
         num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:
