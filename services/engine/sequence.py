@@ -39,13 +39,16 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     block_ids: list[int] = field(default_factory=list)
     reserved_blocks: int = 0
     slot: int = -1
-    _streamed_chars: int = 0
+    # The text so far is the pieces already handed out by `take_text_delta` (final: a stop string
+    # can only cut text that is still held back) and the text after them, a few characters long.
+    # So a token costs O(its delta), not a copy of the whole text (a str attribute's += copies).
+    _streamed: list[str] = field(default_factory=list)
+    _pending: str = ""
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: list[int], params: SamplingParams, sparse: bool,
@@ -62,6 +65,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def text(self) -> str:
+        """The text generated so far (joined on each read: read it once the sequence is done)."""
+        return "".join(self._streamed) + self._pending
+
+    @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
@@ -75,7 +83,7 @@ class Sequence:
             self._finish(FinishReason.STOP)
             return
         delta = self.detokenizer.push(token_id)
-        self.text += delta
+        self._pending += delta
         if delta and self.params.stop and self._truncate_at_stop(len(delta)):
             self._finish(FinishReason.STOP)
             return
@@ -88,25 +96,28 @@ class Sequence:
     def take_text_delta(self) -> str:
         """Text not handed out yet. While running, the last characters that could still begin a
         stop string are held back, so a streamed stop string is never half-shown."""
-        end = len(self.text)
+        end = len(self._pending)
         if self.finish_reason is None and self.params.stop:
-            end = max(self._streamed_chars, end - (max(map(len, self.params.stop)) - 1))
-        delta = self.text[self._streamed_chars : end]
-        self._streamed_chars = end
+            end = max(0, end - (max(map(len, self.params.stop)) - 1))
+        delta, self._pending = self._pending[:end], self._pending[end:]
+        if delta:
+            self._streamed.append(delta)
         return delta
 
     def _finish(self, reason: FinishReason) -> None:
         if self.finish_reason is None:
             self.finish_reason = reason
             if reason in (FinishReason.LENGTH, FinishReason.EOS):
-                self.text += self.detokenizer.flush()
+                self._pending += self.detokenizer.flush()
 
     def _truncate_at_stop(self, delta_len: int) -> bool:
-        """Cut the text at the earliest stop string that the last delta completed."""
+        """Cut the text at the earliest stop string that the last delta completed. Such a string
+        ends in the delta and is at most the longest stop string long, so it starts past the
+        streamed text (which stays that many characters minus one behind): it lies in `_pending`."""
         longest = max(map(len, self.params.stop))
-        start = max(0, len(self.text) - delta_len - longest + 1)
-        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        start = max(0, len(self._pending) - delta_len - longest + 1)
+        hits = [i for s in self.params.stop if (i := self._pending.find(s, start)) >= 0]
         if not hits:
             return False
-        self.text = self.text[: min(hits)]
+        self._pending = self._pending[: min(hits)]
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 import torch
 
 from services.engine import FinishReason, LLMEngine, SamplingParams
@@ -101,6 +102,22 @@ def test_stop_string_split_across_tokens_and_held_back_while_streaming() -> None
             break
     assert seq.finish_reason is FinishReason.STOP
     assert seq.text == streamed == "hel"
+
+
+@pytest.mark.parametrize("stop", [(), ("zz", "a long stop")])
+def test_a_long_stream_keeps_only_its_held_back_tail_unjoined(stop: tuple[str, ...]) -> None:
+    """Each token costs its delta, not a copy of the text so far: past what is streamed, the
+    sequence holds only the characters a stop string could still begin with."""
+    tok = ByteTokenizer()
+    seq = Sequence.create("r", tok.encode("> "), SamplingParams(max_tokens=10**6, stop=stop), True, 10**7, tok, None)
+    body = "lorem ipsum dolor sit amet " * 400
+    streamed = []
+    for token in tok.encode(body):
+        seq.append(token)
+        streamed.append(seq.take_text_delta())
+        assert len(seq._pending) <= max(map(len, stop), default=1) - 1
+    assert seq.finish_reason is None
+    assert "".join(streamed) + seq._pending == seq.text == body
 
 
 def test_multibyte_characters_are_never_split() -> None:
