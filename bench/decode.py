@@ -320,9 +320,18 @@ def main() -> None:
     p.add_argument("--dense-fused-max-batch", type=int, default=None,
                    help="dense (ring) attention merges in its last split up to this batch "
                         "(decode_attention.DENSE_FUSED_MAX_BATCH)")
+    p.add_argument("--switches", default=None,
+                   help="module switches set before the run, MODULE.ATTR[KEY]=VALUE[,...] (bench/decode_ab.py's "
+                        "setting syntax, without the name), e.g. the winners of an A/B")
     p.add_argument("--out", default="/tmp/decode")
     p.add_argument("--smoke", action="store_true", help="on the CPU, clsa-tiny shapes, N=200 and 300")
     args = p.parse_args()
+    if args.switches:
+        from decode_ab import apply, parse_setting  # bench/decode_ab.py
+
+        _, switches = parse_setting(f"switches:{args.switches}")
+        apply(switches)
+        log(f"switches: {args.switches}")
     global DEVICE, PROFILE
     PROFILE = args.profile
     layers.SKINNY = not args.no_skinny

@@ -30,6 +30,9 @@
 #                                          -> window_old/, window_new/, decode_ab/, prefill_clsa/ (+ .txt)
 #   decode_ab  bench/decode_ab.py over $AB_SETTINGS (CLSA's 128K step at B = $AB_BS, "1 7"; $AB_ROUNDS
 #            rounds, 3; $AB_TIMEOUT s at most, 330) (~4 min cold)        -> decode_ab/, decode_ab.txt
+#   winners  after decode_ab: issue 7's decode table (every variant, 128K, B = 1 and 7, as in issue7) with
+#            the switches of decode_ab's winners at B = 7 set (bench/ab_winners.py; none: the defaults)
+#            (~4 min)                                                              -> decode/, decode.txt
 #   window   the window kernel's compiled tests, then bench/window_attention.py at 128K, default
 #            configuration: grid orders x RoPE inside or not (~2 min)             -> window/, window.txt
 #   prefill  bench/prefill.py at 128K over $PREFILL_VARIANTS (transformer clsa), $PREFILL_REPS (3) runs
@@ -140,6 +143,12 @@ for step in "$@"; do
         timeout 150 python3 bench/prefill.py --compile --ns 128K --variants clsa --out "$OUT/prefill_clsa" \
             > "$OUT/prefill_clsa.txt" 2>&1
         echo "prefill rc $?"; tail -4 "$OUT/prefill_clsa.txt"
+        ;;
+    winners)
+        w=$(python3 bench/ab_winners.py "$OUT/decode_ab/decode_ab.json" --b 7)
+        timeout "${WINNERS_TIMEOUT:-290}" python3 bench/decode.py --ns 128K --bs 1 7 --compile --fuse --reps 10 \
+            ${w:+--switches "$w"} --out "$OUT/decode" > "$OUT/decode.txt" 2>&1
+        echo "decode rc $? (switches: ${w:-none})"; grep -E "^ 131072 " "$OUT/decode.txt"
         ;;
     decode_ab)
         args=(); for s in ${AB_SETTINGS:?decode_ab: set AB_SETTINGS, e.g. "base: pre2:kernels.skinny_linear.PRE_WAIT_TILES=2"}; do
