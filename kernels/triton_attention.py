@@ -381,15 +381,14 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves: int,
-                whole_wave: bool = False) -> tuple[int, int]:
+                whole_wave: bool = False, max_splits: int = 256) -> tuple[int, int]:
     """Split `n_items` rows per (sequence, KV head) so that about `waves` x `num_sms` programs run:
     at least that many, or with `whole_wave` at most that many (`waves` then being the programs an
-    SM holds at once: no program waits for a slot, so the layer takes one program's time, not two).
-    Returns (n_splits, split_size), split_size a multiple of block_n."""
-    max_splits = max(1, _cdiv(n_items, block_n))
+    SM holds at once: no program waits for a slot, so the layer takes one program's time, not two);
+    at most `max_splits` splits. Returns (n_splits, split_size), split_size a multiple of block_n."""
     slots, programs = waves * num_sms, max(1, n_programs)
     want = slots // programs if whole_wave else _cdiv(slots, programs)
-    n_splits = max(1, min(max_splits, want, 256))
+    n_splits = max(1, min(_cdiv(n_items, block_n), want, max_splits))
     split_size = _cdiv(_cdiv(max(n_items, 1), n_splits), block_n) * block_n
     return _cdiv(max(n_items, 1), split_size), split_size
 
@@ -434,12 +433,8 @@ def plan_wide_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, 
                      max_splits: int = 64) -> tuple[int, int]:
     """Splits for the wide kernel, whose programs are `n_programs` (sequence, head group) pairs
     times the splits: as many splits as fit in `waves` x `num_sms` programs without starting a
-    partial wave, at most `max_splits` (the merge kernel holds every split of a head at once).
-    Returns (n_splits, split_size), split_size a multiple of block_n."""
-    want = max(1, (waves * num_sms) // max(1, n_programs))
-    n_splits = max(1, min(_cdiv(max(n_items, 1), block_n), want, max_splits))
-    split_size = _cdiv(_cdiv(max(n_items, 1), n_splits), block_n) * block_n
-    return _cdiv(max(n_items, 1), split_size), split_size
+    partial wave, at most `max_splits` (the merge kernel holds every split of a head at once)."""
+    return plan_splits(n_items, n_programs, num_sms, block_n, waves, whole_wave=True, max_splits=max_splits)
 
 
 def wide_tile(n_kv_heads: int, heads_per_program: int, block_n: int) -> tuple[int, int, int]:
