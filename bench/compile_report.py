@@ -82,6 +82,23 @@ def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
         da.WIDE_MIN_BATCH, da.WIDE_CONFIG = saved
 
 
+# The per-head sparse kernel's load-order experiments (kernels/triton_attention.py switches, off by
+# default), compiled as the small-batch configuration launches them.
+SPARSE_SWITCHES = (("rows ahead", "SPARSE_ROWS_AHEAD", True), ("K/V ahead", "SPARSE_KV_AHEAD", True),
+                   ("prefetch 1", "SPARSE_PREFETCH_BLOCKS", 1),
+                   ("prefetch 3", "SPARSE_PREFETCH_BLOCKS", 3))
+
+
+def sparse_switched(case: dict, batch: int, name: str, value: object) -> None:
+    """`sparse` with kernels.triton_attention's switch `name` set to `value` (restored after)."""
+    saved = getattr(ta, name)
+    setattr(ta, name, value)
+    try:
+        sparse(case, batch)
+    finally:
+        setattr(ta, name, saved)
+
+
 def dense(case: dict, batch: int) -> None:
     da.launch_dense(case["q"], case["k"], case["v"], case["table"], case["lens"], 1 / math.sqrt(D), case["out"],
                     sms=SMS, pdl=_pdl(batch))
@@ -159,6 +176,9 @@ def collect() -> list[dict]:
         record("index_topk", batch, "four launches", not coop, topk, case, batch, False)
         wide_default = batch >= da.WIDE_MIN_BATCH
         record("sparse", batch, "per-head", not wide_default, sparse, case, batch)
+        if batch <= da.SMALL_BATCH:
+            for label, name, value in SPARSE_SWITCHES:
+                record("sparse", batch, "per-head " + label, False, sparse_switched, case, batch, name, value)
         if wide_default:
             record("sparse", batch, "wide " + str(list(da.WIDE_CONFIG)), True, sparse, case, batch, da.WIDE_CONFIG)
         for variant in WIDE_VARIANTS:

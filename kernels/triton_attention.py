@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.triton_gemm import prefetch_l2
+
 LOG2E = 1.4426950408889634
 # The merge kernel lets the next PDL-launched kernel start before it waits on its own inputs: the
 # next layer's partial kernel then has its K/V rows in flight while this layer finishes.
@@ -42,6 +44,12 @@ SPARSE_ROWS_AHEAD = False
 # ... or each block's rows and K/V both loaded one block ahead (a second block's K/V in registers:
 # more registers, fewer programs an SM). Over SPARSE_ROWS_AHEAD; an experiment, off until measured.
 SPARSE_KV_AHEAD = False
+# Before its PDL wait, each sparse program also asks L2 for the K/V lines of the next
+# SPARSE_PREFETCH_BLOCKS blocks of its split (their rows loaded there too; PTX prefetch.global.L2,
+# no registers held): the loads after the wait then find them on chip, so the wait on the query's
+# projection overlaps more than one block's reads. Compiled only (the interpreter has no inline
+# assembly). An experiment, 0 (off) until measured in the step.
+SPARSE_PREFETCH_BLOCKS = 0
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
@@ -145,6 +153,16 @@ def _kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, D: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _prefetch_kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, LINE: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for the LINES 128-byte lines (LINE elements each) of KV head h's K and V at cache
+    `rows` (< 0: none; asked for row 0 instead, a line in range). Nothing is written."""
+    rows = tl.where(rows >= 0, rows, 0).to(tl.int64)
+    offs = rows[:, None] * stride_kr + h * stride_kh + (tl.arange(0, LINES) * LINE)[None, :]
+    prefetch_l2(k_ptr + offs)
+    prefetch_l2(v_ptr + offs)
+
+
+@triton.jit
 def _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
     """One block of the online softmax (base 2, fp32): returns the updated (m_i, l_i, acc)."""
     return _attend_masked(q, k, v, valid[None, :], m_i, l_i, acc, sm_scale_log2, IEEE)
@@ -181,7 +199,7 @@ def _decode_partial_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
-    KV_AHEAD: tl.constexpr,
+    KV_AHEAD: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -213,6 +231,9 @@ def _decode_partial_kernel(
         # The next block's planned rows loaded a block ahead, so each block's K/V loads wait on one
         # memory round trip (the rows already in registers) instead of two (the rows, then K/V).
         next_rows = _block_rows(rows_row, start + BLOCK_N, end, BLOCK_N)
+    for i in tl.static_range(PREFETCH_BLOCKS):
+        _prefetch_kv_rows(k_ptr, v_ptr, _block_rows(rows_row, start + (i + 1) * BLOCK_N, end, BLOCK_N), h,
+                          stride_kr, stride_kh, LINE, LINES)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -410,6 +431,8 @@ def launch_decode(
     block_s = max(2, triton.next_power_of_2(n_splits))
     rows_arg = rows if rows is not None else seq_lens
     stride_rb = rows.stride(0) if rows is not None else 0
+    line = 128 // k_cache.element_size()  # elements in a 128-byte line
+    prefetch_blocks = SPARSE_PREFETCH_BLOCKS if sparse and pdl else 0  # pdl: compiled, Hopper or later
     part_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
                     out.stride(0), out.stride(1))
     _decode_partial_kernel[(batch * n_kv_heads, n_splits)](
@@ -422,7 +445,8 @@ def launch_decode(
         IEEE=q.dtype.itemsize == 4,
         FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER,
         EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, ROWS_AHEAD=sparse and SPARSE_ROWS_AHEAD,
-        KV_AHEAD=sparse and SPARSE_KV_AHEAD,
+        KV_AHEAD=sparse and SPARSE_KV_AHEAD, PREFETCH_BLOCKS=prefetch_blocks, LINE=line,
+        LINES=triton.next_power_of_2(_cdiv(head_dim, line)),
         num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:

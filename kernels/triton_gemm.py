@@ -56,7 +56,7 @@ def _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, s
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
+def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines at `ptrs` (no registers written; PTX prefetch.global.L2)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
@@ -102,7 +102,7 @@ def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_sta
         lines = k_start + PRE_WAIT * BLOCK_K + tl.arange(0, PREFETCH_LINES) * LINE
         lines = tl.where(lines < k_end, lines, k_start)
         rows = w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wn
-        _prefetch_l2(rows + lines[None, :])
+        prefetch_l2(rows + lines[None, :])
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     sq = tl.zeros([BLOCK_M], tl.float32)

@@ -38,6 +38,10 @@ def test_default_launch_configurations_compile_for_sm90_without_spills(tmp_path:
     # Every wide-kernel variant the GPU sweep times compiles, and without spills.
     wide = [r for r in rows if r["kernel"] == "_sparse_wide_partial_kernel"]
     assert wide and all(r["spill_bytes"] == 0 for r in wide), [r for r in wide if r["spill_bytes"]]
+    # The per-head sparse kernel's load-order switches (rows or K/V a block ahead, the L2 prefetch's
+    # inline PTX) compile without spills at the small batch they are meant for.
+    switched = [r for r in rows if r["op"] == "sparse" and r["variant"].startswith("per-head ")]
+    assert len(switched) >= 4 and all(r["spill_bytes"] == 0 for r in switched), switched
     # The skinny GEMM of every clsa-4b projection, its L2 prefetch (inline PTX) and its 2 and 3
     # weight tiles before the PDL wait included, compiles without spills and keeps its weight loads
     # asynchronous (the pipeliner's cp.async).

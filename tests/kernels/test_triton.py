@@ -235,15 +235,20 @@ def test_split_planner_keeps_a_whole_wave_within_the_slots() -> None:
         assert (n_splits - 1) * split_size < 2048 <= n_splits * split_size
 
 
-@pytest.mark.parametrize("ahead", ["", "rows", "kv"], ids=["in-block", "rows-ahead", "kv-ahead"])
+@pytest.mark.parametrize("ahead", ["", "rows", "kv", "prefetch"],
+                         ids=["in-block", "rows-ahead", "kv-ahead", "prefetch"])
 @pytest.mark.parametrize("whole_wave", [False, True], ids=["default-plan", "whole-wave"])
 def test_sparse_small_batch_any_split_plan(whole_wave: bool, ahead: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Five KV heads make the two plans differ on the interpreter's 4 SMs (2 splits or 3 of 80
     indices, 2 or 3 blocks each), each with a short last split; each block's rows (or rows and
-    K/V) loaded with it or one block ahead."""
+    K/V) loaded with it or one block ahead, or (compiled, PDL: inline PTX) the next blocks' lines
+    asked of L2 before the wait, past the split's end too."""
+    if ahead == "prefetch" and not decode_attention._pdl(torch.device(DEVICE), 1):
+        pytest.skip("the L2 prefetch runs only compiled with PDL (Hopper or later)")
     monkeypatch.setattr(decode_attention, "SPARSE_SMALL_WHOLE_WAVE", whole_wave)
     monkeypatch.setattr(triton_attention, "SPARSE_ROWS_AHEAD", ahead == "rows")
     monkeypatch.setattr(triton_attention, "SPARSE_KV_AHEAD", ahead == "kv")
+    monkeypatch.setattr(triton_attention, "SPARSE_PREFETCH_BLOCKS", 3 if ahead == "prefetch" else 0)
     lens = [300]
     k_cache, table, seq_lens = _paged(lens, (5, 64), torch.float32, seed=11)
     v_cache = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
