@@ -99,6 +99,12 @@ def sparse_switched(case: dict, batch: int, name: str, value: object) -> None:
         setattr(ta, name, saved)
 
 
+def gather(case: dict, batch: int) -> None:
+    """The selected rows' copy of a gathering plan (decode_attention.GATHER_SELECTED)."""
+    kv = torch.zeros((2, batch, K, HKV, D), dtype=torch.bfloat16)
+    ta.launch_gather_rows(case["k"], case["v"], case["idx"], kv, torch.zeros((batch, K), dtype=torch.int32))
+
+
 def dense(case: dict, batch: int) -> None:
     da.launch_dense(case["q"], case["k"], case["v"], case["table"], case["lens"], 1 / math.sqrt(D), case["out"],
                     sms=SMS, pdl=_pdl(batch))
@@ -179,6 +185,7 @@ def collect() -> list[dict]:
         if batch <= da.SMALL_BATCH:
             for label, name, value in SPARSE_SWITCHES:
                 record("sparse", batch, "per-head " + label, False, sparse_switched, case, batch, name, value)
+            record("gather", batch, "selected rows", da.GATHER_SELECTED, gather, case, batch)
         if wide_default:
             record("sparse", batch, "wide " + str(list(da.WIDE_CONFIG)), True, sparse, case, batch, da.WIDE_CONFIG)
         for variant in WIDE_VARIANTS:

@@ -114,6 +114,13 @@ PDL_MAX_BATCH = 7
 WIDE_CONFIG = (64, 1, 4, 2, 4)
 WIDE_MIN_BATCH = 8
 INTERPRET_WIDE_CONFIG = (4, 4, 1, 1, 1)
+# A plan given the caches (`SparseDecodeWrapper.plan(gather_from=...)`) below WIDE_MIN_BATCH
+# sequences copies the selected K/V rows once into a compact buffer [2, B, k, Hkv, d], which every
+# layer's run then reads instead of the scattered rows: one buffer of the step, small enough
+# (56 MiB at 128K, B = 7) to be kept in L2 across the layers by an access-policy window
+# (kernels/l2_persist.py; the decode graphs' capture sets it, services/engine/graph_step.py).
+# An experiment, off until measured in the step.
+GATHER_SELECTED = False
 
 
 class SparseDecodeWrapper:
@@ -129,11 +136,16 @@ class SparseDecodeWrapper:
     def __init__(self, backend: Backend = "auto") -> None:
         self.backend = backend
         self._plan: dict | None = None
+        self._runs = 0  # run() calls since the last plan()
         self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._gather_buffers: tuple | None = None  # (key, kv, rows of kv) of the last gathering plan
 
     def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
-             block_size: int) -> None:
-        """block_table [B, max_blocks] int32, seq_lens [B] int32, indices [B, k] int32 (-1 ignored)."""
+             block_size: int, gather_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """block_table [B, max_blocks] int32, seq_lens [B] int32, indices [B, k] int32 (-1 ignored).
+        `gather_from`: the (k_cache, v_cache) the layers will run over; with GATHER_SELECTED (and
+        the Triton backend, B < WIDE_MIN_BATCH) their selected rows are copied into `gathered`
+        now, and every `run()` over those caches reads the copy."""
         op = self.op
         check_rank(op, "indices", indices, 2, "[B, k]")
         check_dtype(op, "indices", indices, (torch.int32,))
@@ -148,7 +160,39 @@ class SparseDecodeWrapper:
             rows = torch.empty_like(indices)
             launch_positions_to_rows(indices, block_table, seq_lens, rows, block_size)
             plan["rows"] = rows
+            if gather_from is not None and GATHER_SELECTED and indices.shape[0] < WIDE_MIN_BATCH:
+                plan["gathered"] = self._gather(rows, *gather_from)
         self._plan = plan
+        self._runs = 0
+
+    @property
+    def gathered(self) -> torch.Tensor | None:
+        """The plan's compact copy of the selected K/V rows [2, B, k, Hkv, d] (None: none made)."""
+        if self._plan is None or "gathered" not in self._plan:
+            return None
+        return self._plan["gathered"][2]
+
+    def _gather(self, rows: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(k_cache, v_cache, kv, rows of kv): the selected rows copied into kv, kept across plans of
+        one shape (a CUDA graph replays into the same buffer)."""
+        from kernels.triton_attention import launch_gather_rows
+
+        op = self.op
+        if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+            raise ValueError(f"{op}: gather_from caches differ: {tuple(k_cache.shape)} {k_cache.dtype}, "
+                             f"{tuple(v_cache.shape)} {v_cache.dtype}")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if c.dim() != 4 or c.stride(3) != 1 or c.stride(2) != c.shape[3] or c.stride(0) != c.shape[1] * c.stride(1):
+                raise ValueError(f"{op}: gather_from {name} {tuple(c.shape)} must be [blocks, block_size, Hkv, d] "
+                                 "with contiguous rows")
+        batch, k = rows.shape
+        key = (batch, k, *k_cache.shape[2:], k_cache.dtype, rows.device)
+        if self._gather_buffers is None or self._gather_buffers[0] != key:
+            kv = torch.empty((2, batch, k, *k_cache.shape[2:]), dtype=k_cache.dtype, device=rows.device)
+            self._gather_buffers = (key, kv, torch.empty((batch, k), dtype=torch.int32, device=rows.device))
+        _, kv, kv_rows = self._gather_buffers
+        launch_gather_rows(k_cache, v_cache, rows, kv, kv_rows)
+        return k_cache, v_cache, kv, kv_rows
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,9 +208,19 @@ class SparseDecodeWrapper:
             out.copy_(sparse_decode_attention_reference(q, k_cache, v_cache, p["block_table"], p["seq_lens"],
                                                         p["indices"], sm_scale))
             return out
-        launch_sparse(q, k_cache, v_cache, p["rows"], p["block_table"], p["seq_lens"], sm_scale, out,
-                      sms=num_sms(q.device), pdl=_pdl(q.device, q.shape[0]),
-                      buffers=self._buffers)
+        rows, kv_before_wait = p["rows"], True
+        if "gathered" in p and p["gathered"][0].data_ptr() == k_cache.data_ptr() \
+                and p["gathered"][1].data_ptr() == v_cache.data_ptr():
+            _, _, kv, rows = p["gathered"]
+            shape = (kv.shape[1] * kv.shape[2], 1, *kv.shape[3:])
+            k_cache, v_cache = kv[0].view(shape), kv[1].view(shape)
+            # The first layer's kernel comes two launches after the copy: its K/V loads wait for
+            # the kernel ahead (PDL), as the copy's writes are not yet certain to be visible.
+            kv_before_wait = self._runs > 0
+        self._runs += 1
+        launch_sparse(q, k_cache, v_cache, rows, p["block_table"], p["seq_lens"], sm_scale, out,
+                      sms=num_sms(q.device), pdl=_pdl(q.device, q.shape[0]), buffers=self._buffers,
+                      kv_before_wait=kv_before_wait)
         return out
 
     def _buffers(self, q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
@@ -275,9 +329,11 @@ def dense_decode_attention(
 def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *,
                   sms: int, pdl: bool,
-                  buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials) -> None:
+                  buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials,
+                  kv_before_wait: bool = True) -> None:
     """The Triton sparse kernels over planned `rows` [B, k], in the configuration this batch takes on
     a card of `sms` multiprocessors; `buffers(q, n_kv_heads, n_splits)` gives the partials (as `_partials`).
+    `kv_before_wait` False: the per-head kernel reads K/V only after its PDL wait.
     `SparseDecodeWrapper.run` launches through it, and so does bench/compile_report.py."""
     from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits, wide_tile
 
@@ -297,7 +353,7 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     o_part, lse_part, counters = buffers(q, n_kv_heads, n_splits)
     launch_decode(q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale, k, n_splits, split_size, o_part,
                   lse_part, counters, out, sparse=True, block_n=block_n, num_warps=warps, num_stages=stages,
-                  fused_merge=fused, pdl=pdl)
+                  fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait)
 
 
 def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

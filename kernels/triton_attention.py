@@ -200,6 +200,7 @@ def _decode_partial_kernel(
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
     KV_AHEAD: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+    KV_BEFORE_WAIT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -222,6 +223,8 @@ def _decode_partial_kernel(
     if USE_PDL:
         if EARLY:
             tl.extra.cuda.gdc_launch_dependents()
+        if not KV_BEFORE_WAIT:  # the cache may have been written just before: read it after the wait
+            tl.extra.cuda.gdc_wait()
     # The first block's K/V rows are in flight before waiting on the previous kernel (programmatic
     # dependent launch): the rows, the block table and the cache are never written by the kernel
     # just before this one (the query and the outputs are, so they wait).
@@ -235,7 +238,8 @@ def _decode_partial_kernel(
         _prefetch_kv_rows(k_ptr, v_ptr, _block_rows(rows_row, start + (i + 1) * BLOCK_N, end, BLOCK_N), h,
                           stride_kr, stride_kh, LINE, LINES)
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+        if KV_BEFORE_WAIT:
+            tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -417,13 +421,14 @@ def plan_splits(n_items: int, n_programs: int, num_sms: int, block_n: int, waves
 def launch_decode(
     q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
     split_size: int, o_part, lse_part, counters, out, *, sparse: bool, block_n: int, num_warps: int,
-    num_stages: int, fused_merge: bool, pdl: bool = False,
+    num_stages: int, fused_merge: bool, pdl: bool = False, kv_before_wait: bool = True,
 ) -> None:
     """Partial attention per (sequence, KV head, split) and the merge of the splits into `out`:
     by the last split of each (sequence, KV head) when `fused_merge` (then `counters`, int32
     [B * Hkv], must be zero and is left zero), else by a second kernel. `pdl`: launch with
     programmatic dependent launch (Hopper and later), so each kernel is resident and has its
-    first K/V rows in flight before the kernel ahead of it finishes."""
+    first K/V rows in flight before the kernel ahead of it finishes (unless `kv_before_wait` is
+    False: for a cache the kernel just before may have written)."""
     batch, n_q_heads, head_dim = q.shape
     _, page, n_kv_heads, _ = k_cache.shape
     group = n_q_heads // n_kv_heads
@@ -446,7 +451,7 @@ def launch_decode(
         FUSED_MERGE=fused_merge, USE_PDL=pdl, EARLY=PARTIAL_EARLY_TRIGGER,
         EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, ROWS_AHEAD=sparse and SPARSE_ROWS_AHEAD,
         KV_AHEAD=sparse and SPARSE_KV_AHEAD, PREFETCH_BLOCKS=prefetch_blocks, LINE=line,
-        LINES=triton.next_power_of_2(_cdiv(head_dim, line)),
+        LINES=triton.next_power_of_2(_cdiv(head_dim, line)), KV_BEFORE_WAIT=kv_before_wait,
         num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:
@@ -511,6 +516,44 @@ def launch_merge(o_part, lse_part, out, n_splits: int, part_strides: tuple[int, 
 
 def _pdl(pdl: bool) -> dict[str, bool]:
     return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _gather_rows_kernel(k_ptr, v_ptr, rows_ptr, kv_ptr, rows_out_ptr, n_items, stride_kr, stride_rb, v_offset,
+                        ROW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Selected items j0 .. j0 + BLOCK_R of sequence b: the K and V rows (ROW = Hkv x d elements
+    each, contiguous) at their planned cache rows copied to item b * n_items + j of the compact
+    buffer (V at v_offset past K), zeros for an unplanned item (row < 0); rows_out[b, j] = that
+    item, or -1 where there is none."""
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = j < n_items
+    rows = tl.load(rows_ptr + b * stride_rb + j, mask=in_range, other=-1)
+    valid = in_range & (rows >= 0)
+    item = b * n_items + j
+    src = tl.where(valid, rows, 0).to(tl.int64)[:, None] * stride_kr
+    dst = item.to(tl.int64)[:, None] * ROW
+    for c0 in tl.static_range(0, ROW, BLOCK_C):
+        cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+        k = tl.load(k_ptr + src + cols, mask=valid[:, None] & (cols < ROW), other=0.0)
+        v = tl.load(v_ptr + src + cols, mask=valid[:, None] & (cols < ROW), other=0.0)
+        tl.store(kv_ptr + dst + cols, k, mask=in_range[:, None] & (cols < ROW))
+        tl.store(kv_ptr + v_offset + dst + cols, v, mask=in_range[:, None] & (cols < ROW))
+    tl.store(rows_out_ptr + item, tl.where(valid, item, -1), mask=in_range)
+
+
+def launch_gather_rows(k_cache, v_cache, rows, kv, rows_out, *, block_rows: int = 8) -> None:
+    """The selected K/V rows of every sequence copied once into the compact `kv` [2, B, k, Hkv, d]
+    (K then V; contiguous) and `rows_out` [B, k] int32 (contiguous) set to each item's row there
+    (b * k + j, -1 where `rows` has none): a cache [B * k, 1, Hkv, d] that the sparse kernels
+    read as they read the paged one. The caches' rows [Hkv, d] must be contiguous."""
+    batch, k = rows.shape
+    row = k_cache.shape[2] * k_cache.shape[3]
+    block_c = min(triton.next_power_of_2(row), 1024)
+    _gather_rows_kernel[(batch, _cdiv(k, block_rows))](
+        k_cache, v_cache, rows, kv, rows_out, k, k_cache.stride(1), rows.stride(0), kv.stride(0),
+        ROW=row, BLOCK_R=block_rows, BLOCK_C=block_c,
+    )
 
 
 def launch_positions_to_rows(indices, block_table, seq_lens, rows, page: int) -> None:

@@ -31,9 +31,12 @@ class CrossAttention:
         self.dense_workspace: dict | None = None
 
     def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
-             seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
+             seq_lens: torch.Tensor, sparse: list[bool], topk: int,
+             kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Prepare one step. q_idx: [B, d_idx]; sparse[b] says whether row b runs CLSA (top-k
-        over the indexer) or DENSE (all positions)."""
+        over the indexer) or DENSE (all positions). `kv`: the shared (k_cache, v_cache) the layers
+        will run over, already holding this step's token: the sparse plan may copy the selected
+        rows out of it once (`SparseDecodeWrapper.plan`'s `gather_from`)."""
         self._block_table, self._seq_lens = block_table, seq_lens
         self._indices = self._sparse_rows = self._dense_rows = None
         if not any(sparse):
@@ -46,7 +49,12 @@ class CrossAttention:
             rows = self._sparse_rows
         self._indices = index_topk(q_idx[rows], k_idx_cache, block_table[rows], seq_lens[rows], topk,
                                    backend=self.backend)
-        self._sparse.plan(block_table[rows], seq_lens[rows], self._indices, k_idx_cache.shape[1])
+        self._sparse.plan(block_table[rows], seq_lens[rows], self._indices, k_idx_cache.shape[1], gather_from=kv)
+
+    @property
+    def gathered(self) -> torch.Tensor | None:
+        """The step's compact copy of the selected K/V rows, when the plan made one."""
+        return self._sparse.gathered
 
     @property
     def indices(self) -> torch.Tensor | None:
@@ -78,7 +86,8 @@ class PerLayerTopkAttention(CrossAttention):
     output, equal `CrossAttention`'s; what it measures is the routing cost repeated in every layer."""
 
     def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
-             seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
+             seq_lens: torch.Tensor, sparse: list[bool], topk: int,
+             kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self._args = (q_idx, k_idx_cache, block_table, seq_lens, sparse, topk)  # each layer plans for itself
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -94,7 +103,8 @@ class TorchGatherAttention(CrossAttention):
     one with DENSE rows runs as `CrossAttention`."""
 
     def plan(self, q_idx: torch.Tensor, k_idx_cache: torch.Tensor, block_table: torch.Tensor,
-             seq_lens: torch.Tensor, sparse: list[bool], topk: int) -> None:
+             seq_lens: torch.Tensor, sparse: list[bool], topk: int,
+             kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self._selected: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
         if not all(sparse):

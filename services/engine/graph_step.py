@@ -14,11 +14,12 @@ mixes CLSA and DENSE sequences into one replay per mode. Sampling stays outside 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
-from kernels import dense_decode_attention
+from kernels import dense_decode_attention, l2_persist
 from kernels._backend import Backend
 from services.engine import layers
 from services.engine.attention import make_cross_attention
@@ -32,6 +33,11 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # (`AttentionLayer.qkv_into_rings`) where the skinny GEMM takes the batch. Measured on the H200
 # (bench/decode.py [--no-fused-qkv], 128K): B=1 2.589 -> 2.457 ms, B=7 3.165 -> 3.013 ms.
 FUSED_QKV_RING = True
+# With kernels.decode_attention.GATHER_SELECTED, each captured CLSA step keeps its compact copy of
+# the selected K/V rows in L2 across the cross layers: an access-policy window over the copy baked
+# into the graph's kernels, in a persisting-L2 set-aside of the device's maximum for this process
+# (kernels/l2_persist.py). An experiment, off until measured in the step.
+L2_PERSIST_SELECTED = False
 STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
 
@@ -163,7 +169,7 @@ class StaticDecodeStep:
         self._write(cache.v[0], v[:, 0])
         self._write(cache.k_idx, k_idx[:, 0])
         self.attention.plan(q_idx[:, 0], cache.k_idx, block_table, self.seq_lens, [self.sparse] * self.batch,
-                            self.index_topk)
+                            self.index_topk, kv=(cache.k[0], cache.v[0]))
         if upto == "index":
             return x[:, 0]
         h = model.forward_cross(x[:, 0], pos, self.attention, cache)
@@ -222,9 +228,14 @@ class DecodeGraphs:
                           tuple[StaticDecodeStep, torch.cuda.CUDAGraph | None, torch.Tensor | None]]
         self._steps = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self._persisting = 0  # bytes of L2 set aside for the selected rows' windows
 
     def close(self) -> None:
         self._steps.clear()
+        if self._persisting:
+            l2_persist.reset(self.cache.k.device)
+            l2_persist.set_aside(self.cache.k.device, 0)
+            self._persisting = 0
         self.cache.blocks.free([self.trash_block])
         self.cache.slots.free([self.spare_slot])
 
@@ -290,6 +301,18 @@ class DecodeGraphs:
                 step.run(upto)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        stream = torch.cuda.Stream()
+        with self._selected_in_l2(step, stream), torch.cuda.graph(graph, pool=self._pool, stream=stream):
             out = step.run(upto)
         return graph, out
+
+    def _selected_in_l2(self, step: StaticDecodeStep, stream: torch.cuda.Stream) -> contextlib.AbstractContextManager:
+        """The access-policy window over the step's compact selected rows for its capture on
+        `stream` (L2_PERSIST_SELECTED, a step that gathers them, a device with persisting L2)."""
+        device = self.cache.k.device
+        buffer = step.attention.gathered if L2_PERSIST_SELECTED else None
+        if buffer is None or not l2_persist.supported(device):
+            return contextlib.nullcontext()
+        if not self._persisting:
+            self._persisting = l2_persist.set_aside(device, l2_persist.limits(device).max_persisting_bytes)
+        return l2_persist.access_window(stream, buffer, self._persisting)

@@ -53,6 +53,30 @@ def test_static_step_on_triton_kernels_matches_the_eager_torch_decode() -> None:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_static_step_over_the_gathered_selected_rows_matches_the_eager_torch_decode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GATHER_SELECTED: each CLSA step's plan copies the selected K/V rows (the step's own token's
+    included, written just before) into one buffer that every cross layer reads: the eager torch
+    decode's tokens and logits, and the copy was made in every CLSA step."""
+    import kernels.decode_attention as decode_attention
+    import services.engine.attention as attention
+
+    want_logits, want_tokens = _generate(False, "torch")
+    monkeypatch.setattr(decode_attention, "GATHER_SELECTED", True)
+    plans = []
+    plan = attention.CrossAttention.plan
+
+    def counting(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        plan(self, *args, **kwargs)
+        plans.append(self.gathered is not None)
+    monkeypatch.setattr(attention.CrossAttention, "plan", counting)
+    got_logits, got_tokens = _generate(True, "triton")
+    assert plans and any(plans)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not interpreting(), reason="the engine runs on CPU tensors: the kernel needs TRITON_INTERPRET=1")
 def test_static_step_through_the_fused_qkv_kernel_matches_the_eager_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each self layer's q/k/v, RoPE and ring writes as one kernel (graph_step.FUSED_QKV_RING,
@@ -117,9 +141,18 @@ def test_buckets_and_bad_batches_fail_clearly() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_replay_gives_the_eager_decode_logits() -> None:
+@pytest.mark.parametrize("selected_in_l2", [False, True], ids=["default", "gathered-rows-in-l2"])
+def test_cuda_graph_replay_gives_the_eager_decode_logits(selected_in_l2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The captured steps replay the eager decode; with the selected rows gathered once a step and
+    kept in L2 by a window baked into the graph (decode_attention.GATHER_SELECTED,
+    graph_step.L2_PERSIST_SELECTED), too."""
+    import kernels.decode_attention as decode_attention
+    import services.engine.graph_step as graph_step
+
     results = {}
     for graphs in (False, True):
+        monkeypatch.setattr(decode_attention, "GATHER_SELECTED", selected_in_l2 and graphs)
+        monkeypatch.setattr(graph_step, "L2_PERSIST_SELECTED", selected_in_l2 and graphs)
         model = make_model().to("cuda")
         engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=256, prefill_chunk=5,
                                                                max_num_seqs=8, cuda_graphs=graphs))
@@ -129,6 +162,9 @@ def test_cuda_graph_replay_gives_the_eager_decode_logits() -> None:
                                                                                ignore_eos=True), mode)
                                      for n, mode, t in REQUESTS])
         results[graphs] = ([torch.stack(log[o.request_id]) for o in outs], [o.token_ids for o in outs])
+        if graphs and selected_in_l2:
+            assert engine.runner.graphs._persisting > 0  # the set-aside was made for a window
+            engine.runner.graphs.close()
     assert results[True][1] == results[False][1]
     for got, want in zip(results[True][0], results[False][0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -42,6 +42,9 @@ def test_default_launch_configurations_compile_for_sm90_without_spills(tmp_path:
     # inline PTX) compile without spills at the small batch they are meant for.
     switched = [r for r in rows if r["op"] == "sparse" and r["variant"].startswith("per-head ")]
     assert len(switched) >= 4 and all(r["spill_bytes"] == 0 for r in switched), switched
+    # So does the copy of the selected rows that a gathering plan makes.
+    gathers = [r for r in rows if r["op"] == "gather"]
+    assert gathers and all(r["spill_bytes"] == 0 for r in gathers), gathers
     # The skinny GEMM of every clsa-4b projection, its L2 prefetch (inline PTX) and its 2 and 3
     # weight tiles before the PDL wait included, compiles without spills and keeps its weight loads
     # asynchronous (the pipeliner's cp.async).

@@ -337,6 +337,43 @@ def test_wrapper_plans_once_and_runs_every_layer() -> None:
         SparseDecodeWrapper("triton").run(q, k_cache, v_cache, 0.125)
 
 
+def test_wrapper_gathers_the_selected_rows_once_and_every_layer_reads_the_copy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GATHER_SELECTED: the plan copies each sequence's selected K/V rows into one compact buffer
+    (zeros where an index is -1 or past the sequence), the layers over those caches read it (the
+    first after its PDL wait) and match the reference; a run over other caches reads its own."""
+    monkeypatch.setattr(decode_attention, "GATHER_SELECTED", True)
+    q, k_cache, v_cache, table, seq_lens = _attention_case(4, 64, torch.float32, seed=21)
+    indices = _indices(seq_lens, 40, seed=22)
+    indices[0, 3] = int(seq_lens[0])  # past the sequence: no row
+    wrapper = SparseDecodeWrapper("triton")
+    wrapper.plan(table, seq_lens, indices, BLOCK, gather_from=(k_cache, v_cache))
+    kv = wrapper.gathered
+    assert kv is not None and kv.shape == (2, *indices.shape, *k_cache.shape[2:])
+    for b in range(indices.shape[0]):
+        for j, pos in enumerate(indices[b].tolist()):
+            if 0 <= pos < int(seq_lens[b]):
+                block, slot = int(table[b, pos // BLOCK]), pos % BLOCK
+                torch.testing.assert_close(kv[0, b, j], k_cache[block, slot], atol=0, rtol=0)
+                torch.testing.assert_close(kv[1, b, j], v_cache[block, slot], atol=0, rtol=0)
+            else:
+                assert not kv[:, b, j].any(), (b, j, pos)
+    for layer in range(3):
+        q_layer = torch.randn_like(q)
+        got = wrapper.run(q_layer, k_cache, v_cache, 0.125)
+        want = sparse_decode_attention_reference(q_layer, k_cache, v_cache, table, seq_lens, indices, 0.125)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
+    other_k, other_v = torch.randn_like(k_cache), torch.randn_like(v_cache)
+    got = wrapper.run(q, other_k, other_v, 0.125)
+    want = sparse_decode_attention_reference(q, other_k, other_v, table, seq_lens, indices, 0.125)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The next plan gathers into the same buffer (what a CUDA graph replays into).
+    wrapper.plan(table, seq_lens, _indices(seq_lens, 40, seed=23), BLOCK, gather_from=(k_cache, v_cache))
+    assert wrapper.gathered is kv
+    with pytest.raises(ValueError, match="contiguous rows"):
+        wrapper.plan(table, seq_lens, indices, BLOCK, gather_from=(k_cache[..., :32], v_cache[..., :32]))
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["per-head", "wide"])
 def test_row_with_no_valid_index_is_zero(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if wide:
