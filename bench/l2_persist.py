@@ -6,8 +6,8 @@ the decode step's projections) and then the same "selected rows" buffer (`--sele
 torch sum over all of it, as every cross layer's sparse attention reads the one set of selected
 rows). Timed as one CUDA graph per variant (median of `--reps` replays): the selected-rows reads
 alone, the weights alone, both, and both again with the buffer under an access-policy window
-(kernels/l2_persist.py: the set-aside at the device's maximum, the hit ratio what fits) - with
-the rest of the window's lines streaming or normal.
+(kernels/l2_persist.py: set on every kernel node of the graph, the set-aside at the device's
+maximum, the hit ratio what fits) - with the rest of the window's lines streaming or normal.
 
     python bench/l2_persist.py [--selected-mib 56] [--weight-mb 189] [--layers 16] [--out DIR]
 """
@@ -35,14 +35,15 @@ def graph_ms(fn, stream: torch.cuda.Stream, reps: int, window: tuple | None = No
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    if window is None:
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    else:
+    graph = torch.cuda.CUDAGraph(keep_graph=window is not None)
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    if window is not None:
         buffer, persisting, miss = window
-        with l2_persist.access_window(stream, buffer, persisting, miss), torch.cuda.graph(graph, stream=stream):
-            fn()
+        l2_persist.set_graph_window(graph.raw_cuda_graph(), buffer, persisting, miss)
+        windows = l2_persist.graph_windows(graph.raw_cuda_graph())
+        assert windows and all(n > 0 for _, n, _ in windows), windows
+        graph.instantiate()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -6,16 +6,15 @@ and 189 MB of weights stream through L2 between two layers' reads, so under L2's
 each layer reads them from HBM again. A window over a buffer marks a fraction of its lines
 (`hit_ratio`) "persisting": those stay in the set-aside part of L2 (`set_aside`, per context, at
 most the device's max persisting size) while every other access - the weights, streamed once a
-step - shares the rest. The window is a stream attribute; a CUDA graph captured on that stream
-bakes it into each kernel node, so it is set before capture and cleared after
-(`access_window`). Ampere (sm_80) and later; `supported()` says whether this device has it.
+step - shares the rest. The window is set on each kernel node of a captured graph before it is
+instantiated (`set_graph_window`; torch's `CUDAGraph(keep_graph=True)` keeps the cudaGraph_t for
+it), and `graph_windows` reads them back. Ampere (sm_80) and later; `supported()` says whether
+this device has it.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,8 @@ _CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE = 38
 _CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE = 108
 _CU_DEVICE_ATTRIBUTE_MAX_ACCESS_POLICY_WINDOW_SIZE = 109
 _CU_LIMIT_PERSISTING_L2_CACHE_SIZE = 0x06
-_CU_STREAM_ATTRIBUTE_ACCESS_POLICY_WINDOW = 1
+_CU_KERNEL_NODE_ATTRIBUTE_ACCESS_POLICY_WINDOW = 1  # CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW
+_CU_GRAPH_NODE_TYPE_KERNEL = 0
 ACCESS_NORMAL, ACCESS_STREAMING, ACCESS_PERSISTING = 0, 1, 2  # CUaccessProperty
 
 
@@ -33,7 +33,7 @@ class _Window(ctypes.Structure):  # CUaccessPolicyWindow
                 ("hit_prop", ctypes.c_int), ("miss_prop", ctypes.c_int)]
 
 
-class _AttrValue(ctypes.Union):  # CUstreamAttrValue (CUlaunchAttributeValue: 64 bytes)
+class _AttrValue(ctypes.Union):  # CUkernelNodeAttrValue (CUlaunchAttributeValue: 64 bytes)
     _fields_ = [("window", _Window), ("pad", ctypes.c_char * 64)]
 
 
@@ -95,34 +95,56 @@ def hit_ratio(window_bytes: int, persisting_bytes: int) -> float:
     return min(1.0, persisting_bytes / window_bytes)
 
 
-def _set_window(stream: torch.cuda.Stream, base: int, nbytes: int, ratio: float, miss_prop: int) -> None:
-    value = _AttrValue()
-    value.window = _Window(base, nbytes, ratio, ACCESS_PERSISTING if nbytes else ACCESS_NORMAL,
-                           miss_prop if nbytes else ACCESS_NORMAL)
-    _check(_driver().cuStreamSetAttribute(ctypes.c_void_p(stream.cuda_stream),
-                                          _CU_STREAM_ATTRIBUTE_ACCESS_POLICY_WINDOW, ctypes.byref(value)),
-           "cuStreamSetAttribute")
-
-
-@contextmanager
-def access_window(stream: torch.cuda.Stream, buffer: torch.Tensor, persisting_bytes: int,
-                  miss_prop: int = ACCESS_STREAMING) -> Iterator[float]:
-    """Within the context, kernels launched (or captured into a graph) on `stream` keep the
-    lines of `buffer` (contiguous; its first max-window bytes) in L2's set-aside of
-    `persisting_bytes`: yields the hit ratio used (0.0: nothing marked). The stream's window is
-    cleared on exit; a graph captured inside keeps it in its kernel nodes."""
+def _window_value(buffer: torch.Tensor, persisting_bytes: int, miss_prop: int) -> tuple[_AttrValue, float]:
     if not buffer.is_contiguous():
-        raise ValueError("l2_persist.access_window: the buffer must be contiguous")
+        raise ValueError("l2_persist: the buffer must be contiguous")
     nbytes = min(buffer.numel() * buffer.element_size(), limits(buffer.device).max_window_bytes)
     ratio = hit_ratio(nbytes, persisting_bytes)
+    value = _AttrValue()
+    value.window = _Window(buffer.data_ptr(), nbytes if ratio else 0, ratio, ACCESS_PERSISTING, miss_prop)
+    return value, ratio
+
+
+def _kernel_nodes(graph: int) -> list[ctypes.c_void_p]:
+    """The kernel nodes of CUgraph `graph` (a cudaGraph_t: torch's `CUDAGraph.raw_cuda_graph()`)."""
+    drv = _driver()
+    count = ctypes.c_size_t()
+    _check(drv.cuGraphGetNodes(ctypes.c_void_p(graph), None, ctypes.byref(count)), "cuGraphGetNodes")
+    nodes = (ctypes.c_void_p * count.value)()
+    _check(drv.cuGraphGetNodes(ctypes.c_void_p(graph), nodes, ctypes.byref(count)), "cuGraphGetNodes")
+    kernels = []
+    for node in nodes[: count.value]:
+        kind = ctypes.c_int()
+        _check(drv.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "cuGraphNodeGetType")
+        if kind.value == _CU_GRAPH_NODE_TYPE_KERNEL:
+            kernels.append(ctypes.c_void_p(node))
+    return kernels
+
+
+def set_graph_window(graph: int, buffer: torch.Tensor, persisting_bytes: int,
+                     miss_prop: int = ACCESS_STREAMING) -> float:
+    """Give every kernel node of the captured, not yet instantiated CUgraph `graph` an access-policy
+    window over `buffer` (contiguous; its first max-window bytes): a hit ratio of its lines, what
+    fits `persisting_bytes` of set-aside, persist in L2 across the graph's kernels; the rest get
+    `miss_prop`. Returns the hit ratio (0.0: nothing to persist, nodes left as they were)."""
+    value, ratio = _window_value(buffer, persisting_bytes, miss_prop)
     if ratio == 0.0:
-        yield 0.0
-        return
-    _set_window(stream, buffer.data_ptr(), nbytes, ratio, miss_prop)
-    try:
-        yield ratio
-    finally:
-        _set_window(stream, 0, 0, 0.0, ACCESS_NORMAL)
+        return 0.0
+    for node in _kernel_nodes(graph):
+        _check(_driver().cuGraphKernelNodeSetAttribute(node, _CU_KERNEL_NODE_ATTRIBUTE_ACCESS_POLICY_WINDOW,
+                                                       ctypes.byref(value)), "cuGraphKernelNodeSetAttribute")
+    return ratio
+
+
+def graph_windows(graph: int) -> list[tuple[int, int, float]]:
+    """(base address, bytes, hit ratio) of each kernel node's access-policy window in CUgraph `graph`."""
+    out = []
+    for node in _kernel_nodes(graph):
+        value = _AttrValue()
+        _check(_driver().cuGraphKernelNodeGetAttribute(node, _CU_KERNEL_NODE_ATTRIBUTE_ACCESS_POLICY_WINDOW,
+                                                       ctypes.byref(value)), "cuGraphKernelNodeGetAttribute")
+        out.append((value.window.base_ptr or 0, value.window.num_bytes, value.window.hit_ratio))
+    return out
 
 
 def reset(device: torch.device) -> None:

@@ -14,7 +14,6 @@ mixes CLSA and DENSE sequences into one replay per mode. Sampling stays outside 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -34,9 +33,9 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # (bench/decode.py [--no-fused-qkv], 128K): B=1 2.589 -> 2.457 ms, B=7 3.165 -> 3.013 ms.
 FUSED_QKV_RING = True
 # With kernels.decode_attention.GATHER_SELECTED, each captured CLSA step keeps its compact copy of
-# the selected K/V rows in L2 across the cross layers: an access-policy window over the copy baked
-# into the graph's kernels, in a persisting-L2 set-aside of the device's maximum for this process
-# (kernels/l2_persist.py). An experiment, off until measured in the step.
+# the selected K/V rows in L2 across the cross layers: an access-policy window over the copy on
+# every kernel node of the graph, in a persisting-L2 set-aside of the device's maximum for this
+# process (kernels/l2_persist.py). An experiment, off until measured in the step.
 L2_PERSIST_SELECTED = False
 STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
@@ -300,19 +299,23 @@ class DecodeGraphs:
             for _ in range(2):
                 step.run(upto)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        with self._selected_in_l2(step, stream), torch.cuda.graph(graph, pool=self._pool, stream=stream):
+        window = self._selected_rows_window(step)
+        graph = torch.cuda.CUDAGraph(keep_graph=window is not None)
+        with torch.cuda.graph(graph, pool=self._pool):
             out = step.run(upto)
+        if window is not None:  # every kernel node keeps the selected rows in L2, then instantiate
+            l2_persist.set_graph_window(graph.raw_cuda_graph(), window, self._persisting)
+            graph.instantiate()
         return graph, out
 
-    def _selected_in_l2(self, step: StaticDecodeStep, stream: torch.cuda.Stream) -> contextlib.AbstractContextManager:
-        """The access-policy window over the step's compact selected rows for its capture on
-        `stream` (L2_PERSIST_SELECTED, a step that gathers them, a device with persisting L2)."""
+    def _selected_rows_window(self, step: StaticDecodeStep) -> torch.Tensor | None:
+        """The buffer the step's graph should keep in L2: its compact copy of the selected rows
+        (L2_PERSIST_SELECTED, a step that gathers them, a device with persisting L2), with the
+        set-aside made (once, at the device's maximum); None: no window."""
         device = self.cache.k.device
         buffer = step.attention.gathered if L2_PERSIST_SELECTED else None
         if buffer is None or not l2_persist.supported(device):
-            return contextlib.nullcontext()
+            return None
         if not self._persisting:
             self._persisting = l2_persist.set_aside(device, l2_persist.limits(device).max_persisting_bytes)
-        return l2_persist.access_window(stream, buffer, self._persisting)
+        return buffer if self._persisting else None

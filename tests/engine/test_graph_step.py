@@ -148,6 +148,7 @@ def test_cuda_graph_replay_gives_the_eager_decode_logits(selected_in_l2: bool, m
     graph_step.L2_PERSIST_SELECTED), too."""
     import kernels.decode_attention as decode_attention
     import services.engine.graph_step as graph_step
+    from kernels import l2_persist
 
     results = {}
     for graphs in (False, True):
@@ -164,6 +165,12 @@ def test_cuda_graph_replay_gives_the_eager_decode_logits(selected_in_l2: bool, m
         results[graphs] = ([torch.stack(log[o.request_id]) for o in outs], [o.token_ids for o in outs])
         if graphs and selected_in_l2:
             assert engine.runner.graphs._persisting > 0  # the set-aside was made for a window
+            clsa_steps = [(step, graph) for (_, sparse, _), (step, graph, _) in engine.runner.graphs._steps.items()
+                          if sparse]
+            assert clsa_steps
+            for step, graph in clsa_steps:  # every kernel of a CLSA step's graph keeps its gathered rows
+                windows, rows = l2_persist.graph_windows(graph.raw_cuda_graph()), step.attention.gathered.data_ptr()
+                assert windows and all(base <= rows < base + n for base, n, _ in windows), windows
             engine.runner.graphs.close()
     assert results[True][1] == results[False][1]
     for got, want in zip(results[True][0], results[False][0], strict=True):
