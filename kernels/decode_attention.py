@@ -92,7 +92,8 @@ SPARSE_SMALL_WAVES = 3  # the small configuration's programs an SM holds (150 re
 # The small configuration's splits planned so that every program has a slot at once (at most
 # SPARSE_SMALL_WAVES x SMs programs) instead of at least that many: at B = 7 (56 sequence-head
 # pairs) 7 splits of 320 rows, 392 programs, instead of 8 of 256, 448 programs - of which 52 wait
-# for a second wave. B = 1 to 6 plan the same either way. An experiment until measured in the step.
+# for a second wave. B = 1 to 6 plan the same either way. Off: +1.1-1.4% at B = 7 on an H100
+# (bench/results/decode/decode_ab_wave_topk7_h100.json, decode_ab_prefetch_ahead_h100.json).
 SPARSE_SMALL_WHOLE_WAVE = False
 DENSE_WAVES = 16
 # Programmatic dependent launch on Hopper and later, at up to PDL_MAX_BATCH sequences: each kernel
@@ -119,7 +120,8 @@ INTERPRET_WIDE_CONFIG = (4, 4, 1, 1, 1)
 # layer's run then reads instead of the scattered rows: one buffer of the step, small enough
 # (56 MiB at 128K, B = 7) to be kept in L2 across the layers by an access-policy window
 # (kernels/l2_persist.py; the decode graphs' capture sets it, services/engine/graph_step.py).
-# An experiment, off until measured in the step.
+# Off: measured slower on an H100 (128K, B = 7: +1.3%; with the L2 window +3.3%;
+# bench/results/decode/decode_ab_gather_l2_h100.json, docs/performance.md).
 GATHER_SELECTED = False
 
 

@@ -39,16 +39,17 @@ SPARSE_KV_EVICTION = ""
 DENSE_KV_EVICTION = ""
 # The sparse partial kernel loads each block's planned rows one block ahead, so a block's K/V loads
 # do not wait on its rows' load (the small-batch configuration runs one stage: nothing else
-# overlaps them). An experiment, off until measured in the step.
+# overlaps them). Off: noise in the step on an H100 (128K, B = 7: +0.1%,
+# bench/results/decode/decode_ab_prefetch_ahead_h100.json).
 SPARSE_ROWS_AHEAD = False
 # ... or each block's rows and K/V both loaded one block ahead (a second block's K/V in registers:
-# more registers, fewer programs an SM). Over SPARSE_ROWS_AHEAD; an experiment, off until measured.
+# more registers, fewer programs an SM). Over SPARSE_ROWS_AHEAD. Off: +2.1% at B = 7 on an H100 (same file).
 SPARSE_KV_AHEAD = False
 # Before its PDL wait, each sparse program also asks L2 for the K/V lines of the next
 # SPARSE_PREFETCH_BLOCKS blocks of its split (their rows loaded there too; PTX prefetch.global.L2,
 # no registers held): the loads after the wait then find them on chip, so the wait on the query's
 # projection overlaps more than one block's reads. Compiled only (the interpreter has no inline
-# assembly). An experiment, 0 (off) until measured in the step.
+# assembly). Off: 1 block +0.1%, 3 blocks +2.8% at B = 7 on an H100 (same file).
 SPARSE_PREFETCH_BLOCKS = 0
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)

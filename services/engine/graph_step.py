@@ -35,7 +35,8 @@ FUSED_QKV_RING = True
 # With kernels.decode_attention.GATHER_SELECTED, each captured CLSA step keeps its compact copy of
 # the selected K/V rows in L2 across the cross layers: an access-policy window over the copy on
 # every kernel node of the graph, in a persisting-L2 set-aside of the device's maximum for this
-# process (kernels/l2_persist.py). An experiment, off until measured in the step.
+# process (kernels/l2_persist.py). Off: +3.3% at B = 7, +2.2% at B = 1 on an H100 (the set-aside
+# takes 31 of its 50 MiB of L2 from the rest of the step; docs/performance.md).
 L2_PERSIST_SELECTED = False
 STAGES = ("self", "index", "cross", "logits")  # where `StaticDecodeStep.run(upto=...)` may stop
 
