@@ -29,18 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import l2_persist  # noqa: E402
 
 
-def graph_ms(fn, stream: torch.cuda.Stream, reps: int, window: tuple | None = None) -> float:  # noqa: ANN001
-    """Median ms of one replay of `fn` captured on `stream` (under `window`: (buffer, persisting
-    bytes, miss property) when given)."""
+def graph_ms(fn, stream: torch.cuda.Stream, reps: int, window: tuple | None = None) -> tuple[float, float]:  # noqa: ANN001
+    """(median ms of one replay, hit ratio) of `fn` captured on `stream`, under `window` ((buffer,
+    persisting bytes, miss property)) when given (hit ratio 0.0 without)."""
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph(keep_graph=window is not None)
     with torch.cuda.graph(graph, stream=stream):
         fn()
+    ratio = 0.0
     if window is not None:
         buffer, persisting, miss = window
-        l2_persist.set_graph_window(graph.raw_cuda_graph(), buffer, persisting, miss)
+        ratio = l2_persist.set_graph_window(graph.raw_cuda_graph(), buffer, persisting, miss)
         windows = l2_persist.graph_windows(graph.raw_cuda_graph())
         assert windows and all(n > 0 for _, n, _ in windows), windows
         graph.instantiate()
@@ -52,7 +53,7 @@ def graph_ms(fn, stream: torch.cuda.Stream, reps: int, window: tuple | None = No
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times[1:])
+    return statistics.median(times[1:]), ratio
 
 
 def main() -> None:
@@ -95,8 +96,7 @@ def main() -> None:
                     ("both, window (miss normal)", both, (selected, persisting, l2_persist.ACCESS_NORMAL)),
                     ("reads alone, window", reads, (selected, persisting, l2_persist.ACCESS_STREAMING))]
         for name, fn, window in variants:
-            ms = graph_ms(fn, stream, args.reps, window)
-            ratio = l2_persist.hit_ratio(min(selected.numel() * 2, lim.max_window_bytes), persisting) if window else 0
+            ms, ratio = graph_ms(fn, stream, args.reps, window)
             rows.append({"selected_mib": sel_mib, "variant": name, "ms": ms, "hit_ratio": ratio,
                          "persisting_mib": persisting / 2**20 if window else 0})
             print(f"selected {sel_mib:5.1f} MiB  {name:32s} {ms:8.3f} ms  ({ms / args.layers * 1e3:6.1f} us a layer)"

@@ -101,7 +101,7 @@ def _window_value(buffer: torch.Tensor, persisting_bytes: int, miss_prop: int) -
     nbytes = min(buffer.numel() * buffer.element_size(), limits(buffer.device).max_window_bytes)
     ratio = hit_ratio(nbytes, persisting_bytes)
     value = _AttrValue()
-    value.window = _Window(buffer.data_ptr(), nbytes if ratio else 0, ratio, ACCESS_PERSISTING, miss_prop)
+    value.window = _Window(buffer.data_ptr(), nbytes, ratio, ACCESS_PERSISTING, miss_prop)
     return value, ratio
 
 

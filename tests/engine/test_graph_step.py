@@ -57,7 +57,7 @@ def test_static_step_over_the_gathered_selected_rows_matches_the_eager_torch_dec
         monkeypatch: pytest.MonkeyPatch) -> None:
     """GATHER_SELECTED: each CLSA step's plan copies the selected K/V rows (the step's own token's
     included, written just before) into one buffer that every cross layer reads: the eager torch
-    decode's tokens and logits, and the copy was made in every CLSA step."""
+    decode's tokens and logits, and the copy was made in every CLSA step (none in a DENSE one)."""
     import kernels.decode_attention as decode_attention
     import services.engine.attention as attention
 
@@ -66,12 +66,13 @@ def test_static_step_over_the_gathered_selected_rows_matches_the_eager_torch_dec
     plans = []
     plan = attention.CrossAttention.plan
 
-    def counting(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
-        plan(self, *args, **kwargs)
-        plans.append(self.gathered is not None)
+    def counting(self, q_idx, k_idx_cache, block_table, seq_lens, sparse, topk, kv=None) -> None:  # noqa: ANN001
+        plan(self, q_idx, k_idx_cache, block_table, seq_lens, sparse, topk, kv=kv)
+        plans.append((kv is not None and all(sparse), self.gathered is not None))
     monkeypatch.setattr(attention.CrossAttention, "plan", counting)
     got_logits, got_tokens = _generate(True, "triton")
-    assert plans and any(plans)
+    assert any(clsa for clsa, _ in plans)
+    assert all(clsa == gathered for clsa, gathered in plans), plans
     assert got_tokens == want_tokens
     for got, want in zip(got_logits, want_logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
