@@ -125,9 +125,11 @@ SKINNY_FUSIONS = {(5120, 3072): "norm", (3072, 3072): "residual", (16384, 3072):
                   (32000, 3072): "norm"}  # clsa-4b's decode projections (N, K) and the fusion each gets
 
 
-def skinny(batch: int, n: int, k: int, prefetch: bool, pre_wait: int = 1) -> None:
+def skinny(batch: int, n: int, k: int, prefetch: bool, pre_wait: int = 1, order: str = "in_turn",
+           post_prefetch: int = 0) -> None:
     """The skinny GEMM for a [N, K] weight at M = batch, as `skinny_linear` plans it (`pre_wait`
-    weight tiles loaded before the PDL wait)."""
+    weight tiles loaded before the PDL wait; `order` and `post_prefetch`: `skinny_linear`'s
+    POST_WAIT_ORDER and POST_WAIT_PREFETCH)."""
     fusion = SKINNY_FUSIONS[(n, k)]
     block_n, block_k, split_k, warps, stages = sl.launch_plan(n, k)
     x = torch.zeros(batch, 2 * k if fusion == "silu" else k, dtype=torch.bfloat16)
@@ -139,7 +141,8 @@ def skinny(batch: int, n: int, k: int, prefetch: bool, pre_wait: int = 1) -> Non
                           torch.zeros(split_k * 16 * n), torch.zeros(columns * split_k * 16),
                           torch.zeros(columns, dtype=torch.int32), silu=fusion == "silu", block_n=block_n,
                           block_k=block_k, split_k=split_k, num_warps=warps, num_stages=stages, pdl=True,
-                          prefetch=prefetch, pre_wait_tiles=pre_wait)
+                          prefetch=prefetch, pre_wait_tiles=pre_wait,
+                          post_wait_order=sl.POST_WAIT_ORDERS[order], post_wait_prefetch=post_prefetch)
 
 
 def skinny_qkv(batch: int) -> None:
@@ -199,7 +202,13 @@ def collect() -> list[dict]:
                            prefetch == sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == 1, skinny, batch, n, k, prefetch)
                 for pre_wait in (2, 3):
                     record("skinny", batch, f"{n}x{k} {pre_wait} tiles pre-wait",
-                           not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == pre_wait, skinny, batch, n, k, False, pre_wait)
+                           not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == pre_wait and sl.POST_WAIT_ORDER == "in_turn"
+                           and not sl.POST_WAIT_PREFETCH, skinny, batch, n, k, False, pre_wait)
+                for post in (0, 1, 2):  # x's early tiles loaded together after the wait, L2 asked for the next
+                    record("skinny", batch, f"{n}x{k} 3 tiles pre-wait, x together"
+                           + (f", {post} prefetched after" if post else ""),
+                           not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == 3 and sl.POST_WAIT_ORDER == "x_together"
+                           and sl.POST_WAIT_PREFETCH == post, skinny, batch, n, k, False, 3, "x_together", post)
             record("skinny_qkv", batch, "rope + rings", gs.FUSED_QKV_RING, skinny_qkv, batch)
     record("silu_mul", 1024, "prefill chunk", True, silu_mul, 1024)
     return rows

@@ -53,6 +53,17 @@ PRE_WAIT_TILES = 3
 # "evict_last" changed the step by under 0.5% (noise).
 WEIGHT_EVICTION = ""
 EVICTION_POLICIES = ("", "evict_first", "evict_last")
+# What a program does right after its PDL wait (`triton_gemm._slice_dot`'s ORDER). "in_turn": each
+# early tile's x tile is loaded and its dot done before the next x load, then the pipelined loop -
+# whose first weight loads (to HBM) are thus issued only after three dependent round trips to L2
+# for x (the SASS: LDGSTS after the third HGMMA). "x_together": the early tiles' x tiles loaded at
+# once (one round trip), then their dots, then the loop.
+POST_WAIT_ORDERS = {"in_turn": 0, "x_together": 1}
+POST_WAIT_ORDER = "in_turn"
+# Weight tiles past the early ones (the pipelined loop's first) that each program asks L2 for right
+# after its PDL wait, before x's loads (PTX prefetch.global.L2; 0 = none). HBM is idle then: the
+# kernel ahead is done and this kernel's early tiles are in.
+POST_WAIT_PREFETCH = 0
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
@@ -111,6 +122,10 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
         raise ValueError(f"{op}: PRE_WAIT_TILES must be 1, 2 or 3, got {PRE_WAIT_TILES}")
     if WEIGHT_EVICTION not in EVICTION_POLICIES:
         raise ValueError(f"{op}: WEIGHT_EVICTION must be one of {EVICTION_POLICIES}, got {WEIGHT_EVICTION!r}")
+    if POST_WAIT_PREFETCH not in (0, 1, 2, 3):
+        raise ValueError(f"{op}: POST_WAIT_PREFETCH must be 0 to 3 tiles, got {POST_WAIT_PREFETCH}")
+    if POST_WAIT_ORDER not in POST_WAIT_ORDERS:
+        raise ValueError(f"{op}: POST_WAIT_ORDER must be one of {tuple(POST_WAIT_ORDERS)}, got {POST_WAIT_ORDER!r}")
     x, w = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w))
     if residual is not None and residual.stride(-1) != 1:
         residual = residual.contiguous()
@@ -131,7 +146,8 @@ def _launch(op: str, x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor
     launch_skinny_gemm(x, w, out, residual, norm_weight, eps, part, sq, counters, silu=silu, block_n=block_n,
                        block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                        pdl=pdl, prefetch=PREFETCH_L2 and pdl, rope=rope, ring=ring, pre_wait_tiles=PRE_WAIT_TILES,
-                       weight_eviction=WEIGHT_EVICTION)
+                       weight_eviction=WEIGHT_EVICTION, post_wait_order=POST_WAIT_ORDERS[POST_WAIT_ORDER],
+                       post_wait_prefetch=POST_WAIT_PREFETCH if pdl else 0)
     return out
 
 

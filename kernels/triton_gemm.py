@@ -74,12 +74,22 @@ def _dot(w, xt, acc, IEEE: tl.constexpr):
 def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_start, k_end, stride_xm, stride_wn,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
                SILU: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PRE_WAIT: tl.constexpr,
-               PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, EVICT_W: tl.constexpr):
+               PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, EVICT_W: tl.constexpr,
+               ORDER: tl.constexpr = 0, POST_LINES: tl.constexpr = 0):
     """One column block's partial product over K columns k_start .. k_end (a multiple of BLOCK_K
     apart from K's end): acc [BLOCK_N, BLOCK_M] = w[offs_n, k] @ f(x)[:, k]^T and x's sum of squares
     there (NORM). With USE_PDL, the program lets the next kernel launch, and PRE_WAIT weight tiles
     (and the L2 prefetch of PREFETCH_LINES lines) are issued before the wait on the kernel ahead,
-    which x's loads come after."""
+    which x's loads come after.
+
+    ORDER says what follows the wait: 0, each early tile's x tile loaded and its dot done in turn
+    (each x load waits for the dot before it), then the pipelined loop; 1, the early tiles' x tiles
+    loaded together, then their dots, then the loop. Either way the loop's first weight loads come
+    after the early dots. (The loop first and the early dots after it would put them right after
+    the wait, but the early tiles' shared-memory buffers then stay live through the loop: 209 KB a
+    program for the 128 x 128 tiles, 418 KB for the LM head's - one program an SM, or none.)
+    POST_LINES > 0: right after the wait, L2 is asked for that many lines of each weight row past
+    the early tiles (the loop's first tiles), before x is loaded."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if USE_PDL:
@@ -105,16 +115,36 @@ def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_sta
         prefetch_l2(rows + lines[None, :])
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    if POST_LINES > 0:
+        lines = k_start + PRE_WAIT * BLOCK_K + tl.arange(0, POST_LINES) * LINE
+        lines = tl.where(lines < k_end, lines, k_start)
+        prefetch_l2(w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wn + lines[None, :])
     sq = tl.zeros([BLOCK_M], tl.float32)
-    xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-    acc = _dot(w, xt, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-    if PRE_WAIT >= 2:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-        acc = _dot(w1, xt, acc, IEEE)
-    if PRE_WAIT >= 3:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
-                             SILU)
-        acc = _dot(w2, xt, acc, IEEE)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    if ORDER == 0:
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+        acc = _dot(w, xt, acc, IEEE)
+        if PRE_WAIT >= 2:
+            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
+                                 SILU)
+            acc = _dot(w1, xt, acc, IEEE)
+        if PRE_WAIT >= 3:
+            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq,
+                                 NORM, SILU)
+            acc = _dot(w2, xt, acc, IEEE)
+    else:
+        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+        if PRE_WAIT >= 2:
+            xt1, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
+                                  SILU)
+        if PRE_WAIT >= 3:
+            xt2, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq,
+                                  NORM, SILU)
+        acc = _dot(w, xt, acc, IEEE)
+        if PRE_WAIT >= 2:
+            acc = _dot(w1, xt1, acc, IEEE)
+        if PRE_WAIT >= 3:
+            acc = _dot(w2, xt2, acc, IEEE)
     for k0 in range(k_start + PRE_WAIT * BLOCK_K, k_end, BLOCK_K):
         ks = k0 + offs_k - k_start
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks < k_end)[None, :], other=0.0,
@@ -133,7 +163,7 @@ def _skinny_gemm_kernel(
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr,
-    PRE_WAIT: tl.constexpr, EVICT_W: tl.constexpr,
+    PRE_WAIT: tl.constexpr, EVICT_W: tl.constexpr, ORDER: tl.constexpr, POST_LINES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -145,7 +175,7 @@ def _skinny_gemm_kernel(
     mask_m = offs_m < M
     acc, sq = _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_start, k_end, stride_xm,
                          stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, NORM, SILU, IEEE, USE_PDL, PRE_WAIT,
-                         PREFETCH_LINES, LINE, EVICT_W)
+                         PREFETCH_LINES, LINE, EVICT_W, ORDER, POST_LINES)
     mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT_K > 1:
         # Split-K: each split leaves its partial sums (and its slice's sum of squares); the last
@@ -224,7 +254,7 @@ def _rotate_half(acc, cos_ptr, sin_ptr, offs_m, mask_m, BLOCK_N: tl.constexpr, B
 def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, counters, *, silu: bool,
                        block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
                        pdl: bool, prefetch: bool = False, rope=None, ring=None, pre_wait_tiles: int = 1,
-                       weight_eviction: str = "") -> None:
+                       weight_eviction: str = "", post_wait_order: int = 0, post_wait_prefetch: int = 0) -> None:
     """out[M, N] = f(x) @ w^T (+ residual): x [M, K] (or [M, 2K] with `silu`), w [N, K], out and
     residual [M, N], every last dim contiguous; `norm_weight` [K] or None (no RMSNorm). With
     `split_k` > 1, K is cut into that many slices (multiples of block_k), one program each:
@@ -232,6 +262,9 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
     hold their partial results, `counters` int32 [cdiv(N, block_n)] must be zero (and are left
     zero). `pre_wait_tiles` (1 to 3): weight tiles each program loads before its PDL wait.
     `weight_eviction`: the L2 eviction policy of the weight loads ("", "evict_first", "evict_last").
+    `post_wait_order` (0, 1): what follows the PDL wait (`_slice_dot`'s ORDER).
+    `post_wait_prefetch`: weight tiles past the early ones that each program asks L2 for right after
+    its PDL wait, before it loads x (compiled only, as `prefetch`).
     `prefetch`: each program asks L2 for the rest of its weight slice (past those tiles) before its
     PDL wait (compiled only: the interpreter has no inline assembly). `rope`: (cos, sin, rope_cols) - cos
     and sin fp32 [M, block_n / 2] contiguous, the first rope_cols columns rotated, one head of
@@ -246,6 +279,10 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
     prefetch_lines = 0
     if prefetch and k_slice > pre_wait_tiles * block_k:  # the lines past the tiles loaded before the wait
         prefetch_lines = triton.next_power_of_2(triton.cdiv(k_slice - pre_wait_tiles * block_k, line))
+    post_lines = 0
+    if post_wait_prefetch and k_slice > pre_wait_tiles * block_k:
+        ahead = min(post_wait_prefetch * block_k, k_slice - pre_wait_tiles * block_k)
+        post_lines = triton.next_power_of_2(triton.cdiv(ahead, line))
     _skinny_gemm_kernel[(triton.cdiv(n, block_n), split_k)](
         x, w, out, residual if residual is not None else out, norm_weight if norm_weight is not None else w,
         part if split_k > 1 else out, sq if split_k > 1 else out, counters if split_k > 1 else out,
@@ -257,6 +294,8 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm_weight is not None,
         SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
         PREFETCH_LINES=prefetch_lines, LINE=line, ROPE=rope is not None, RING=ring is not None,
-        PRE_WAIT=pre_wait_tiles, EVICT_W=weight_eviction, num_warps=num_warps, num_stages=num_stages,
+        PRE_WAIT=pre_wait_tiles, EVICT_W=weight_eviction, ORDER=post_wait_order, POST_LINES=post_lines,
+        num_warps=num_warps,
+        num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )

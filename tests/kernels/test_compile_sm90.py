@@ -45,9 +45,10 @@ def test_default_launch_configurations_compile_for_sm90_without_spills(tmp_path:
     # So does the copy of the selected rows that a gathering plan makes.
     gathers = [r for r in rows if r["op"] == "gather"]
     assert gathers and all(r["spill_bytes"] == 0 for r in gathers), gathers
-    # The skinny GEMM of every clsa-4b projection, its L2 prefetch (inline PTX) and its 2 and 3
-    # weight tiles before the PDL wait included, compiles without spills and keeps its weight loads
+    # The skinny GEMM of every clsa-4b projection, its L2 prefetch (inline PTX), its 2 and 3 weight
+    # tiles before the PDL wait, and their x tiles loaded together after it (with and without the
+    # next tiles asked of L2 then) included, compiles without spills and keeps its weight loads
     # asynchronous (the pipeliner's cp.async).
     skinny = [r for r in rows if r["op"] in ("skinny", "skinny_qkv")]
-    assert len(skinny) == 2 * (4 * 5 + 1) and all(r["spill_bytes"] == 0 and r["async_copies"] > 0 for r in skinny), \
+    assert len(skinny) == 2 * (7 * 5 + 1) and all(r["spill_bytes"] == 0 and r["async_copies"] > 0 for r in skinny), \
         skinny

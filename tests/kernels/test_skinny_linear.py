@@ -75,14 +75,26 @@ def test_skinny_linear_with_l2_prefetch(fusion: str, monkeypatch: pytest.MonkeyP
     _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.bfloat16)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the L2 prefetch is inline PTX: compiled only")
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_skinny_linear_with_l2_prefetch_after_the_wait(tiles: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(skinny_module, "POST_WAIT_PREFETCH", tiles)
+    monkeypatch.setattr(skinny_module, "POST_WAIT_ORDER", "x_together")
+    for fusion in ("norm", "silu+residual"):
+        (x, w, g, r), silu = _case(7, 3000, 1000, fusion, torch.bfloat16)
+        _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.bfloat16)
+
+
+@pytest.mark.parametrize("order", ["in_turn", "x_together"])
 @pytest.mark.parametrize("pre_wait", [1, 2, 3])
 @pytest.mark.parametrize("shape", ["m1-n63-k111", "m7-n300-k64", "m16-n17-k200"])
-def test_skinny_linear_with_tiles_loaded_before_the_wait(shape: str, pre_wait: int,
+def test_skinny_linear_with_tiles_loaded_before_the_wait(shape: str, pre_wait: int, order: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """One, two or three weight tiles per program before the PDL wait (PRE_WAIT_TILES; three by
     default), slices of one, two or many tiles (the tiles past a slice's end contribute nothing),
-    each fusion's tiles."""
+    each fusion's tiles; their x tiles loaded in turn or together after the wait (POST_WAIT_ORDER)."""
     monkeypatch.setattr(skinny_module, "PRE_WAIT_TILES", pre_wait)
+    monkeypatch.setattr(skinny_module, "POST_WAIT_ORDER", order)
     for fusion in ("norm+residual", "silu+residual"):
         (x, w, g, r), silu = _case(*SHAPES[shape], fusion, torch.float32)
         _check(skinny_linear(x, w, g, 1e-6, silu, r, backend="triton"), x, w, g, r, silu, torch.float32)
