@@ -59,11 +59,16 @@ EVICTION_POLICIES = ("", "evict_first", "evict_last")
 # for x (the SASS: LDGSTS after the third HGMMA). "x_together": the early tiles' x tiles loaded at
 # once (one round trip), then their dots, then the loop.
 POST_WAIT_ORDERS = {"in_turn": 0, "x_together": 1}
-POST_WAIT_ORDER = "in_turn"
 # Weight tiles past the early ones (the pipelined loop's first) that each program asks L2 for right
-# after its PDL wait, before x's loads (PTX prefetch.global.L2; 0 = none). HBM is idle then: the
-# kernel ahead is done and this kernel's early tiles are in.
-POST_WAIT_PREFETCH = 0
+# after its PDL wait, before x's loads (PTX prefetch.global.L2; 0 = none): HBM is idle then, the
+# kernel ahead done and this kernel's early tiles in.
+# "x_together" with 1 tile prefetched is the default: on an H100, the 128K step at B = 7 took 0.7%,
+# 0.7% and 1.0% less than "in_turn" without it in three calls (bench/decode_ab.py, 2-3 rounds each:
+# bench/results/decode/decode_ab_post_wait_h100.json, decode_ab_post_wait_tiles_h100.json,
+# decode_ab_post_wait_programs_h100.json); "x_together" alone 0.6% and 0.3%, 2 tiles prefetched
+# +0.6% (slower), 2 tiles without "x_together" +1.1%.
+POST_WAIT_ORDER = "x_together"
+POST_WAIT_PREFETCH = 1
 
 
 def skinny_linear_reference(x: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None,
