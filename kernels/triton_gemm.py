@@ -75,7 +75,7 @@ def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_sta
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
                SILU: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PRE_WAIT: tl.constexpr,
                PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr, EVICT_W: tl.constexpr,
-               ORDER: tl.constexpr = 0, POST_LINES: tl.constexpr = 0):
+               ORDER: tl.constexpr, POST_LINES: tl.constexpr):
     """One column block's partial product over K columns k_start .. k_end (a multiple of BLOCK_K
     apart from K's end): acc [BLOCK_N, BLOCK_M] = w[offs_n, k] @ f(x)[:, k]^T and x's sum of squares
     there (NORM). With USE_PDL, the program lets the next kernel launch, and PRE_WAIT weight tiles
@@ -295,7 +295,6 @@ def launch_skinny_gemm(x, w, out, residual, norm_weight, eps: float, part, sq, c
         SILU=silu, RESIDUAL=residual is not None, IEEE=x.dtype.itemsize == 4, USE_PDL=pdl,
         PREFETCH_LINES=prefetch_lines, LINE=line, ROPE=rope is not None, RING=ring is not None,
         PRE_WAIT=pre_wait_tiles, EVICT_W=weight_eviction, ORDER=post_wait_order, POST_LINES=post_lines,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
