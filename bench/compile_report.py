@@ -199,7 +199,8 @@ def collect() -> list[dict]:
             for n, k in SKINNY_FUSIONS:
                 for prefetch in (False, True):
                     record("skinny", batch, f"{n}x{k}" + (" L2 prefetch" if prefetch else ""),
-                           prefetch == sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == 1, skinny, batch, n, k, prefetch)
+                           prefetch == sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == 1 and sl.POST_WAIT_ORDER == "in_turn"
+                           and not sl.POST_WAIT_PREFETCH, skinny, batch, n, k, prefetch)
                 for pre_wait in (2, 3):
                     record("skinny", batch, f"{n}x{k} {pre_wait} tiles pre-wait",
                            not sl.PREFETCH_L2 and sl.PRE_WAIT_TILES == pre_wait and sl.POST_WAIT_ORDER == "in_turn"

@@ -121,25 +121,20 @@ def _slice_dot(x_ptr, w_ptr, nw_ptr, offs_m, mask_m, offs_n, mask_n, M, K, k_sta
         prefetch_l2(w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wn + lines[None, :])
     sq = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    # ORDER 0 does each early tile's dot as soon as its x tile is in; ORDER 1 all of them after.
+    xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
     if ORDER == 0:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
         acc = _dot(w, xt, acc, IEEE)
-        if PRE_WAIT >= 2:
-            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
-                                 SILU)
-            acc = _dot(w1, xt, acc, IEEE)
-        if PRE_WAIT >= 3:
-            xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq,
-                                 NORM, SILU)
-            acc = _dot(w2, xt, acc, IEEE)
-    else:
-        xt, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
-        if PRE_WAIT >= 2:
-            xt1, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
-                                  SILU)
-        if PRE_WAIT >= 3:
-            xt2, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq,
-                                  NORM, SILU)
+    if PRE_WAIT >= 2:
+        xt1, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM, SILU)
+        if ORDER == 0:
+            acc = _dot(w1, xt1, acc, IEEE)
+    if PRE_WAIT >= 3:
+        xt2, sq = _input_tile(x_ptr, nw_ptr, offs_m, offs_k + 2 * BLOCK_K, mask_m, M, k_end, stride_xm, K, sq, NORM,
+                              SILU)
+        if ORDER == 0:
+            acc = _dot(w2, xt2, acc, IEEE)
+    if ORDER == 1:
         acc = _dot(w, xt, acc, IEEE)
         if PRE_WAIT >= 2:
             acc = _dot(w1, xt1, acc, IEEE)
