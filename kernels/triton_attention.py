@@ -51,6 +51,14 @@ SPARSE_KV_AHEAD = False
 # projection overlaps more than one block's reads. Compiled only (the interpreter has no inline
 # assembly). Off: 1 block +0.1%, 3 blocks +2.8% at B = 7 on an H100 (same file).
 SPARSE_PREFETCH_BLOCKS = 0
+# K and V of a block in flight together in a one-stage partial kernel (the small-batch sparse
+# configuration). Triton moves K's copy into shared memory (for the dot) right after K's load, and
+# V's load came after that copy, which waits on K's data: two dependent trips to HBM a block (the
+# sm_90 SASS: 8 LDG.128 of K, STS, then V's 8). K taken through where(mask, k, v) - the same values,
+# both are 0 where masked - makes the copy wait on V's load too, so all 16 are issued first; V's
+# buffer is then live beside K's (37 KB of shared memory a program instead of 23). Pipelined
+# configurations (more than one stage) copy asynchronously and are left as they are.
+KV_TOGETHER = True
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
@@ -119,7 +127,7 @@ def _merge_group(o_part_ptr, lse_part_ptr, out_ptr, b, h0, n_splits,
 @triton.jit
 def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, stride_kh,
               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              SPARSE: tl.constexpr, EVICT: tl.constexpr):
+              SPARSE: tl.constexpr, EVICT: tl.constexpr, TIE: tl.constexpr):
     """K and V rows of items n0 .. n0 + BLOCK_N (< end) of KV head h, and which are valid."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     valid = offs_n < end
@@ -128,7 +136,7 @@ def _kv_block(k_ptr, v_ptr, rows_ptr, block_table_row, n0, end, h, stride_kr, st
     else:
         blocks = tl.load(block_table_row + offs_n // PAGE, mask=valid, other=0)
         rows = tl.where(valid, blocks * PAGE + offs_n % PAGE, -1)
-    return _kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT)
+    return _kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT, TIE)
 
 
 @triton.jit
@@ -140,16 +148,18 @@ def _block_rows(rows_ptr, n0, end, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, D: tl.constexpr, BLOCK_D: tl.constexpr,
-             EVICT: tl.constexpr):
-    """K and V of physical cache `rows` (< 0: none) of KV head h, and which are valid."""
+             EVICT: tl.constexpr, TIE: tl.constexpr):
+    """K and V of physical cache `rows` (< 0: none) of KV head h, and which are valid. TIE: K's
+    use waits on V's load too (`KV_TOGETHER`), so both are issued before either is used."""
     offs_d = tl.arange(0, BLOCK_D)
     valid = rows >= 0
     rows = tl.where(valid, rows, 0).to(tl.int64)
     kv_offs = rows[:, None] * stride_kr + h * stride_kh + offs_d[None, :]
     kv_mask = valid[:, None] & (offs_d[None, :] < D)
     k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
-    # V issued with K: both in flight at once.
     v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0, eviction_policy=EVICT)
+    if TIE:
+        k = tl.where(kv_mask, k, v)  # k unchanged (both 0 where masked), now after V's load
     return k, v, valid
 
 
@@ -201,7 +211,7 @@ def _decode_partial_kernel(
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
     KV_AHEAD: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-    KV_BEFORE_WAIT: tl.constexpr,
+    KV_BEFORE_WAIT: tl.constexpr, KV_TIE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -230,7 +240,7 @@ def _decode_partial_kernel(
     # dependent launch): the rows, the block table and the cache are never written by the kernel
     # just before this one (the query and the outputs are, so they wait).
     k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
-                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+                            D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT, KV_TIE)
     if ROWS_AHEAD and not KV_AHEAD:
         # The next block's planned rows loaded a block ahead, so each block's K/V loads wait on one
         # memory round trip (the rows already in registers) instead of two (the rows, then K/V).
@@ -252,7 +262,7 @@ def _decode_partial_kernel(
         # loads in flight while it computes (one stage: the pipeliner overlaps nothing).
         for n0 in range(start + BLOCK_N, end, BLOCK_N):
             k1, v1, valid1 = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
-                                       D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+                                       D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT, KV_TIE)
             m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
             k, v, valid = k1, v1, valid1
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
@@ -260,11 +270,11 @@ def _decode_partial_kernel(
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
         for n0 in range(start + BLOCK_N, end, BLOCK_N):
             if ROWS_AHEAD:
-                k, v, valid = _kv_rows(k_ptr, v_ptr, next_rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT)
+                k, v, valid = _kv_rows(k_ptr, v_ptr, next_rows, h, stride_kr, stride_kh, D, BLOCK_D, EVICT, KV_TIE)
                 next_rows = _block_rows(rows_row, n0 + BLOCK_N, end, BLOCK_N)
             else:
                 k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, n0, end, h, stride_kr, stride_kh,
-                                        D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT)
+                                        D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT, KV_TIE)
             m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
     has = l_i > 0
@@ -453,6 +463,7 @@ def launch_decode(
         EVICT=SPARSE_KV_EVICTION if sparse else DENSE_KV_EVICTION, ROWS_AHEAD=sparse and SPARSE_ROWS_AHEAD,
         KV_AHEAD=sparse and SPARSE_KV_AHEAD, PREFETCH_BLOCKS=prefetch_blocks, LINE=line,
         LINES=triton.next_power_of_2(_cdiv(head_dim, line)), KV_BEFORE_WAIT=kv_before_wait,
+        KV_TIE=KV_TOGETHER and num_stages == 1 and not (sparse and SPARSE_KV_AHEAD),
         num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:

@@ -238,14 +238,18 @@ def test_split_planner_keeps_a_whole_wave_within_the_slots() -> None:
 @pytest.mark.parametrize("ahead", ["", "rows", "kv", "prefetch"],
                          ids=["in-block", "rows-ahead", "kv-ahead", "prefetch"])
 @pytest.mark.parametrize("whole_wave", [False, True], ids=["default-plan", "whole-wave"])
-def test_sparse_small_batch_any_split_plan(whole_wave: bool, ahead: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("together", [True, False], ids=["kv-together", "kv-apart"])
+def test_sparse_small_batch_any_split_plan(whole_wave: bool, ahead: str, together: bool,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Five KV heads make the two plans differ on the interpreter's 4 SMs (2 splits or 3 of 80
     indices, 2 or 3 blocks each), each with a short last split; each block's rows (or rows and
     K/V) loaded with it or one block ahead, or (compiled, PDL: inline PTX) the next blocks' lines
-    asked of L2 before the wait, past the split's end too."""
+    asked of L2 before the wait, past the split's end too; K's use tied to V's load
+    (`KV_TOGETHER`, the default) or not."""
     if ahead == "prefetch" and not decode_attention._pdl(torch.device(DEVICE), 1):
         pytest.skip("the L2 prefetch runs only compiled with PDL (Hopper or later)")
     monkeypatch.setattr(decode_attention, "SPARSE_SMALL_WHOLE_WAVE", whole_wave)
+    monkeypatch.setattr(triton_attention, "KV_TOGETHER", together)
     monkeypatch.setattr(triton_attention, "SPARSE_ROWS_AHEAD", ahead == "rows")
     monkeypatch.setattr(triton_attention, "SPARSE_KV_AHEAD", ahead == "kv")
     monkeypatch.setattr(triton_attention, "SPARSE_PREFETCH_BLOCKS", 3 if ahead == "prefetch" else 0)
