@@ -308,6 +308,7 @@ def dense_decode_attention(
     backend: Backend = "auto",
     out: torch.Tensor | None = None,
     workspace: dict | None = None,
+    kv_before_wait: bool = True,
 ) -> torch.Tensor:
     """Attention of one query per sequence over all positions < seq_lens[b] of a paged cache.
 
@@ -315,6 +316,9 @@ def dense_decode_attention(
     table's width (an upper bound of every length), so no device-to-host sync is needed.
     `workspace`: a dict the caller keeps for calls of fixed shapes (a CUDA graph's decode step):
     the kernels' scratch is kept in it between calls rather than allocated and zeroed per call.
+    `kv_before_wait` False: the cache was just written by a PDL-launched kernel (one that lets
+    this one start before it ends: the fused q/k/v projection writing a ring), so with PDL the
+    kernel reads its first K/V block only after its wait instead of before.
     """
     op = "dense_decode_attention"
     _check(op, q, k_cache, v_cache, block_table, seq_lens)
@@ -324,7 +328,8 @@ def dense_decode_attention(
         return out
     launch_dense(q, k_cache, v_cache, block_table, seq_lens, sm_scale, out, sms=num_sms(q.device),
                  pdl=_pdl(q.device, q.shape[0]),
-                 buffers=_partials if workspace is None else functools.partial(_kept_partials, workspace))
+                 buffers=_partials if workspace is None else functools.partial(_kept_partials, workspace),
+                 kv_before_wait=kv_before_wait)
     return out
 
 
@@ -360,10 +365,11 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *, sms: int, pdl: bool,
-                 buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials) -> None:
+                 buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials,
+                 kv_before_wait: bool = True) -> None:
     """The Triton dense kernels in the configuration this batch takes on a card of `sms`
     multiprocessors (`dense_decode_attention` and bench/compile_report.py launch through it);
-    `buffers` gives the partials, as `launch_sparse`'s."""
+    `buffers` gives the partials, as `launch_sparse`'s; `kv_before_wait` as `dense_decode_attention`'s."""
     from kernels.triton_attention import launch_decode, plan_splits
 
     block_n, warps, stages, fused = _config(DENSE_CONFIG)
@@ -373,4 +379,4 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
-                  num_stages=stages, fused_merge=fused, pdl=pdl)
+                  num_stages=stages, fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait)

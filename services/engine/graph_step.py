@@ -191,14 +191,19 @@ class StaticDecodeStep:
         ring_table = slots[:, None].to(torch.int32)
         ring_lens = torch.clamp(pos + 1, max=window).to(torch.int32)
         for i, layer in enumerate(model.own_kv_layers):
-            if FUSED_QKV_RING and layer.fused is not None and layers.use_skinny(x, layer.fused):
+            fused = FUSED_QKV_RING and layer.fused is not None and layers.use_skinny(x, layer.fused)
+            if fused:
                 q = layer.qkv_into_rings(x, rope, cache.swa_k[i], cache.swa_v[i], slots, ring_rows)
             else:
                 q, k, v = layer.qkv(x, rope)
                 cache.swa_k[i, slots, ring_rows] = k[:, 0]
                 cache.swa_v[i, slots, ring_rows] = v[:, 0]
+            # The fused kernel lets the attention start before it ends (PDL) and writes the ring
+            # last: the attention must not read the ring before its wait, or the token's own row
+            # may still be the one W steps back.
             out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,
-                                         model.sm_scale, backend=self.backend, workspace=self.dense_workspace)
+                                         model.sm_scale, backend=self.backend, workspace=self.dense_workspace,
+                                         kv_before_wait=not fused)
             x = layer.finish(x, out[:, None])
         cache.swa_pos[slots, ring_rows] = pos
         return x

@@ -189,3 +189,18 @@ def test_skinny_qkv_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         strided = torch.zeros(4, 8, d, hkv, device=DEVICE).transpose(2, 3)
         skinny_qkv(x, w, None, 1e-6, cos, sin, hq, hkv, strided, strided, idx, idx, backend="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="PDL chains and CUDA graphs run only on the card")
+def test_ring_attention_after_the_fused_qkv_reads_the_token_just_written(tmp_path) -> None:  # noqa: ANN001
+    """clsa-4b's 16 self layers of skinny_qkv -> ring attention in one CUDA graph, each replay a
+    new ring row (bench/ring_race.py): the attention, reading the ring after its PDL wait as the
+    decode step has it do, matches a lone recomputation bit for bit in every layer of every replay."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "ring_race.py"), "--bs", "7", "1", "--replays", "20",
+                           "--check", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
