@@ -86,6 +86,11 @@ DENSE_CONFIG = (128, 4, 3, False)
 # last split (one launch a layer, as SPARSE_SMALL_CONFIG); 0: DENSE_CONFIG's choice at every batch.
 # The clsa-4b step at 128K, B=7 (16 ring layers): 2.906 -> 2.858 ms; both fused: 2.832.
 DENSE_FUSED_MAX_BATCH = 7
+# Dense attention at up to DENSE_FUSED_MAX_BATCH sequences in this configuration (BLOCK_N, warps,
+# stages; merged by the last split) instead of DENSE_CONFIG's; None: DENSE_CONFIG's. An experiment:
+# the self layers' rings (512 rows) take 4 splits of one 128-row block at B = 7, 224 programs, and
+# DENSE_CONFIG's 3 stages (139 KB of shared memory) fit one an SM: two waves of one block each.
+DENSE_SMALL_CONFIG: tuple[int, int, int] | None = None
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
 SPARSE_SMALL_WAVES = 3  # the small configuration's programs an SM holds (150 registers a thread)
@@ -372,8 +377,10 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     `buffers` gives the partials, as `launch_sparse`'s; `kv_before_wait` as `dense_decode_attention`'s."""
     from kernels.triton_attention import launch_decode, plan_splits
 
-    block_n, warps, stages, fused = _config(DENSE_CONFIG)
-    fused = fused or q.shape[0] <= DENSE_FUSED_MAX_BATCH
+    small = q.shape[0] <= DENSE_FUSED_MAX_BATCH
+    block_n, warps, stages, fused = _config(DENSE_CONFIG if DENSE_SMALL_CONFIG is None or not small
+                                            else (*DENSE_SMALL_CONFIG, True))
+    fused = fused or small
     max_len = block_table.shape[1] * k_cache.shape[1]
     n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], sms, block_n, DENSE_WAVES)
     o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
