@@ -8,8 +8,9 @@ output and log-sum-exp; a merge kernel combines the splits. Sparse mode reads ph
 
 Launched with programmatic dependent launch (`pdl=True`, Hopper and later), a kernel may start
 while the one before it is still running: it issues its first block of K/V rows - rows, block
-table and cache, which no PDL-launched kernel writes - and only then waits (`gdc_wait`) to read
-the query and to write its outputs.
+table and cache - and only then waits (`gdc_wait`) to read the query and to write its outputs.
+That is safe only for a cache the kernels just before do not write: `kv_before_wait=False` (the
+self layers' rings, which the fused q/k/v kernel ahead writes) reads the first block after the wait.
 """
 
 from __future__ import annotations
