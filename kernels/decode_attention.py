@@ -87,10 +87,12 @@ DENSE_CONFIG = (128, 4, 3, False)
 # The clsa-4b step at 128K, B=7 (16 ring layers): 2.906 -> 2.858 ms; both fused: 2.832.
 DENSE_FUSED_MAX_BATCH = 7
 # Dense attention at up to DENSE_FUSED_MAX_BATCH sequences in this configuration (BLOCK_N, warps,
-# stages; merged by the last split) instead of DENSE_CONFIG's; None: DENSE_CONFIG's. An experiment:
-# the self layers' rings (512 rows) take 4 splits of one 128-row block at B = 7, 224 programs, and
-# DENSE_CONFIG's 3 stages (139 KB of shared memory) fit one an SM: two waves of one block each.
-DENSE_SMALL_CONFIG: tuple[int, int, int] | None = None
+# stages; merged by the last split) instead of DENSE_CONFIG's; None: DENSE_CONFIG's. The self
+# layers' rings (512 rows) take 4 splits of one 128-row block at B = 7, 224 programs: DENSE_CONFIG's
+# 3 stages (139 KB of shared memory) fit one an SM, two waves; 2 stages (74 KB) fit two, one wave.
+# The 128K step on an H100, B = 7: 3.363 -> 3.286 ms (-2.3%; (64, 4, 1) and (64, 4, 2) -2.1%,
+# -2.0%), B = 1 2.723 -> 2.732 (noise) (bench/results/decode/decode_ab_ring_config_h100.json).
+DENSE_SMALL_CONFIG: tuple[int, int, int] | None = (128, 4, 2)
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
 SPARSE_SMALL_WAVES = 3  # the small configuration's programs an SM holds (150 registers a thread)

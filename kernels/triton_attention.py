@@ -58,8 +58,10 @@ SPARSE_PREFETCH_BLOCKS = 0
 # sm_90 SASS: 8 LDG.128 of K, STS, then V's 8). K taken through where(mask, k, v) - the same values,
 # both are 0 where masked - makes the copy wait on V's load too, so all 16 are issued first; V's
 # buffer is then live beside K's (37 KB of shared memory a program instead of 23). Pipelined
-# configurations (more than one stage) copy asynchronously and are left as they are.
-KV_TOGETHER = True
+# configurations (more than one stage) copy asynchronously and are left as they are. Off: slower on
+# an H100 (128K, B = 7: 16 sparse layers in an L2-cold chain 25.15 us a layer against 23.67, the
+# step 3.397 ms against 3.361; bench/results/sparse_loads_h100.json, decode_ab_kv_ring_h100.json).
+KV_TOGETHER = False
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
