@@ -83,8 +83,7 @@ def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
 
 
 # The per-head sparse kernel's load-order experiments (kernels/triton_attention.py switches, off by
-# default, KV_TOGETHER included), compiled as the small-batch
-# configuration launches them.
+# default, KV_TOGETHER included), compiled as the small-batch configuration launches them.
 SPARSE_SWITCHES = (("K/V together", "KV_TOGETHER", True),
                    ("rows ahead", "SPARSE_ROWS_AHEAD", True), ("K/V ahead", "SPARSE_KV_AHEAD", True),
                    ("prefetch 1", "SPARSE_PREFETCH_BLOCKS", 1),

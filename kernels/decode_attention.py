@@ -86,13 +86,16 @@ DENSE_CONFIG = (128, 4, 3, False)
 # last split (one launch a layer, as SPARSE_SMALL_CONFIG); 0: DENSE_CONFIG's choice at every batch.
 # The clsa-4b step at 128K, B=7 (16 ring layers): 2.906 -> 2.858 ms; both fused: 2.832.
 DENSE_FUSED_MAX_BATCH = 7
-# Dense attention at up to DENSE_FUSED_MAX_BATCH sequences in this configuration (BLOCK_N, warps,
-# stages; merged by the last split) instead of DENSE_CONFIG's; None: DENSE_CONFIG's. The self
-# layers' rings (512 rows) take 4 splits of one 128-row block at B = 7, 224 programs: DENSE_CONFIG's
-# 3 stages (139 KB of shared memory) fit one an SM, two waves; 2 stages (74 KB) fit two, one wave.
+# Dense attention over at most DENSE_SMALL_MAX_LEN positions (a block table that wide: the self
+# layers' rings, not a whole cache - dense YOCO keeps DENSE_CONFIG) at up to DENSE_FUSED_MAX_BATCH
+# sequences in this configuration (BLOCK_N, warps, stages; merged by the last split) instead of
+# DENSE_CONFIG's; None: DENSE_CONFIG's. The self layers' rings (512 rows) take 4 splits of one
+# 128-row block at B = 7, 224 programs: DENSE_CONFIG's 3 stages (139 KB of shared memory) fit one
+# an SM, two waves; 2 stages (74 KB) fit two, one wave.
 # The 128K step on an H100, B = 7: 3.363 -> 3.286 ms (-2.3%; (64, 4, 1) and (64, 4, 2) -2.1%,
 # -2.0%), B = 1 2.723 -> 2.732 (noise) (bench/results/decode/decode_ab_ring_config_h100.json).
 DENSE_SMALL_CONFIG: tuple[int, int, int] | None = (128, 4, 2)
+DENSE_SMALL_MAX_LEN = 2048
 INTERPRET_CONFIG = (16, 1, 1, True)
 SPARSE_WAVES = 8  # programs per SM that the split planner aims for
 SPARSE_SMALL_WAVES = 3  # the small configuration's programs an SM holds (150 registers a thread)
@@ -380,10 +383,11 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     from kernels.triton_attention import launch_decode, plan_splits
 
     small = q.shape[0] <= DENSE_FUSED_MAX_BATCH
-    block_n, warps, stages, fused = _config(DENSE_CONFIG if DENSE_SMALL_CONFIG is None or not small
-                                            else (*DENSE_SMALL_CONFIG, True))
-    fused = fused or small
     max_len = block_table.shape[1] * k_cache.shape[1]
+    ring = small and DENSE_SMALL_CONFIG is not None and max_len <= DENSE_SMALL_MAX_LEN
+    block_n, warps, stages, fused = _config((*DENSE_SMALL_CONFIG, True) if ring and DENSE_SMALL_CONFIG
+                                            else DENSE_CONFIG)
+    fused = fused or small
     n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], sms, block_n, DENSE_WAVES)
     o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,

@@ -240,8 +240,8 @@ def _decode_partial_kernel(
         if not KV_BEFORE_WAIT:  # the cache may have been written just before: read it after the wait
             tl.extra.cuda.gdc_wait()
     # The first block's K/V rows are in flight before waiting on the previous kernel (programmatic
-    # dependent launch): the rows, the block table and the cache are never written by the kernel
-    # just before this one (the query and the outputs are, so they wait).
+    # dependent launch) unless KV_BEFORE_WAIT is off: the launcher says whether the kernels just
+    # before write the cache (the fused q/k/v kernel writes a ring); the query and the outputs wait.
     k, v, valid = _kv_block(k_ptr, v_ptr, rows_row, block_table_row, start, end, h, stride_kr, stride_kh,
                             D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT, KV_TIE)
     if ROWS_AHEAD and not KV_AHEAD:

@@ -245,7 +245,7 @@ def test_sparse_small_batch_any_split_plan(whole_wave: bool, ahead: str, togethe
     indices, 2 or 3 blocks each), each with a short last split; each block's rows (or rows and
     K/V) loaded with it or one block ahead, or (compiled, PDL: inline PTX) the next blocks' lines
     asked of L2 before the wait, past the split's end too; K's use tied to V's load
-    (`KV_TOGETHER`, the default) or not."""
+    (`KV_TOGETHER`, off by default) or not."""
     if ahead == "prefetch" and not decode_attention._pdl(torch.device(DEVICE), 1):
         pytest.skip("the L2 prefetch runs only compiled with PDL (Hopper or later)")
     monkeypatch.setattr(decode_attention, "SPARSE_SMALL_WHOLE_WAVE", whole_wave)
