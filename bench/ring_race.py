@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 import triton
+from sweep_kernels import graph_of  # puts the project's root ahead of bench/ (bench/kernels.py)
 
-# bench/kernels.py would shadow the package: the project's root first, this folder out.
-sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import dense_decode_attention  # noqa: E402
-from kernels.skinny_linear import skinny_qkv  # noqa: E402
+from kernels import dense_decode_attention
+from kernels.skinny_linear import skinny_qkv
 
 D_MODEL, HQ, HKV, D, W, LAYERS = 3072, 24, 8, 128, 512, 16
 
@@ -68,14 +64,7 @@ def run_setting(kv_before_wait: bool, batch: int, replays: int, seed: int = 0) -
             queries[i] = q  # the graph's own buffer: what each replay's attention read
 
     queries: list[torch.Tensor] = [outs[0]] * LAYERS
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
+    graph = graph_of(chain)
     mismatched = 0
     worst = 0.0
     for _ in range(replays):
@@ -84,7 +73,6 @@ def run_setting(kv_before_wait: bool, batch: int, replays: int, seed: int = 0) -
         torch.cuda.synchronize()
         for i, (rk, rv) in enumerate(rings):
             want = dense_decode_attention(queries[i], rk, rv, table, lens, scale, kv_before_wait=False)
-            torch.cuda.synchronize()
             if not torch.equal(outs[i], want):
                 mismatched += 1
                 worst = max(worst, (outs[i].float() - want.float()).abs().max().item())

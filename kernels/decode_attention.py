@@ -384,9 +384,8 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
     small = q.shape[0] <= DENSE_FUSED_MAX_BATCH
     max_len = block_table.shape[1] * k_cache.shape[1]
-    ring = small and DENSE_SMALL_CONFIG is not None and max_len <= DENSE_SMALL_MAX_LEN
-    block_n, warps, stages, fused = _config((*DENSE_SMALL_CONFIG, True) if ring and DENSE_SMALL_CONFIG
-                                            else DENSE_CONFIG)
+    ring = DENSE_SMALL_CONFIG if small and max_len <= DENSE_SMALL_MAX_LEN else None
+    block_n, warps, stages, fused = _config((*ring, True) if ring else DENSE_CONFIG)
     fused = fused or small
     n_splits, split_size = plan_splits(max_len, q.shape[0] * k_cache.shape[2], sms, block_n, DENSE_WAVES)
     o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
