@@ -111,6 +111,17 @@ def dense(case: dict, batch: int) -> None:
                     sms=SMS, pdl=_pdl(batch))
 
 
+def ring(batch: int, fresh: bool) -> None:
+    """A self layer's ring attention (512 rows a slot, DENSE_SMALL_CONFIG at B <= 7): the whole ring
+    read after the PDL wait, or all of it before but the token's own row (`fresh`), as the step does."""
+    k = torch.zeros(batch + 1, 512, HKV, D, dtype=torch.bfloat16)
+    slots = torch.arange(batch, dtype=torch.int32)
+    q = torch.zeros(batch, HQ, D, dtype=torch.bfloat16)
+    da.launch_dense(q, k, k.clone(), slots[:, None], torch.full((batch,), 512, dtype=torch.int32), 1 / math.sqrt(D),
+                    torch.empty_like(q), sms=SMS, pdl=_pdl(batch), kv_before_wait=fresh,
+                    fresh=slots.long() if fresh else None)
+
+
 def _pdl(batch: int) -> bool:
     return da.PDL and batch <= da.PDL_MAX_BATCH  # on sm_90, as `decode_attention._pdl` decides on the card
 
@@ -196,6 +207,9 @@ def collect() -> list[dict]:
             if not (wide_default and tuple(variant) == tuple(da.WIDE_CONFIG)):
                 record("sparse", batch, "wide " + str(list(variant)), False, sparse, case, batch, variant)
         record("dense", batch, "default", True, dense, case, batch)
+        for fresh in (True, False):
+            record("dense", batch, "ring, " + ("fresh row after the wait" if fresh else "all after the wait"),
+                   fresh == gs.RING_FRESH_ROW, ring, batch, fresh)
         if batch <= 16:  # the model's skinny-GEMM rows (layers.SKINNY_ROWS)
             for n, k in SKINNY_FUSIONS:
                 for prefetch in (False, True):

@@ -161,8 +161,13 @@ def median_ms(fn, reps: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def kernel_profile(step, steps: int = 5, top: int = 30) -> list[dict]:  # noqa: ANN001
-    """The step's kernels by total GPU time per step (torch.profiler over `steps` replays)."""
+def kernel_profile(step, steps: int = 5, top: int = 30) -> dict:  # noqa: ANN001
+    """The step's kernels by total GPU time per step (torch.profiler over `steps` replays), and
+    by their share of the step's critical path (bench/critical_path.py: with PDL the kernels
+    overlap, so their own times add up to more than the step)."""
+    import tempfile
+
+    from critical_path import from_profile, report  # bench/critical_path.py
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -182,7 +187,16 @@ def kernel_profile(step, steps: int = 5, top: int = 30) -> list[dict]:  # noqa: 
     log(f"kernels: {total:.0f} us of GPU time per step in {sum(r['calls_per_step'] for r in rows):.0f} launches")
     for r in rows[:top]:
         log(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
-    return rows[:top]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            critical = from_profile(prof, steps, Path(tmp) / "trace.json")
+        except ValueError as exc:  # e.g. a kernel the profiler dropped: the totals above still hold
+            log(f"critical path: {exc}")
+            critical = None
+    if critical is not None:
+        for line in report(critical, top):
+            log(line)
+    return {"kernels": rows[:top], "critical_path": critical}
 
 
 def stage_breakdown(graphs: DecodeGraphs, seqs: list[Sequence], sparse: bool, yoco: bool, step_ms: float,
@@ -220,7 +234,7 @@ def run_variant(variant: Variant, model: CLSAModel, n: int, batches: list[int], 
             if breakdown:
                 row["breakdown_ms"] = stage_breakdown(graphs, seqs, variant.sparse, cfg.is_yoco, ms, reps)
             if PROFILE and DEVICE.type == "cuda":
-                row["kernels"] = kernel_profile(step)
+                row.update(kernel_profile(step))
             rows.append(row)
             log(f"{variant.name:15s} N={n:6d} B={batch:3d}: {ms:8.3f} ms  {row['tok_s']:9.0f} tok/s"
                 + (f"  {row['breakdown_ms']}" if breakdown else ""))

@@ -22,6 +22,8 @@
 #   issue7   issue 7's 128K targets in one call: the decode step of every variant at B = 1 and 7 with its
 #            breakdown, the one-chunk prefill of the Transformer and CLSA, and CLSA's prefill kernels
 #            (--profile) (~6 min cold)                    -> decode/, decode.txt, prefill/, prefill_profile.txt
+#   critical CLSA's 128K step at B = 7 and 1 under torch.profiler: its kernels by GPU time and by their
+#            share of the step's critical path (bench/critical_path.py) (~2 min cold) -> critical/, critical.txt
 #   switches issue 7's open experiments in one call: the window kernel at 128K before and after its
 #            unmasked interior (the old kernels/triton_attention.py from ab_old/, made by
 #            `bash bench/gpu_session.sh ab-prepare REV kernels/triton_attention.py`, carried), then
@@ -121,6 +123,11 @@ for step in "$@"; do
         timeout 90 python3 bench/prefill.py --compile --ns 128K --variants clsa --profile --reps 1 --out /tmp/pp \
             > "$OUT/prefill_profile.txt" 2>&1
         echo "prefill profile rc $?"; grep -A26 "kernels:" "$OUT/prefill_profile.txt" | cut -c1-130
+        ;;
+    critical)
+        timeout 150 python3 bench/decode.py --ns 128K --bs 7 1 --variants clsa --compile --fuse --no-breakdown \
+            --profile --reps 10 --out "$OUT/critical" > "$OUT/critical.txt" 2>&1
+        echo "critical rc $?"; grep -A26 "critical path" "$OUT/critical.txt" | cut -c18-150
         ;;
     switches)
         if [ -f ab_old/kernels/triton_attention.py ]; then

@@ -319,6 +319,7 @@ def dense_decode_attention(
     out: torch.Tensor | None = None,
     workspace: dict | None = None,
     kv_before_wait: bool = True,
+    fresh: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over all positions < seq_lens[b] of a paged cache.
 
@@ -329,9 +330,19 @@ def dense_decode_attention(
     `kv_before_wait` False: the cache was just written by a PDL-launched kernel (one that lets
     this one start before it ends: the fused q/k/v projection writing a ring), so with PDL the
     kernel reads its first K/V block only after its wait instead of before.
+    `fresh` (int [B], on q's device): the position of each sequence whose row such a kernel writes,
+    the only one it writes (the fused q/k/v kernel writes the token's ring row): with PDL every
+    other row is read before the wait as usual and that one after it. Over `kv_before_wait`, which
+    it makes unnecessary; the values are the same either way.
     """
     op = "dense_decode_attention"
     _check(op, q, k_cache, v_cache, block_table, seq_lens)
+    if fresh is not None:
+        check_rank(op, "fresh", fresh, 1, "[B]")
+        check_dtype(op, "fresh", fresh, (torch.int32, torch.int64))
+        if fresh.shape[0] != q.shape[0]:
+            raise ValueError(f"{op}: fresh has {fresh.shape[0]} entries for a batch of {q.shape[0]}")
+        check_same_device(op, q=q, fresh=fresh)
     out = _output(op, q, out)
     if resolve_backend(backend, q.device, op) == "torch":
         out.copy_(dense_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, sm_scale))
@@ -339,7 +350,7 @@ def dense_decode_attention(
     launch_dense(q, k_cache, v_cache, block_table, seq_lens, sm_scale, out, sms=num_sms(q.device),
                  pdl=_pdl(q.device, q.shape[0]),
                  buffers=_partials if workspace is None else functools.partial(_kept_partials, workspace),
-                 kv_before_wait=kv_before_wait)
+                 kv_before_wait=kv_before_wait, fresh=fresh)
     return out
 
 
@@ -376,10 +387,11 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *, sms: int, pdl: bool,
                  buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials,
-                 kv_before_wait: bool = True) -> None:
+                 kv_before_wait: bool = True, fresh: torch.Tensor | None = None) -> None:
     """The Triton dense kernels in the configuration this batch takes on a card of `sms`
     multiprocessors (`dense_decode_attention` and bench/compile_report.py launch through it);
-    `buffers` gives the partials, as `launch_sparse`'s; `kv_before_wait` as `dense_decode_attention`'s."""
+    `buffers` gives the partials, as `launch_sparse`'s; `kv_before_wait` and `fresh` as
+    `dense_decode_attention`'s."""
     from kernels.triton_attention import launch_decode, plan_splits
 
     small = q.shape[0] <= DENSE_FUSED_MAX_BATCH
@@ -391,4 +403,4 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
-                  num_stages=stages, fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait)
+                  num_stages=stages, fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait, fresh=fresh)

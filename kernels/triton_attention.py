@@ -9,16 +9,23 @@ output and log-sum-exp; a merge kernel combines the splits. Sparse mode reads ph
 Launched with programmatic dependent launch (`pdl=True`, Hopper and later), a kernel may start
 while the one before it is still running: it issues its first block of K/V rows - rows, block
 table and cache - and only then waits (`gdc_wait`) to read the query and to write its outputs.
-That is safe only for a cache the kernels just before do not write: `kv_before_wait=False` (the
-self layers' rings, which the fused q/k/v kernel ahead writes) reads the first block after the wait.
+That is safe only for a cache the kernels just before do not write: `kv_before_wait=False` reads
+the first block after the wait. Where the kernel ahead writes one known row of each sequence (the
+fused q/k/v kernel writes the token's row of its ring), `fresh` names it: the block is read before
+the wait as always, and that one row again after it (past L1), attended in place of what was read.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import triton
 import triton.language as tl
 
 from kernels.triton_gemm import prefetch_l2
+
+if TYPE_CHECKING:
+    import torch
 
 LOG2E = 1.4426950408889634
 # The merge kernel lets the next PDL-launched kernel start before it waits on its own inputs: the
@@ -204,9 +211,21 @@ def _attend_masked(q, k, v, visible, m_i, l_i, acc, sm_scale_log2, IEEE: tl.cons
 
 
 @triton.jit
+def _attend_row(q, k_row, v_row, ok, m_i, l_i, acc, sm_scale_log2):
+    """`_attend` over one key row [d] (if `ok`), without a dot: the query heads' scores by a sum."""
+    s = tl.sum(q.to(tl.float32) * k_row.to(tl.float32)[None, :], axis=1) * sm_scale_log2
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe)
+    return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * v_row.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, rows_ptr, block_table_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
-    counter_ptr, out_ptr, sm_scale_log2, n_items, split_size, n_splits,
+    counter_ptr, out_ptr, fresh_ptr, sm_scale_log2, n_items, split_size, n_splits,
     stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_btb, stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_outb, stride_outh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
@@ -214,7 +233,7 @@ def _decode_partial_kernel(
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
     KV_AHEAD: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-    KV_BEFORE_WAIT: tl.constexpr, KV_TIE: tl.constexpr,
+    KV_BEFORE_WAIT: tl.constexpr, KV_TIE: tl.constexpr, FRESH: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -248,6 +267,13 @@ def _decode_partial_kernel(
         # The next block's planned rows loaded a block ahead, so each block's K/V loads wait on one
         # memory round trip (the rows already in registers) instead of two (the rows, then K/V).
         next_rows = _block_rows(rows_row, start + BLOCK_N, end, BLOCK_N)
+    if FRESH:
+        # fresh[b]: the item whose row the kernel ahead writes (dense only). Its physical row, and
+        # whether it falls in the block just read, need nothing that kernel writes.
+        fresh = tl.load(fresh_ptr + b)
+        fresh_hit = (fresh >= start) & (fresh < tl.minimum(start + BLOCK_N, end))
+        fresh_item = tl.where(fresh_hit, fresh, start)
+        fresh_row = (tl.load(block_table_row + fresh_item // PAGE) * PAGE + fresh_item % PAGE).to(tl.int64)
     for i in tl.static_range(PREFETCH_BLOCKS):
         _prefetch_kv_rows(k_ptr, v_ptr, _block_rows(rows_row, start + (i + 1) * BLOCK_N, end, BLOCK_N), h,
                           stride_kr, stride_kh, LINE, LINES)
@@ -257,6 +283,14 @@ def _decode_partial_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    if FRESH:
+        # The row the kernel ahead wrote, read again now that it has finished: from L2 (".cg": the
+        # read before the wait may have left the old line in this SM's L1). The first block's copy
+        # is left out of its softmax and this one attended alone, after the blocks.
+        fresh_offs = fresh_row * stride_kr + h * stride_kh + offs_d
+        k_new = tl.load(k_ptr + fresh_offs, mask=fresh_hit & mask_d, other=0.0, cache_modifier=".cg")
+        v_new = tl.load(v_ptr + fresh_offs, mask=fresh_hit & mask_d, other=0.0, cache_modifier=".cg")
+        valid = valid & (start + tl.arange(0, BLOCK_N) != fresh)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -280,6 +314,8 @@ def _decode_partial_kernel(
                                         D, PAGE, BLOCK_N, BLOCK_D, SPARSE, EVICT, KV_TIE)
             m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE)
 
+    if FRESH:
+        m_i, l_i, acc = _attend_row(q, k_new, v_new, fresh_hit, m_i, l_i, acc, sm_scale_log2)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -436,13 +472,17 @@ def launch_decode(
     q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
     split_size: int, o_part, lse_part, counters, out, *, sparse: bool, block_n: int, num_warps: int,
     num_stages: int, fused_merge: bool, pdl: bool = False, kv_before_wait: bool = True,
+    fresh: torch.Tensor | None = None,
 ) -> None:
     """Partial attention per (sequence, KV head, split) and the merge of the splits into `out`:
     by the last split of each (sequence, KV head) when `fused_merge` (then `counters`, int32
     [B * Hkv], must be zero and is left zero), else by a second kernel. `pdl`: launch with
     programmatic dependent launch (Hopper and later), so each kernel is resident and has its
     first K/V rows in flight before the kernel ahead of it finishes (unless `kv_before_wait` is
-    False: for a cache the kernel just before may have written)."""
+    False: for a cache the kernel just before may have written). `fresh` (dense only, int [B]): the
+    item of each sequence whose row the kernel just before writes, re-read after the wait."""
+    if sparse and fresh is not None:
+        raise ValueError("launch_decode: `fresh` names a row of a dense walk, not of planned sparse rows")
     batch, n_q_heads, head_dim = q.shape
     _, page, n_kv_heads, _ = k_cache.shape
     group = n_q_heads // n_kv_heads
@@ -456,7 +496,8 @@ def launch_decode(
                     out.stride(0), out.stride(1))
     _decode_partial_kernel[(batch * n_kv_heads, n_splits)](
         q, k_cache, v_cache, rows_arg, block_table, seq_lens, o_part, lse_part,
-        counters if fused_merge else seq_lens, out, sm_scale * LOG2E, n_items, split_size, n_splits,
+        counters if fused_merge else seq_lens, out, seq_lens if fresh is None else fresh, sm_scale * LOG2E,
+        n_items, split_size, n_splits,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), stride_rb, block_table.stride(0),
         *part_strides,
         HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -467,6 +508,7 @@ def launch_decode(
         KV_AHEAD=sparse and SPARSE_KV_AHEAD, PREFETCH_BLOCKS=prefetch_blocks, LINE=line,
         LINES=triton.next_power_of_2(_cdiv(head_dim, line)), KV_BEFORE_WAIT=kv_before_wait,
         KV_TIE=KV_TOGETHER and num_stages == 1 and not (sparse and SPARSE_KV_AHEAD),
+        FRESH=fresh is not None and kv_before_wait,
         num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:

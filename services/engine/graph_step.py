@@ -32,6 +32,10 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # (`AttentionLayer.qkv_into_rings`) where the skinny GEMM takes the batch. Measured on the H200
 # (bench/decode.py [--no-fused-qkv], 128K): B=1 2.589 -> 2.457 ms, B=7 3.165 -> 3.013 ms.
 FUSED_QKV_RING = True
+# The fused kernel writes the token's ring row at its end and lets the ring attention start before
+# it ends (PDL). True: the attention reads the rest of the ring before its wait and that one row
+# after (`dense_decode_attention(fresh=...)`); False: the whole ring after its wait.
+RING_FRESH_ROW = True
 # With kernels.decode_attention.GATHER_SELECTED, each captured CLSA step keeps its compact copy of
 # the selected K/V rows in L2 across the cross layers: an access-policy window over the copy on
 # every kernel node of the graph, in a persisting-L2 set-aside of the device's maximum for this
@@ -199,11 +203,12 @@ class StaticDecodeStep:
                 cache.swa_k[i, slots, ring_rows] = k[:, 0]
                 cache.swa_v[i, slots, ring_rows] = v[:, 0]
             # The fused kernel lets the attention start before it ends (PDL) and writes the ring
-            # last: the attention must not read the ring before its wait, or the token's own row
-            # may still be the one W steps back.
+            # last: the attention must not read the token's own row before its wait, or it may
+            # still be the one W steps back (RING_FRESH_ROW).
             out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,
                                          model.sm_scale, backend=self.backend, workspace=self.dense_workspace,
-                                         kv_before_wait=not fused)
+                                         kv_before_wait=not fused or RING_FRESH_ROW,
+                                         fresh=ring_rows if fused and RING_FRESH_ROW else None)
             x = layer.finish(x, out[:, None])
         cache.swa_pos[slots, ring_rows] = pos
         return x

@@ -194,8 +194,9 @@ def test_skinny_qkv_rejects_bad_input() -> None:
 @pytest.mark.skipif(DEVICE != "cuda", reason="PDL chains and CUDA graphs run only on the card")
 def test_ring_attention_after_the_fused_qkv_reads_the_token_just_written(tmp_path) -> None:  # noqa: ANN001
     """clsa-4b's 16 self layers of skinny_qkv -> ring attention in one CUDA graph, each replay a
-    new ring row (bench/ring_race.py): the attention, reading the ring after its PDL wait as the
-    decode step has it do, matches a lone recomputation bit for bit in every layer of every replay."""
+    new ring row (bench/ring_race.py): the attention, reading the token's own row after its PDL wait
+    (the rest before it, as the decode step has it do) or the whole ring after it, matches a lone
+    recomputation bit for bit in every layer of every replay."""
     import subprocess
     import sys
     from pathlib import Path

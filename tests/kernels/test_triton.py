@@ -307,6 +307,28 @@ def test_dense_decode_attention(group: int, head_dim: int, dtype: torch.dtype, m
     torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("waves", [16, 1], ids=["block-a-split", "blocks-a-split"])
+def test_dense_decode_attention_with_a_fresh_row_gives_the_same_answer(
+        waves: int, merge_path: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fresh` (the row the kernel ahead writes, read again after the PDL wait in place of the one
+    read before): wherever it falls - a split's first block, a later block, a block's last row,
+    the last position, none (-1) - the answer is the reference's. (That the re-read cures a stale
+    row is what the compiled race check shows: bench/ring_race.py, run by test_skinny_linear.py.)"""
+    monkeypatch.setattr(decode_attention, "DENSE_WAVES", waves)  # 1: splits of several blocks
+    q, k_cache, v_cache, table, seq_lens = _attention_case(4, 64, torch.float32, seed=21)
+    sm_scale = 0.125
+    want = dense_decode_attention_reference(q, k_cache, v_cache, table, seq_lens, sm_scale)
+    for fresh in ([0, 4, 129], [15, -1, 16], [62, 2, 47], [-1, -1, -1]):  # lens 63, 5, 130
+        out = torch.full_like(q, float("nan"))
+        dense_decode_attention(q, k_cache, v_cache, table, seq_lens, sm_scale, backend="triton", out=out,
+                               fresh=torch.tensor(fresh, device=DEVICE))
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=f"fresh rows {fresh}")
+    with pytest.raises(ValueError, match="fresh has 2 entries for a batch of 3"):
+        dense_decode_attention(q, k_cache, v_cache, table, seq_lens, sm_scale, fresh=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="fresh must be one of"):
+        dense_decode_attention(q, k_cache, v_cache, table, seq_lens, sm_scale, fresh=torch.zeros(3))
+
+
 def test_dense_layers_share_one_workspace_and_leave_its_counters_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer after layer (the ring attention of every self layer) through the one kept set of
     partials, merged by the last split (DENSE_FUSED_MAX_BATCH): each layer's own answer, and the
