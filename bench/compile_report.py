@@ -67,7 +67,10 @@ def _case(batch: int) -> dict[str, torch.Tensor]:
     }
 
 
-def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
+WO = torch.zeros(HQ * D, 3072, dtype=torch.bfloat16)  # a layer's output projection weight (l2_next)
+
+
+def sparse(case: dict, batch: int, wide: tuple | None = None, l2_next: bool = False) -> None:
     """The sparse kernels as `SparseDecodeWrapper.run` launches them at this batch on the H200; with
     `wide`, as it would with WIDE_CONFIG = wide."""
     saved = da.WIDE_MIN_BATCH, da.WIDE_CONFIG
@@ -77,7 +80,7 @@ def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
         da.WIDE_MIN_BATCH = 1 << 30  # the per-head kernel's row, even where the wide one is the default
     try:
         da.launch_sparse(case["q"], case["k"], case["v"], case["idx"], case["table"], case["lens"], 1 / math.sqrt(D),
-                         case["out"], sms=SMS, pdl=_pdl(batch))
+                         case["out"], sms=SMS, pdl=_pdl(batch), l2_next=WO if l2_next else None)
     finally:
         da.WIDE_MIN_BATCH, da.WIDE_CONFIG = saved
 
@@ -87,7 +90,8 @@ def sparse(case: dict, batch: int, wide: tuple | None = None) -> None:
 SPARSE_SWITCHES = (("K/V together", "KV_TOGETHER", True),
                    ("rows ahead", "SPARSE_ROWS_AHEAD", True), ("K/V ahead", "SPARSE_KV_AHEAD", True),
                    ("prefetch 1", "SPARSE_PREFETCH_BLOCKS", 1),
-                   ("prefetch 3", "SPARSE_PREFETCH_BLOCKS", 3))
+                   ("prefetch 3", "SPARSE_PREFETCH_BLOCKS", 3),
+                   ("next weight to L2, evict_last", "L2_NEXT_EVICT_LAST", True))
 
 
 def sparse_switched(case: dict, batch: int, name: str, value: object) -> None:
@@ -95,7 +99,7 @@ def sparse_switched(case: dict, batch: int, name: str, value: object) -> None:
     saved = getattr(ta, name)
     setattr(ta, name, value)
     try:
-        sparse(case, batch)
+        sparse(case, batch, l2_next=name.startswith("L2_NEXT"))
     finally:
         setattr(ta, name, saved)
 
@@ -111,7 +115,7 @@ def dense(case: dict, batch: int) -> None:
                     sms=SMS, pdl=_pdl(batch))
 
 
-def ring(batch: int, fresh: bool) -> None:
+def ring(batch: int, fresh: bool, l2_next: bool = False) -> None:
     """A self layer's ring attention (512 rows a slot, DENSE_SMALL_CONFIG at B <= 7): the whole ring
     read after the PDL wait, or all of it before but the token's own row (`fresh`), as the step does."""
     k = torch.zeros(batch + 1, 512, HKV, D, dtype=torch.bfloat16)
@@ -119,7 +123,7 @@ def ring(batch: int, fresh: bool) -> None:
     q = torch.zeros(batch, HQ, D, dtype=torch.bfloat16)
     da.launch_dense(q, k, k.clone(), slots[:, None], torch.full((batch,), 512, dtype=torch.int32), 1 / math.sqrt(D),
                     torch.empty_like(q), sms=SMS, pdl=_pdl(batch), kv_before_wait=fresh,
-                    fresh=slots.long() if fresh else None)
+                    fresh=slots.long() if fresh else None, l2_next=WO if l2_next else None)
 
 
 def _pdl(batch: int) -> bool:
@@ -209,7 +213,11 @@ def collect() -> list[dict]:
         record("dense", batch, "default", True, dense, case, batch)
         for fresh in (True, False):
             record("dense", batch, "ring, " + ("fresh row after the wait" if fresh else "all after the wait"),
-                   fresh == gs.RING_FRESH_ROW, ring, batch, fresh)
+                   fresh == gs.RING_FRESH_ROW and not gs.L2_NEXT_WEIGHT, ring, batch, fresh)
+        record("dense", batch, "ring, fresh row, next weight to L2", gs.RING_FRESH_ROW and gs.L2_NEXT_WEIGHT, ring,
+               batch, True, True)
+        record("sparse", batch, "per-head, next weight to L2", gs.L2_NEXT_WEIGHT and not wide_default, sparse, case,
+               batch, None, True)
         if batch <= 16:  # the model's skinny-GEMM rows (layers.SKINNY_ROWS)
             for n, k in SKINNY_FUSIONS:
                 for prefetch in (False, True):

@@ -57,6 +57,7 @@ MAX_FIT = 256
 SMOKE_FIT = 4
 DEVICE = torch.device("cuda")
 PROFILE = False  # --profile: the kernels of every step measured
+KEEP_LOGITS = False  # each row keeps its step's logits ("logits", a CPU tensor; bench/decode_ab.py compares them)
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,8 @@ def run_variant(variant: Variant, model: CLSAModel, n: int, batches: list[int], 
                    "finite": bool(torch.isfinite(logits[:batch].float()).all())}
             if breakdown:
                 row["breakdown_ms"] = stage_breakdown(graphs, seqs, variant.sparse, cfg.is_yoco, ms, reps)
+            if KEEP_LOGITS:
+                row["logits"] = logits[:batch].float().cpu()
             if PROFILE and DEVICE.type == "cuda":
                 row.update(kernel_profile(step))
             rows.append(row)

@@ -141,14 +141,27 @@ def main() -> None:
         model.compile_layers()
     variant = bench_decode.VARIANTS["clsa"]
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.bs} for name in names}
+    # Each setting's logits, from the same weights and the same synthetic context (seeded), against
+    # the reference's first round: a setting that changes the answer shows here, beside the noise
+    # floor (the reference's later rounds against its first).
+    bench_decode.KEEP_LOGITS = True
+    first: dict[int, torch.Tensor] = {}
+    diffs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.bs} for name in names}
     for round_ in range(args.rounds):
         for name, switches in args.setting:
             before = apply(switches)
             try:
+                torch.manual_seed(0)  # the same synthetic K/V in every run
                 rows = bench_decode.run_variant(variant, model, n, args.bs, args.reps, breakdown=False)
             finally:
                 apply(before)
             for row in rows:
+                logits = row.pop("logits", None)
+                if logits is not None:
+                    if row["b"] not in first:
+                        first[row["b"]] = logits
+                    else:
+                        diffs[name][row["b"]].append((logits - first[row["b"]]).abs().max().item())
                 if "step_ms" in row:
                     times[name][row["b"]].append(row["step_ms"])
             bench_decode.log(f"round {round_ + 1}/{args.rounds} {name}: "
@@ -156,15 +169,19 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if bench_decode.DEVICE.type == "cuda" else "cpu"
     lines = [f"decode A/B {time.strftime('%Y-%m-%dT%H:%M:%S')}  {device_name}  N={n}  "
              f"median of {args.rounds} rounds x {args.reps} reps (ms; ratio to {names[0]})",
-             f"{'setting':16s}" + "".join(f"{'B=' + str(b):>18s}" for b in args.bs)]
+             f"{'setting':16s}" + "".join(f"{'B=' + str(b):>18s}" for b in args.bs)
+             + "   max |logit - reference's first round|"]
     result = {"n": n, "rounds": args.rounds, "reps": args.reps, "settings": {}}
     ref = {b: statistics.median(times[names[0]][b]) if times[names[0]][b] else float("nan") for b in args.bs}
     for name, switches in args.setting:
         med = {b: statistics.median(times[name][b]) if times[name][b] else float("nan") for b in args.bs}
-        lines.append(f"{name:16s}" + "".join(f"{med[b]:10.3f} ({med[b] / ref[b]:.3f})" for b in args.bs))
+        worst = {b: max(diffs[name][b], default=float("nan")) for b in args.bs}
+        lines.append(f"{name:16s}" + "".join(f"{med[b]:10.3f} ({med[b] / ref[b]:.3f})" for b in args.bs)
+                     + "   " + "  ".join(f"B={b} {worst[b]:.3g}" for b in args.bs))
         result["settings"][name] = {"switches": [describe(switch) for switch in switches],
                                     "step_ms": {str(b): times[name][b] for b in args.bs},
-                                    "median_ms": {str(b): med[b] for b in args.bs}}
+                                    "median_ms": {str(b): med[b] for b in args.bs},
+                                    "max_logit_diff": {str(b): worst[b] for b in args.bs}}
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -207,8 +207,9 @@ class SparseDecodeWrapper:
         return k_cache, v_cache, kv, kv_rows
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-        """q [B, Hq, d] of one layer -> out [B, Hq, d] over the planned rows."""
+            out: torch.Tensor | None = None, l2_next: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, Hq, d] of one layer -> out [B, Hq, d] over the planned rows. `l2_next`: as
+        `dense_decode_attention`'s (the layer's output projection weight, read right after)."""
         if self._plan is None:
             raise RuntimeError(f"{self.op}: run() before plan()")
         p = self._plan
@@ -232,7 +233,7 @@ class SparseDecodeWrapper:
         self._runs += 1
         launch_sparse(q, k_cache, v_cache, rows, p["block_table"], p["seq_lens"], sm_scale, out,
                       sms=num_sms(q.device), pdl=_pdl(q.device, q.shape[0]), buffers=self._buffers,
-                      kv_before_wait=kv_before_wait)
+                      kv_before_wait=kv_before_wait, l2_next=l2_next)
         return out
 
     def _buffers(self, q: torch.Tensor, n_kv_heads: int, n_splits: int) -> tuple[torch.Tensor, ...]:
@@ -320,6 +321,7 @@ def dense_decode_attention(
     workspace: dict | None = None,
     kv_before_wait: bool = True,
     fresh: torch.Tensor | None = None,
+    l2_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over all positions < seq_lens[b] of a paged cache.
 
@@ -334,6 +336,8 @@ def dense_decode_attention(
     the only one it writes (the fused q/k/v kernel writes the token's ring row): with PDL every
     other row is read before the wait as usual and that one after it. Over `kv_before_wait`, which
     it makes unnecessary; the values are the same either way.
+    `l2_next` (a contiguous tensor, e.g. the next projection's weight): asked of L2 by the kernel's
+    programs while it runs, for the kernel after it (with PDL; `triton_attention.L2_NEXT_AT`).
     """
     op = "dense_decode_attention"
     _check(op, q, k_cache, v_cache, block_table, seq_lens)
@@ -350,7 +354,7 @@ def dense_decode_attention(
     launch_dense(q, k_cache, v_cache, block_table, seq_lens, sm_scale, out, sms=num_sms(q.device),
                  pdl=_pdl(q.device, q.shape[0]),
                  buffers=_partials if workspace is None else functools.partial(_kept_partials, workspace),
-                 kv_before_wait=kv_before_wait, fresh=fresh)
+                 kv_before_wait=kv_before_wait, fresh=fresh, l2_next=l2_next)
     return out
 
 
@@ -358,10 +362,11 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *,
                   sms: int, pdl: bool,
                   buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials,
-                  kv_before_wait: bool = True) -> None:
+                  kv_before_wait: bool = True, l2_next: torch.Tensor | None = None) -> None:
     """The Triton sparse kernels over planned `rows` [B, k], in the configuration this batch takes on
     a card of `sms` multiprocessors; `buffers(q, n_kv_heads, n_splits)` gives the partials (as `_partials`).
-    `kv_before_wait` False: the per-head kernel reads K/V only after its PDL wait.
+    `kv_before_wait` False: the per-head kernel reads K/V only after its PDL wait. `l2_next`: as
+    `dense_decode_attention`'s, by the per-head kernel (the wide one, from WIDE_MIN_BATCH, ignores it).
     `SparseDecodeWrapper.run` launches through it, and so does bench/compile_report.py."""
     from kernels.triton_attention import launch_decode, launch_sparse_wide, plan_splits, plan_wide_splits, wide_tile
 
@@ -381,16 +386,17 @@ def launch_sparse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     o_part, lse_part, counters = buffers(q, n_kv_heads, n_splits)
     launch_decode(q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale, k, n_splits, split_size, o_part,
                   lse_part, counters, out, sparse=True, block_n=block_n, num_warps=warps, num_stages=stages,
-                  fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait)
+                  fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait, l2_next=l2_next)
 
 
 def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, sm_scale: float, out: torch.Tensor, *, sms: int, pdl: bool,
                  buffers: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, ...]] = _partials,
-                 kv_before_wait: bool = True, fresh: torch.Tensor | None = None) -> None:
+                 kv_before_wait: bool = True, fresh: torch.Tensor | None = None,
+                 l2_next: torch.Tensor | None = None) -> None:
     """The Triton dense kernels in the configuration this batch takes on a card of `sms`
     multiprocessors (`dense_decode_attention` and bench/compile_report.py launch through it);
-    `buffers` gives the partials, as `launch_sparse`'s; `kv_before_wait` and `fresh` as
+    `buffers` gives the partials, as `launch_sparse`'s; `kv_before_wait`, `fresh` and `l2_next` as
     `dense_decode_attention`'s."""
     from kernels.triton_attention import launch_decode, plan_splits
 
@@ -403,4 +409,5 @@ def launch_dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     o_part, lse_part, counters = buffers(q, k_cache.shape[2], n_splits)
     launch_decode(q, k_cache, v_cache, None, block_table, seq_lens, sm_scale, max_len, n_splits, split_size,
                   o_part, lse_part, counters, out, sparse=False, block_n=block_n, num_warps=warps,
-                  num_stages=stages, fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait, fresh=fresh)
+                  num_stages=stages, fused_merge=fused, pdl=pdl, kv_before_wait=kv_before_wait, fresh=fresh,
+                  l2_next=l2_next)

@@ -69,6 +69,18 @@ SPARSE_PREFETCH_BLOCKS = 0
 # an H100 (128K, B = 7: 16 sparse layers in an L2-cold chain 25.15 us a layer against 23.67, the
 # step 3.397 ms against 3.361; bench/results/sparse_loads_h100.json, decode_ab_kv_ring_h100.json).
 KV_TOGETHER = False
+# The next GEMM's weight asked of L2 by the attention kernel ahead of it (`l2_next` of the
+# launchers: the layer's output projection, 18.9 MB at clsa-4b). The attention of a decode step is
+# latency-bound (the rings' has almost no bytes; the sparse layer's reads run well under the HBM
+# bandwidth), so HBM has room while it runs; the weight's lines, split among the programs, are
+# asked for (PTX prefetch.global.L2, nothing held in registers) and the projection after it
+# then reads them from L2. When: "wait" right after the PDL wait (the rings: their reads were
+# before it), "end" after the program's last block (the sparse layer: after its own reads).
+# L2_NEXT_EVICT_LAST: the lines asked with the evict_last priority, so the attention's own
+# streaming reads do not push them out first.
+L2_NEXT_AT = {"sparse": "end", "dense": "wait"}
+L2_NEXT_EVICT_LAST = False
+L2_NEXT_CHUNK = 512  # lines a program asks for at a time (a loop over its share)
 MERGE_CHUNK = tl.constexpr(32)  # splits summed at a time by a merge over a whole head (a global the kernels read)
 MERGE_ELEMS = tl.constexpr(4096)  # partial values a merging program reads at once (32 splits x d 128)
 
@@ -184,6 +196,22 @@ def _prefetch_kv_rows(k_ptr, v_ptr, rows, h, stride_kr, stride_kh, LINE: tl.cons
 
 
 @triton.jit
+def _prefetch_share(pf_ptr, pf_lines, pf_per, program, LINE: tl.constexpr, CHUNK: tl.constexpr,
+                    EVICT_LAST: tl.constexpr):
+    """Ask L2 for lines program * pf_per .. + pf_per (< pf_lines) of the buffer at pf_ptr
+    (LINE elements a 128-byte line)."""
+    first = program.to(tl.int64) * pf_per
+    last = tl.minimum(first + pf_per, pf_lines) - 1
+    for c in range(0, pf_per, CHUNK):
+        lines = tl.minimum(first + c + tl.arange(0, CHUNK), last)  # past the share: its last line again
+        if EVICT_LAST:
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0;", "=r,l",
+                                      [pf_ptr + lines * LINE], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            prefetch_l2(pf_ptr + lines * LINE)
+
+
+@triton.jit
 def _attend(q, k, v, valid, m_i, l_i, acc, sm_scale_log2, IEEE: tl.constexpr):
     """One block of the online softmax (base 2, fp32): returns the updated (m_i, l_i, acc)."""
     return _attend_masked(q, k, v, valid[None, :], m_i, l_i, acc, sm_scale_log2, IEEE)
@@ -225,7 +253,7 @@ def _attend_row(q, k_row, v_row, ok, m_i, l_i, acc, sm_scale_log2):
 @triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, rows_ptr, block_table_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
-    counter_ptr, out_ptr, fresh_ptr, sm_scale_log2, n_items, split_size, n_splits,
+    counter_ptr, out_ptr, fresh_ptr, pf_ptr, pf_lines, pf_per, sm_scale_log2, n_items, split_size, n_splits,
     stride_qb, stride_qh, stride_kr, stride_kh, stride_rb, stride_btb, stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_outb, stride_outh,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
@@ -233,7 +261,8 @@ def _decode_partial_kernel(
     SPARSE: tl.constexpr, IEEE: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_GM: tl.constexpr, EARLY: tl.constexpr, EVICT: tl.constexpr, ROWS_AHEAD: tl.constexpr,
     KV_AHEAD: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-    KV_BEFORE_WAIT: tl.constexpr, KV_TIE: tl.constexpr, FRESH: tl.constexpr,
+    KV_BEFORE_WAIT: tl.constexpr, KV_TIE: tl.constexpr, FRESH: tl.constexpr, PF_AT: tl.constexpr,
+    PF_CHUNK: tl.constexpr, PF_LINE: tl.constexpr, PF_EVICT_LAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -283,6 +312,8 @@ def _decode_partial_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    if PF_AT == 1:  # the next GEMM's weight, right after the wait
+        _prefetch_share(pf_ptr, pf_lines, pf_per, pid_bh * n_splits + split, PF_LINE, PF_CHUNK, PF_EVICT_LAST)
     if FRESH:
         # The row the kernel ahead wrote, read again now that it has finished: from L2 (".cg": the
         # read before the wait may have left the old line in this SM's L1). The first block's copy
@@ -316,6 +347,8 @@ def _decode_partial_kernel(
 
     if FRESH:
         m_i, l_i, acc = _attend_row(q, k_new, v_new, fresh_hit, m_i, l_i, acc, sm_scale_log2)
+    if PF_AT == 2:  # the next GEMM's weight, after this program's own reads
+        _prefetch_share(pf_ptr, pf_lines, pf_per, pid_bh * n_splits + split, PF_LINE, PF_CHUNK, PF_EVICT_LAST)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -472,7 +505,7 @@ def launch_decode(
     q, k_cache, v_cache, rows, block_table, seq_lens, sm_scale: float, n_items: int, n_splits: int,
     split_size: int, o_part, lse_part, counters, out, *, sparse: bool, block_n: int, num_warps: int,
     num_stages: int, fused_merge: bool, pdl: bool = False, kv_before_wait: bool = True,
-    fresh: torch.Tensor | None = None,
+    fresh: torch.Tensor | None = None, l2_next: torch.Tensor | None = None,
 ) -> None:
     """Partial attention per (sequence, KV head, split) and the merge of the splits into `out`:
     by the last split of each (sequence, KV head) when `fused_merge` (then `counters`, int32
@@ -480,7 +513,9 @@ def launch_decode(
     programmatic dependent launch (Hopper and later), so each kernel is resident and has its
     first K/V rows in flight before the kernel ahead of it finishes (unless `kv_before_wait` is
     False: for a cache the kernel just before may have written). `fresh` (dense only, int [B]): the
-    item of each sequence whose row the kernel just before writes, re-read after the wait."""
+    item of each sequence whose row the kernel just before writes, re-read after the wait.
+    `l2_next` (contiguous): what the kernel after it reads first - the next GEMM's weight - asked
+    of L2 by its programs (`L2_NEXT_AT`; compiled only: the interpreter has no inline assembly)."""
     if sparse and fresh is not None:
         raise ValueError("launch_decode: `fresh` names a row of a dense walk, not of planned sparse rows")
     batch, n_q_heads, head_dim = q.shape
@@ -494,10 +529,18 @@ def launch_decode(
     prefetch_blocks = SPARSE_PREFETCH_BLOCKS if sparse and pdl else 0  # pdl: compiled, Hopper or later
     part_strides = (o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
                     out.stride(0), out.stride(1))
+    pf_at, pf_lines, pf_per, pf_line = 0, 0, 0, 1
+    if l2_next is not None and pdl:  # pdl: compiled, Hopper or later
+        if not l2_next.is_contiguous():
+            raise ValueError("launch_decode: l2_next must be contiguous")
+        pf_at = {"wait": 1, "end": 2}[L2_NEXT_AT["sparse" if sparse else "dense"]]
+        pf_line = 128 // l2_next.element_size()
+        pf_lines = _cdiv(l2_next.numel(), pf_line)
+        pf_per = _cdiv(pf_lines, batch * n_kv_heads * n_splits)
     _decode_partial_kernel[(batch * n_kv_heads, n_splits)](
         q, k_cache, v_cache, rows_arg, block_table, seq_lens, o_part, lse_part,
-        counters if fused_merge else seq_lens, out, seq_lens if fresh is None else fresh, sm_scale * LOG2E,
-        n_items, split_size, n_splits,
+        counters if fused_merge else seq_lens, out, seq_lens if fresh is None else fresh,
+        seq_lens if l2_next is None else l2_next, pf_lines, pf_per, sm_scale * LOG2E, n_items, split_size, n_splits,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), stride_rb, block_table.stride(0),
         *part_strides,
         HKV=n_kv_heads, G=group, D=head_dim, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -508,7 +551,8 @@ def launch_decode(
         KV_AHEAD=sparse and SPARSE_KV_AHEAD, PREFETCH_BLOCKS=prefetch_blocks, LINE=line,
         LINES=triton.next_power_of_2(_cdiv(head_dim, line)), KV_BEFORE_WAIT=kv_before_wait,
         KV_TIE=KV_TOGETHER and num_stages == 1 and not (sparse and SPARSE_KV_AHEAD),
-        FRESH=fresh is not None and kv_before_wait,
+        FRESH=fresh is not None and kv_before_wait, PF_AT=pf_at, PF_CHUNK=L2_NEXT_CHUNK, PF_LINE=pf_line,
+        PF_EVICT_LAST=L2_NEXT_EVICT_LAST,
         num_warps=num_warps, num_stages=num_stages, **_pdl(pdl),
     )
     if not fused_merge:

@@ -61,12 +61,15 @@ class CrossAttention:
         """The step's top-k positions [B_sparse, k] (None when no row runs CLSA)."""
         return self._indices
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q: [B, Hq, d] of one cross layer -> out [B, Hq, d] over the shared cache."""
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            l2_next: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [B, Hq, d] of one cross layer -> out [B, Hq, d] over the shared cache. `l2_next`:
+        what the layer reads next (its output projection's weight), asked of L2 by an all-CLSA
+        batch's sparse kernel (`SparseDecodeWrapper.run`)."""
         if self._indices is None:
             return self._dense(q, k_cache, v_cache, slice(None))
         if self._sparse_rows is None:
-            return self._sparse.run(q, k_cache, v_cache, self.sm_scale)
+            return self._sparse.run(q, k_cache, v_cache, self.sm_scale, l2_next=l2_next)
         assert self._dense_rows is not None
         out = torch.empty_like(q)
         out[self._sparse_rows] = self._sparse.run(q[self._sparse_rows], k_cache, v_cache, self.sm_scale)
@@ -90,9 +93,10 @@ class PerLayerTopkAttention(CrossAttention):
              kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self._args = (q_idx, k_idx_cache, block_table, seq_lens, sparse, topk)  # each layer plans for itself
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            l2_next: torch.Tensor | None = None) -> torch.Tensor:
         super().plan(*self._args)
-        return super().run(q, k_cache, v_cache)
+        return super().run(q, k_cache, v_cache, l2_next)
 
 
 class TorchGatherAttention(CrossAttention):
@@ -123,9 +127,10 @@ class TorchGatherAttention(CrossAttention):
         chosen = scores.topk(min(topk, width), dim=1).indices
         self._selected = (physical_rows(block_table, chosen, k_idx_cache.shape[1]), torch.gather(valid, 1, chosen))
 
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            l2_next: torch.Tensor | None = None) -> torch.Tensor:
         if self._selected is None:
-            return super().run(q, k_cache, v_cache)
+            return super().run(q, k_cache, v_cache, l2_next)
         rows, valid = self._selected
         batch, n_q_heads, head_dim = q.shape
         n_kv_heads = k_cache.shape[2]

@@ -36,6 +36,10 @@ FUSED_QKV_RING = True
 # it ends (PDL). True: the attention reads the rest of the ring before its wait and that one row
 # after (`dense_decode_attention(fresh=...)`); False: the whole ring after its wait.
 RING_FRESH_ROW = True
+# Each layer's attention kernel (the rings', the sparse one) asks L2 for the layer's output
+# projection weight while it runs, so the projection after it reads it from L2
+# (`dense_decode_attention(l2_next=...)`, kernels/triton_attention.py's L2_NEXT_AT).
+L2_NEXT_WEIGHT = False
 # With kernels.decode_attention.GATHER_SELECTED, each captured CLSA step keeps its compact copy of
 # the selected K/V rows in L2 across the cross layers: an access-policy window over the copy on
 # every kernel node of the graph, in a persisting-L2 set-aside of the device's maximum for this
@@ -176,7 +180,7 @@ class StaticDecodeStep:
                             self.index_topk, kv=(cache.k[0], cache.v[0]))
         if upto == "index":
             return x[:, 0]
-        h = model.forward_cross(x[:, 0], pos, self.attention, cache)
+        h = model.forward_cross(x[:, 0], pos, self.attention, cache, l2_next=L2_NEXT_WEIGHT)
         return h if upto == "cross" else model.logits(h)
 
     def _write(self, paged: torch.Tensor, rows: torch.Tensor) -> None:
@@ -208,7 +212,8 @@ class StaticDecodeStep:
             out = dense_decode_attention(q[:, 0], cache.swa_k[i], cache.swa_v[i], ring_table, ring_lens,
                                          model.sm_scale, backend=self.backend, workspace=self.dense_workspace,
                                          kv_before_wait=not fused or RING_FRESH_ROW,
-                                         fresh=ring_rows if fused and RING_FRESH_ROW else None)
+                                         fresh=ring_rows if fused and RING_FRESH_ROW else None,
+                                         l2_next=layer.wo.weight if L2_NEXT_WEIGHT else None)
             x = layer.finish(x, out[:, None])
         cache.swa_pos[slots, ring_rows] = pos
         return x

@@ -282,16 +282,17 @@ class CLSAModel(nn.Module):
         return x, q_idx
 
     def forward_cross(self, x: torch.Tensor, positions: torch.Tensor, attention: CrossAttention,
-                      cache: KVCache) -> torch.Tensor:
+                      cache: KVCache, l2_next: bool = False) -> torch.Tensor:
         """The cross-decoder for one token per sequence. x: [B, D], positions: [B]. The caller has
-        planned `attention` for this step; every layer runs it on the same plan."""
+        planned `attention` for this step; every layer runs it on the same plan. `l2_next`: each
+        layer's attention asks L2 for its output projection's weight (`CrossAttention.run`)."""
         h = x[:, None]
         # RoPE's angles only where the cross queries rotate (`cross_rope`): else a few kernels a step for nothing
         rope = (rope_angles(positions[:, None], self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.cross_rope
                 else positions[:, None])
         for layer in self.cross_decoder:
             q = layer.query(h, rope)[:, 0]
-            out = attention.run(q, cache.k[0], cache.v[0])
+            out = attention.run(q, cache.k[0], cache.v[0], layer.wo.weight if l2_next else None)
             h = layer.finish(h, out[:, None])
         return h[:, 0]
 
