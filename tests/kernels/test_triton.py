@@ -329,6 +329,23 @@ def test_dense_decode_attention_with_a_fresh_row_gives_the_same_answer(
         dense_decode_attention(q, k_cache, v_cache, table, seq_lens, sm_scale, fresh=torch.zeros(3))
 
 
+def test_asking_l2_for_the_next_weight_changes_no_value() -> None:
+    """`l2_next` (the next projection's weight asked of L2 while the kernel runs; compiled with PDL
+    only - the interpreter has no inline assembly) leaves every output bit as it was."""
+    q, k_cache, v_cache, table, seq_lens = _attention_case(4, 64, torch.float32, seed=23)
+    weight = torch.randn(300, 70, device=DEVICE)  # not a multiple of a line, nor of the programs
+    plain = dense_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, backend="triton")
+    asked = dense_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, backend="triton", l2_next=weight)
+    assert torch.equal(plain, asked)
+    wrapper = SparseDecodeWrapper("triton")
+    wrapper.plan(table, seq_lens, _indices(seq_lens, 40, seed=2), BLOCK)
+    plain = wrapper.run(q, k_cache, v_cache, 0.125)
+    assert torch.equal(plain, wrapper.run(q, k_cache, v_cache, 0.125, l2_next=weight))
+    if not interpreting():
+        with pytest.raises(ValueError, match="contiguous"):
+            dense_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, backend="triton", l2_next=weight.t())
+
+
 def test_dense_layers_share_one_workspace_and_leave_its_counters_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer after layer (the ring attention of every self layer) through the one kept set of
     partials, merged by the last split (DENSE_FUSED_MAX_BATCH): each layer's own answer, and the
