@@ -23,7 +23,7 @@ from kernels._backend import Backend
 from services.engine import layers
 from services.engine.attention import make_cross_attention
 from services.engine.cache import KVCache
-from services.engine.layers import Rope, rope_angles
+from services.engine.layers import Rope, rope_angles, rope_inv_freq
 from services.engine.model import CLSAModel
 from services.engine.sequence import Sequence
 
@@ -112,11 +112,14 @@ class StaticDecodeStep:
         device = cache.k.device
         self.tables = tables or SlotTables.for_cache(cache, max_seq_len or model.cfg.max_seq_len, trash_block)
         self.max_blocks = self.tables.max_blocks
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.write_rows = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        # The step's inputs, two buffers filled by one copy each (`load`): tokens, positions, the
+        # new rows in the paged cache, slots and ring rows; the lengths, the ring tables and lengths.
+        self._longs = torch.zeros(5, batch, dtype=torch.long, device=device)
+        self._ints = torch.ones(3, batch, dtype=torch.int32, device=device)
+        self.tokens, self.positions, self.write_rows, self.slots, self.ring_rows = self._longs.unbind(0)
+        self.seq_lens, ring_table, self.ring_lens = self._ints.unbind(0)
+        self.ring_table = ring_table[:, None]  # [B, 1]: each slot's ring is one block of W rows
+        self.inv_freq = rope_inv_freq(model.cfg.head_dim, model.cfg.rope_theta, device)
         self.attention = make_cross_attention(policy, model.sm_scale, backend)
         # The dense kernels' scratch for this step's fixed shapes, kept across layers and replays
         # (no zero-fill launch between the PDL launches of a layer chain): the ring layers', the
@@ -132,22 +135,23 @@ class StaticDecodeStep:
             raise ValueError(f"StaticDecodeStep: {n} sequences for a bucket of {self.batch}")
         if any(s.sparse != self.sparse for s in seqs):
             raise ValueError("StaticDecodeStep: every sequence must use this step's attention mode")
-        tokens = torch.zeros(self.batch, dtype=torch.long)
-        positions = torch.zeros(self.batch, dtype=torch.long)
-        rows = torch.full((self.batch,), self.trash_block * bs, dtype=torch.long)
-        slots = torch.full((self.batch,), self.spare_slot, dtype=torch.long)
-        seq_lens = torch.ones(self.batch, dtype=torch.int32)
+        longs = torch.zeros(5, self.batch, dtype=torch.long)
+        tokens, positions, rows, slots, ring_rows = longs.unbind(0)
+        rows.fill_(self.trash_block * bs)
+        slots.fill_(self.spare_slot)
         for i, s in enumerate(seqs):
             pos = s.num_tokens - 1
             if len(s.block_ids) * bs <= pos:  # (the table's width is SlotTables.sync's to check)
                 raise ValueError(f"StaticDecodeStep: sequence {s.request_id} holds {len(s.block_ids)} blocks "
                                  f"for position {pos}")
-            tokens[i], positions[i], slots[i], seq_lens[i] = s.last_token, pos, s.slot, pos + 1
+            tokens[i], positions[i], slots[i] = s.last_token, pos, s.slot
             rows[i] = s.block_ids[pos // bs] * bs + pos % bs
+        window = self.model.cfg.swa_window
+        ring_rows.copy_(positions % window)  # the token's row of its ring
+        ints = torch.stack([positions + 1, slots, torch.clamp(positions + 1, max=window)]).to(torch.int32)
         self.tables.sync(seqs)
-        for buf, src in ((self.tokens, tokens), (self.positions, positions),
-                         (self.write_rows, rows), (self.slots, slots), (self.seq_lens, seq_lens)):
-            buf.copy_(src, non_blocking=True)
+        self._longs.copy_(longs, non_blocking=True)
+        self._ints.copy_(ints, non_blocking=True)
 
     def run(self, upto: str = "logits") -> torch.Tensor:
         """The step -> logits [batch, V]. `upto` stops it early, for a benchmark's breakdown
@@ -159,7 +163,7 @@ class StaticDecodeStep:
         pos = self.positions
         block_table = self.tables.table.index_select(0, self.slots)  # padding rows: the spare slot's, all trash
         x = model.embed(self.tokens)[:, None]  # [B, 1, D]
-        rope = rope_angles(pos[:, None], model.cfg.head_dim, model.cfg.rope_theta)  # once for every layer
+        rope = rope_angles(pos[:, None], model.cfg.head_dim, model.cfg.rope_theta, self.inv_freq)  # once a step
         if model.shared is None:  # the transformer baseline: every layer global over its own cache
             for i, layer in enumerate(model.own_kv_layers):
                 q, k, v = layer.qkv(x, rope)
@@ -193,11 +197,8 @@ class StaticDecodeStep:
         .. pos, or 0 .. pos early on), so each layer is the dense decode kernel over the ring seen
         as a paged cache with one block of W rows per slot - no gather, no mask."""
         model, cache = self.model, self.cache
-        window = model.cfg.swa_window
         pos, slots = self.positions, self.slots
-        ring_rows = pos % window
-        ring_table = slots[:, None].to(torch.int32)
-        ring_lens = torch.clamp(pos + 1, max=window).to(torch.int32)
+        ring_rows, ring_table, ring_lens = self.ring_rows, self.ring_table, self.ring_lens  # (`load`'s)
         for i, layer in enumerate(model.own_kv_layers):
             fused = FUSED_QKV_RING and layer.fused is not None and layers.use_skinny(x, layer.fused)
             if fused:

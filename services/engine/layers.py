@@ -110,10 +110,18 @@ class Rope(NamedTuple):
     sin: torch.Tensor
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> Rope:
-    """The rotation of `positions [B, C]` (negative, padding, positions as 0; callers mask them)."""
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str) -> torch.Tensor:
+    """RoPE's frequencies [head_dim / 2], fp32 (what `rope_angles` multiplies the positions by)."""
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half))
+    return 1.0 / (theta ** (torch.arange(half, device=device, dtype=torch.float32) / half))
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                inv_freq: torch.Tensor | None = None) -> Rope:
+    """The rotation of `positions [B, C]` (negative, padding, positions as 0; callers mask them).
+    `inv_freq`: `rope_inv_freq`'s, computed once by a caller of many steps (four kernels fewer)."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta, positions.device)
     angles = positions.clamp(min=0).float()[..., None] * inv_freq  # [B, C, half]
     return Rope(angles.cos()[:, :, None, :], angles.sin()[:, :, None, :])
 
