@@ -34,8 +34,10 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FUSED_QKV_RING = True
 # The fused kernel writes the token's ring row at its end and lets the ring attention start before
 # it ends (PDL). True: the attention reads the rest of the ring before its wait and that one row
-# after (`dense_decode_attention(fresh=...)`); False: the whole ring after its wait.
-RING_FRESH_ROW = True
+# after (`dense_decode_attention(fresh=...)`); False: the whole ring after its wait. Off until the
+# card has run it: built and tested interpreted on 2026-12-07, when no GPU could be had; the
+# compiled check is bench/ring_race.py --check (its "fresh row" way), the timing an A/B of this.
+RING_FRESH_ROW = False
 # Each layer's attention kernel (the rings', the sparse one) asks L2 for the layer's output
 # projection weight while it runs, so the projection after it reads it from L2
 # (`dense_decode_attention(l2_next=...)`, kernels/triton_attention.py's L2_NEXT_AT).
