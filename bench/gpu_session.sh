@@ -24,6 +24,11 @@
 #            (--profile) (~6 min cold)                    -> decode/, decode.txt, prefill/, prefill_profile.txt
 #   critical CLSA's 128K step at B = 7 and 1 under torch.profiler: its kernels by GPU time and by their
 #            share of the step's critical path (bench/critical_path.py) (~2 min cold) -> critical/, critical.txt
+#   ring_fresh the switches built on 2026-12-07 with no card to run them: bench/ring_race.py --check (the ring
+#            read all before / all after the PDL wait / before but for the token's own row: mismatches and
+#            time), the compiled tests of graph_step.RING_FRESH_ROW and L2_NEXT_WEIGHT, then bench/decode_ab.py
+#            at 128K, B = 7 and 1: base, fresh, fresh + the next weight asked of L2 (~6 min cold)
+#                                                            -> ring_race.json, ring_fresh_tests.txt, decode_ab/
 #   switches issue 7's open experiments in one call: the window kernel at 128K before and after its
 #            unmasked interior (the old kernels/triton_attention.py from ab_old/, made by
 #            `bash bench/gpu_session.sh ab-prepare REV kernels/triton_attention.py`, carried), then
@@ -128,6 +133,18 @@ for step in "$@"; do
         timeout 150 python3 bench/decode.py --ns 128K --bs 7 1 --variants clsa --compile --fuse --no-breakdown \
             --profile --reps 10 --out "$OUT/critical" > "$OUT/critical.txt" 2>&1
         echo "critical rc $?"; grep -A26 "critical path" "$OUT/critical.txt" | cut -c18-150
+        ;;
+    ring_fresh)
+        timeout 90 python3 bench/ring_race.py --check --replays 30 --out "$OUT" 2>&1 | tail -8
+        TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton.py \
+            tests/engine/test_graph_step.py -k "fresh or l2_for_the_next or cuda_graph_replay" \
+            > "$OUT/ring_fresh_tests.txt" 2>&1
+        grep -E "passed|failed|^FAILED|^ERROR" "$OUT/ring_fresh_tests.txt" | head -8
+        GS=services.engine.graph_step
+        timeout 300 python3 bench/decode_ab.py --setting "base:" --setting "fresh:$GS.RING_FRESH_ROW=True" \
+            --setting "fresh_l2:$GS.RING_FRESH_ROW=True,$GS.L2_NEXT_WEIGHT=True" --rounds 2 --bs 7 1 \
+            --out "$OUT/decode_ab" > "$OUT/decode_ab.txt" 2>&1
+        echo "decode A/B rc $?"; grep -v "^\[decode" "$OUT/decode_ab.txt" | tail -6
         ;;
     switches)
         if [ -f ab_old/kernels/triton_attention.py ]; then

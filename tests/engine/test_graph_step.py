@@ -142,19 +142,24 @@ def test_buckets_and_bad_batches_fail_clearly() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("selected_in_l2", [False, True], ids=["default", "gathered-rows-in-l2"])
-def test_cuda_graph_replay_gives_the_eager_decode_logits(selected_in_l2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("setting", ["default", "gathered-rows-in-l2", "fresh-ring-row-and-l2-next"])
+def test_cuda_graph_replay_gives_the_eager_decode_logits(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The captured steps replay the eager decode; with the selected rows gathered once a step and
     kept in L2 by a window baked into the graph (decode_attention.GATHER_SELECTED,
-    graph_step.L2_PERSIST_SELECTED), too."""
+    graph_step.L2_PERSIST_SELECTED), too; and with the ring read before the PDL wait but for the
+    token's own row, each layer's attention asking L2 for its output projection
+    (graph_step.RING_FRESH_ROW, L2_NEXT_WEIGHT)."""
     import kernels.decode_attention as decode_attention
     import services.engine.graph_step as graph_step
     from kernels import l2_persist
 
+    selected_in_l2 = setting == "gathered-rows-in-l2"
     results = {}
     for graphs in (False, True):
         monkeypatch.setattr(decode_attention, "GATHER_SELECTED", selected_in_l2 and graphs)
         monkeypatch.setattr(graph_step, "L2_PERSIST_SELECTED", selected_in_l2 and graphs)
+        monkeypatch.setattr(graph_step, "RING_FRESH_ROW", setting == "fresh-ring-row-and-l2-next" and graphs)
+        monkeypatch.setattr(graph_step, "L2_NEXT_WEIGHT", setting == "fresh-ring-row-and-l2-next" and graphs)
         model = make_model().to("cuda")
         engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_blocks=256, prefill_chunk=5,
                                                                max_num_seqs=8, cuda_graphs=graphs))
