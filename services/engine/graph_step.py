@@ -150,7 +150,8 @@ class StaticDecodeStep:
             rows[i] = s.block_ids[pos // bs] * bs + pos % bs
         window = self.model.cfg.swa_window
         ring_rows.copy_(positions % window)  # the token's row of its ring
-        ints = torch.stack([positions + 1, slots, torch.clamp(positions + 1, max=window)]).to(torch.int32)
+        lens = positions + 1
+        ints = torch.stack([lens, slots, torch.clamp(lens, max=window)]).to(torch.int32)
         self.tables.sync(seqs)
         self._longs.copy_(longs, non_blocking=True)
         self._ints.copy_(ints, non_blocking=True)
@@ -186,7 +187,7 @@ class StaticDecodeStep:
                             self.index_topk, kv=(cache.k[0], cache.v[0]))
         if upto == "index":
             return x[:, 0]
-        h = model.forward_cross(x[:, 0], pos, self.attention, cache, l2_next=L2_NEXT_WEIGHT)
+        h = model.forward_cross(x[:, 0], pos, self.attention, cache, l2_next=L2_NEXT_WEIGHT, rope=rope)
         return h if upto == "cross" else model.logits(h)
 
     def _write(self, paged: torch.Tensor, rows: torch.Tensor) -> None:

@@ -282,16 +282,20 @@ class CLSAModel(nn.Module):
         return x, q_idx
 
     def forward_cross(self, x: torch.Tensor, positions: torch.Tensor, attention: CrossAttention,
-                      cache: KVCache, l2_next: bool = False) -> torch.Tensor:
+                      cache: KVCache, l2_next: bool = False, rope: Rope | None = None) -> torch.Tensor:
         """The cross-decoder for one token per sequence. x: [B, D], positions: [B]. The caller has
         planned `attention` for this step; every layer runs it on the same plan. `l2_next`: each
-        layer's attention asks L2 for its output projection's weight (`CrossAttention.run`)."""
+        layer's attention asks L2 for its output projection's weight (`CrossAttention.run`).
+        `rope`: the positions' rotation, when the caller has it already (the self layers' own)."""
         h = x[:, None]
         # RoPE's angles only where the cross queries rotate (`cross_rope`): else a few kernels a step for nothing
-        rope = (rope_angles(positions[:, None], self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.cross_rope
-                else positions[:, None])
+        if not self.cfg.cross_rope:
+            rope_or_pos: Rope | torch.Tensor = positions[:, None]
+        else:
+            rope_or_pos = rope if rope is not None else rope_angles(positions[:, None], self.cfg.head_dim,
+                                                                    self.cfg.rope_theta)
         for layer in self.cross_decoder:
-            q = layer.query(h, rope)[:, 0]
+            q = layer.query(h, rope_or_pos)[:, 0]
             out = attention.run(q, cache.k[0], cache.v[0], layer.wo.weight if l2_next else None)
             h = layer.finish(h, out[:, None])
         return h[:, 0]
